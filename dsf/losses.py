@@ -1,0 +1,111 @@
+"""Training losses: draw a noise level per sample, noise the data, regress the model's prediction.
+
+Timesteps are drawn as uniform indices into the schedule's shifted 1000-step training grid
+(uniform indices over a shifted grid = shifted-σ sampling), as DiffSynth-Studio trains. All
+randomness comes from the key: the same key gives the same loss bit-for-bit.
+
+Example:
+    >>> import torch, dsf
+    >>> from dsf.losses import flow_matching_loss
+    >>> def model(params, x, sigma):
+    ...     return params * x
+    >>> loss = flow_matching_loss(model, torch.tensor(1.0), torch.zeros(2, 4), dsf.random.key(0))
+    >>> loss.shape
+    torch.Size([])
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from dsf import random
+from dsf.schedules import FLOW_MATCHING, FLUX1, FlowSchedule, Parameterization, training_weights
+
+
+def timestep_range(
+    num_timesteps: int, min_timestep_boundary: float = 0.0, max_timestep_boundary: float = 1.0
+) -> tuple[int, int]:
+    """The index range ``[int(min·n), int(max·n))`` of an ``n``-step training grid (index 0 is the
+    noisiest); e.g. Wan2.2's high-noise expert trains on ``max_timestep_boundary=0.417``.
+
+    >>> timestep_range(1000, 0.0, 0.417)
+    (0, 417)
+    """
+    if not 0 <= min_timestep_boundary < max_timestep_boundary <= 1:
+        raise ValueError(
+            f"timestep boundaries must satisfy 0 <= min < max <= 1, got min_timestep_boundary="
+            f"{min_timestep_boundary}, max_timestep_boundary={max_timestep_boundary}"
+        )
+    low, high = int(min_timestep_boundary * num_timesteps), int(max_timestep_boundary * num_timesteps)
+    if low >= high:
+        raise ValueError(
+            f"timestep boundaries [{min_timestep_boundary}, {max_timestep_boundary}) select no index of a "
+            f"{num_timesteps}-step grid; widen them to at least 1/{num_timesteps}"
+        )
+    return low, high
+
+
+def timestep_indices(
+    key: random.Key,
+    batch_size: int,
+    num_timesteps: int = 1000,
+    min_timestep_boundary: float = 0.0,
+    max_timestep_boundary: float = 1.0,
+) -> torch.Tensor:
+    """One training-grid index per sample, uniform in :func:`timestep_range`.
+
+    >>> import dsf
+    >>> idx = timestep_indices(dsf.random.key(0), 8, 1000, 0.5, 1.0)
+    >>> bool(((idx >= 500) & (idx < 1000)).all())
+    True
+    """
+    low, high = timestep_range(num_timesteps, min_timestep_boundary, max_timestep_boundary)
+    return random.randint(key, low, high, (batch_size,))
+
+
+def flow_matching_loss(
+    model_fn: Callable[..., torch.Tensor],
+    params,
+    x0: torch.Tensor,
+    key: random.Key,
+    cond: dict | None = None,
+    *,
+    schedule: FlowSchedule = FLUX1,
+    parameterization: Parameterization = FLOW_MATCHING,
+    min_timestep_boundary: float = 0.0,
+    max_timestep_boundary: float = 1.0,
+    weighted: bool = True,
+) -> torch.Tensor:
+    """Mean over the batch of ``w(σ_i)·MSE(model_fn(params, x_t, σ, **cond), target)`` (float32 scalar).
+
+    Per sample: an index into ``schedule.training_sigmas()`` (see :func:`timestep_indices`), noise
+    ε ~ N(0, 1) drawn in float32 and cast to ``x0``'s dtype, ``x_t = add_noise(x0, ε, σ)``. ``w`` is
+    :func:`dsf.schedules.training_weights` (all 1 when ``weighted=False``). The key is split into an
+    index key and a noise key.
+
+    >>> import torch, dsf
+    >>> def model(params, x, sigma):
+    ...     return params * x
+    >>> params = torch.tensor(1.0, requires_grad=True)
+    >>> loss = flow_matching_loss(model, params, torch.randn(2, 3, 4, 4), dsf.random.key(1), weighted=False)
+    >>> torch.autograd.grad(loss, params)[0].shape
+    torch.Size([])
+    """
+    grid = schedule.training_sigmas()
+    index_key, noise_key = random.split(key)
+    index = timestep_indices(index_key, x0.shape[0], len(grid), min_timestep_boundary, max_timestep_boundary)
+    sigma = grid[index].to(x0.device)
+    noise = random.normal(noise_key, x0.shape, device=x0.device, dtype=x0.dtype)
+    x_t = parameterization.add_noise(x0, noise, sigma)
+    pred = model_fn(params, x_t, sigma, **(cond or {}))
+    target = parameterization.target(x0, noise, sigma)
+    if pred.shape != target.shape:
+        raise ValueError(
+            f"model_fn returned shape {tuple(pred.shape)}, expected the latent shape {tuple(target.shape)}"
+        )
+    per_sample = (pred.float() - target.float()).square().reshape(x0.shape[0], -1).mean(dim=1)
+    if not weighted:
+        return per_sample.mean()
+    return (training_weights(grid)[index].to(x0.device) * per_sample).mean()

@@ -1,0 +1,396 @@
+"""The training loop: AdamW on the leaves ``where`` selects, with gradient accumulation, clipping,
+logging, safetensors saves and resumable checkpoints.
+
+Randomness and data come from explicit values that checkpoints keep: micro-batch ``m`` of
+optimizer step ``s`` (steps count from 1) gets the key :func:`step_key` ``(key, s, m)``, and
+``data(position)`` restarts the batch stream at a saved position. A resumed run therefore sees the
+same keys and batches as an uninterrupted one and, on the CPU, ends with bit-identical parameters.
+
+Files under ``config.output_path``:
+
+    log.csv                  step, loss, lr, grad_norm, elapsed_seconds (every ``log_every`` steps)
+    step-{N}.safetensors     the trainable leaves, "."-joined checkpoint keys
+    checkpoints/{N}/         the resumable state (orbax), newest ``keep_last`` kept
+    tensorboard/             the same scalars, when ``torch.utils.tensorboard`` imports
+
+Example:
+    >>> import torch, dsf
+    >>> xs = torch.linspace(-1, 1, 8)
+    >>> def data(position):  # the same batch forever; the position counts batches
+    ...     while True:
+    ...         position += 1
+    ...         yield position, xs
+    >>> def loss_fn(params, x, key):
+    ...     return ((x * params["w"] + params["b"] - 3 * x) ** 2).mean()
+    >>> params = {"w": torch.zeros(1), "b": torch.zeros(1)}
+    >>> config = TrainConfig(learning_rate=0.1, weight_decay=0.0, max_steps=100, progress=False)
+    >>> trained = train(loss_fn, params, data, config, where="w", key=dsf.random.key(0))
+    >>> round(trained["w"].item(), 1), trained["b"] is params["b"]
+    (3.0, True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Callable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from dsf import checkpoint
+from dsf.autodiff import value_and_grad
+from dsf.optim import adamw, clip_by_global_norm, constant_with_warmup, global_norm
+from dsf.random import Key, fold_in
+from dsf.tree import Where, flatten_dict, leaves_with_paths, map_with_path, select
+
+LossFn = Callable[[Any, Any, Key], torch.Tensor]
+DataStream = Callable[[Any], Iterator[tuple[Any, Any]]]
+Callback = Callable[[int, Any, float], None]
+
+LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "elapsed_seconds")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Settings of :func:`train`.
+
+    ``max_grad_norm=None`` turns clipping off. ``compute_dtype`` other than float32 runs the loss
+    under ``torch.autocast`` on the device of the parameters. ``output_path=None`` writes nothing;
+    otherwise the trainable leaves are saved every ``save_steps`` steps and after the last one, and
+    the resumable state every ``checkpoint_steps`` steps and after the last one (keeping the newest
+    ``keep_last``; ``None`` keeps all). ``resume=True`` continues from the newest complete checkpoint
+    in ``output_path/checkpoints`` (or starts afresh if there is none).
+
+    >>> TrainConfig(max_steps=10).gradient_accumulation_steps
+    1
+    """
+
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    max_steps: int = 1000
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    compute_dtype: torch.dtype = torch.float32
+    output_path: str | None = None
+    save_steps: int | None = None
+    checkpoint_steps: int | None = None
+    keep_last: int | None = 2
+    resume: bool = False
+    progress: bool = True
+    log_every: int = 1
+
+    def __post_init__(self):
+        for name in ("max_steps", "gradient_accumulation_steps", "log_every"):
+            _require_positive_int(name, getattr(self, name))
+        for name in ("save_steps", "checkpoint_steps", "keep_last"):
+            if getattr(self, name) is not None:
+                _require_positive_int(name, getattr(self, name))
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive or None (no clipping), got {self.max_grad_norm!r}")
+        if not isinstance(self.compute_dtype, torch.dtype) or not self.compute_dtype.is_floating_point:
+            raise ValueError(f"compute_dtype must be a floating torch.dtype such as torch.bfloat16, got {self.compute_dtype!r}")
+        if self.output_path is None:
+            needing_output = [name for name in ("save_steps", "checkpoint_steps") if getattr(self, name) is not None]
+            needing_output += ["resume"] if self.resume else []
+            if needing_output:
+                raise ValueError(f"{', '.join(needing_output)} need an output_path to write to; set output_path")
+
+
+def step_key(key: Key, step: int, micro_batch: int) -> Key:
+    """The key handed to the loss for ``micro_batch`` (from 0) of optimizer ``step`` (from 1).
+
+    >>> from dsf.random import key
+    >>> step_key(key(0), 1, 0) != step_key(key(0), 1, 1) != step_key(key(0), 2, 0)
+    True
+    """
+    return fold_in(fold_in(key, step), micro_batch)
+
+
+def trainable_leaves(params, where: Where) -> dict[str, torch.Tensor]:
+    """``{path: tensor}`` of the leaves ``where`` selects; each must be a floating-point tensor.
+
+    >>> trainable_leaves({"w": torch.ones(2), "b": torch.zeros(1)}, "w")
+    {'w': tensor([1., 1.])}
+    """
+    selected = select(params, where)
+    if not selected:
+        examples = ", ".join(path for path, _ in leaves_with_paths(params)[:5])
+        raise ValueError(f"where={where!r} selects no leaf of params; paths look like: {examples}")
+    for path, leaf in selected.items():
+        if not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
+            kind = leaf.dtype if isinstance(leaf, torch.Tensor) else type(leaf).__name__
+            raise ValueError(f"where={where!r} selects {path!r} of {kind}; only floating-point tensors train, narrow where=")
+    return selected
+
+
+def train(
+    loss_fn: LossFn,
+    params,
+    data: DataStream,
+    config: TrainConfig,
+    *,
+    key: Key,
+    where: Where = None,
+    callback: Callback | None = None,
+):
+    """Train the leaves of ``params`` that ``where`` selects; return ``params`` with the trained leaves.
+
+    ``loss_fn(params, batch, key)`` returns a scalar tensor. ``data(position)`` yields
+    ``(next_position, batch)`` pairs, where handing ``next_position`` back to ``data`` continues the
+    stream from there (a fresh run starts at position 0). Each optimizer step averages the losses
+    and gradients of ``config.gradient_accumulation_steps`` micro-batches, clips the gradients to
+    ``config.max_grad_norm``, and takes an AdamW step on the selected leaves; the other leaves are
+    passed through untouched and get no gradients. ``callback(step, params, loss)`` runs after each
+    step and its saves. A non-finite loss or gradient norm stops the run with a
+    ``FloatingPointError`` before that step is applied or saved.
+
+    >>> import dsf
+    >>> def data(position):
+    ...     while True:
+    ...         position += 1
+    ...         yield position, torch.tensor([2.0])
+    >>> params = {"w": torch.zeros(1)}
+    >>> losses = []
+    >>> config = TrainConfig(learning_rate=0.1, max_steps=3, progress=False)
+    >>> _ = train(lambda p, x, k: ((p["w"] - x) ** 2).sum(), params, data, config, key=dsf.random.key(0),
+    ...           callback=lambda step, p, loss: losses.append(loss))
+    >>> losses[0], len(losses)
+    (4.0, 3)
+    """
+    trainable = trainable_leaves(params, where)
+    schedule = constant_with_warmup(config.learning_rate, config.warmup_steps)
+    optimizer = adamw(schedule, config.betas, config.eps, config.weight_decay)
+    checkpoint_dir = None if config.output_path is None else os.path.join(config.output_path, "checkpoints")
+    start_step = _start_step(config, checkpoint_dir)
+    if start_step:
+        trainable, optimizer_state, position, elapsed = _restored_run(checkpoint_dir, start_step, trainable, key)
+    else:
+        optimizer_state, position, elapsed = optimizer.init(trainable), 0, 0.0
+    device_type = next(iter(trainable.values())).device.type
+    trainable_paths = set(trainable)
+    loss_and_grads = value_and_grad(
+        _in_compute_dtype(loss_fn, config.compute_dtype, device_type), where=lambda path, leaf: path in trainable_paths
+    )
+    with contextlib.ExitStack() as stack:
+        log = stack.enter_context(_RunLog(config.output_path, start_step))
+        bar = stack.enter_context(tqdm(total=config.max_steps, initial=start_step, disable=not config.progress, unit="step"))
+        stream = data(position)
+        started = time.perf_counter() - elapsed
+        for step in range(start_step + 1, config.max_steps + 1):
+            loss, grads, position = _accumulated_loss_and_grads(
+                loss_and_grads, _with_leaves(params, trainable), stream, key, step, config.gradient_accumulation_steps
+            )
+            if config.max_grad_norm is None:
+                norm = global_norm(grads)
+            else:
+                grads, norm = clip_by_global_norm(grads, config.max_grad_norm)
+            grad_norm = norm.item()
+            _check_finite(loss, grad_norm, step, checkpoint_dir)
+            trainable, optimizer_state = optimizer.update(grads, optimizer_state, trainable)
+            elapsed = time.perf_counter() - started
+            if step % config.log_every == 0 or step == config.max_steps:
+                log.write(step, loss, schedule(step), grad_norm, elapsed)
+                bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+            bar.update()
+            _save_due(config, checkpoint_dir, step, params, trainable, optimizer_state, key, position, elapsed)
+            if callback is not None:
+                callback(step, _with_leaves(params, trainable), loss)
+    return _with_leaves(params, trainable)
+
+
+def _require_positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _start_step(config: TrainConfig, checkpoint_dir: str | None) -> int:
+    """The step the run resumes after (0 for a fresh run)."""
+    latest = None if checkpoint_dir is None else checkpoint.latest_step(checkpoint_dir)
+    if config.resume:
+        return latest or 0
+    if latest is not None and config.checkpoint_steps is not None:
+        raise FileExistsError(
+            f"{checkpoint_dir} already holds checkpoints (newest: step {latest}); pass resume=True to continue "
+            "that run, or choose an empty output_path for a new one"
+        )
+    return 0
+
+
+def _restored_run(checkpoint_dir: str, step: int, trainable: dict[str, torch.Tensor], key: Key):
+    """``(trainable, optimizer_state, data_position, elapsed_seconds)`` from checkpoint ``step``, on the devices of ``trainable``."""
+    state = checkpoint.restore_state(checkpoint_dir, step)
+    if state["key"] != key.value:
+        raise ValueError(
+            f"the checkpoint at {checkpoint_dir}/{step} was trained with key value {state['key']}, but key={key}; "
+            "resume with the key of the original run, or start a new run in an empty output_path"
+        )
+    _check_same_leaves(state["trainable"], trainable, f"{checkpoint_dir}/{step}")
+    optimizer_state = dict(state["optimizer"])
+    for slot, tensors in optimizer_state.items():
+        if isinstance(tensors, dict):
+            optimizer_state[slot] = _on_devices_of(tensors, trainable)
+    return _on_devices_of(state["trainable"], trainable), optimizer_state, state["data_position"], state["elapsed_seconds"]
+
+
+def _check_same_leaves(restored: dict[str, torch.Tensor], trainable: dict[str, torch.Tensor], where: str) -> None:
+    missing, unexpected = sorted(set(trainable) - set(restored)), sorted(set(restored) - set(trainable))
+    if missing or unexpected:
+        raise ValueError(
+            f"the checkpoint at {where} trains other leaves than where= selects: missing {missing}, "
+            f"unexpected {unexpected}; resume with the where= of the original run"
+        )
+    for path, tensor in trainable.items():
+        if restored[path].shape != tensor.shape:
+            raise ValueError(
+                f"leaf {path!r} has shape {tuple(tensor.shape)} but {tuple(restored[path].shape)} in the checkpoint at {where}"
+            )
+
+
+def _on_devices_of(tensors: dict[str, torch.Tensor], like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {path: tensor.to(like[path].device) for path, tensor in tensors.items()}
+
+
+def _in_compute_dtype(loss_fn: LossFn, compute_dtype: torch.dtype, device_type: str) -> LossFn:
+    if compute_dtype == torch.float32:
+        return loss_fn
+
+    def loss_in_compute_dtype(params, batch, key):
+        with torch.autocast(device_type, dtype=compute_dtype):
+            return loss_fn(params, batch, key).float()
+
+    return loss_in_compute_dtype
+
+
+def _with_leaves(params, leaves: dict[str, torch.Tensor]):
+    """``params`` with the leaves at the paths of ``leaves`` replaced."""
+    return map_with_path(lambda path, leaf: leaves.get(path, leaf), params)
+
+
+def _accumulated_loss_and_grads(loss_and_grads, params, stream, key: Key, step: int, micro_batches: int):
+    """``(mean loss, mean grads, data position)`` over the micro-batches of one optimizer step."""
+    losses, total = [], None
+    for micro_batch in range(micro_batches):
+        try:
+            position, batch = next(stream)
+        except StopIteration:
+            raise RuntimeError(
+                f"the data stream ended during step {step}; make data(position) endless (e.g. dsf.data.batches) "
+                "or lower max_steps"
+            ) from None
+        loss, grads = loss_and_grads(params, batch, step_key(key, step, micro_batch))
+        grads = dict(leaves_with_paths(grads))
+        losses.append(loss.item())
+        if total is None:
+            total = grads
+        else:
+            torch._foreach_add_(list(total.values()), [grads[path] for path in total])
+    if micro_batches > 1:
+        torch._foreach_div_(list(total.values()), micro_batches)
+    return sum(losses) / micro_batches, total, position
+
+
+def _check_finite(loss: float, norm: float, step: int, checkpoint_dir: str | None) -> None:
+    if math.isfinite(loss) and math.isfinite(norm):
+        return
+    latest = None if checkpoint_dir is None else checkpoint.latest_step(checkpoint_dir)
+    if latest is None:
+        last_good = "no checkpoint was saved before it (set output_path and checkpoint_steps to keep some)"
+    else:
+        last_good = (
+            f"the last good checkpoint is {os.path.join(checkpoint_dir, str(latest))} (step {latest}); "
+            "continue from it with resume=True"
+        )
+    raise FloatingPointError(
+        f"loss {loss} with gradient norm {norm} at step {step}: the run stopped without applying or saving step {step}; "
+        f"{last_good} after fixing the cause (a lower learning_rate, max_grad_norm, the batch data)"
+    )
+
+
+def _save_due(config: TrainConfig, checkpoint_dir, step, params, trainable, optimizer_state, key, position, elapsed) -> None:
+    """Write the safetensors file and the checkpoint that ``step`` calls for."""
+    last = step == config.max_steps
+    if config.output_path is not None and (last or (config.save_steps and step % config.save_steps == 0)):
+        path = os.path.join(config.output_path, f"step-{step}.safetensors")
+        trained = flatten_dict(map_with_path(lambda leaf_path, leaf: trainable.get(leaf_path), params))
+        checkpoint.save_safetensors(path, trained, metadata={"step": str(step)})
+    if config.checkpoint_steps is not None and (last or step % config.checkpoint_steps == 0):
+        state = {
+            "trainable": trainable,
+            "optimizer": optimizer_state,
+            "step": step,
+            "key": key.value,
+            "data_position": position,
+            "elapsed_seconds": elapsed,
+        }
+        checkpoint.save_state(checkpoint_dir, step, state, keep_last=config.keep_last)
+
+
+class _RunLog:
+    """The CSV log (and TensorBoard, when it imports) of a run that starts after ``start_step``.
+
+    Rows after ``start_step`` left by an interrupted run are dropped, so a resumed log reads like an
+    uninterrupted one.
+    """
+
+    def __init__(self, output_path: str | None, start_step: int):
+        self.file = self.writer = self.tensorboard = None
+        if output_path is None:
+            return
+        os.makedirs(output_path, exist_ok=True)
+        path = os.path.join(output_path, "log.csv")
+        _write_log_start(path, _log_rows_until(path, start_step) if start_step else [])
+        self.file = open(path, "a", newline="")
+        self.writer = csv.writer(self.file)
+        self.tensorboard = _tensorboard_writer(os.path.join(output_path, "tensorboard"), start_step + 1)
+
+    def write(self, step: int, loss: float, lr: float, grad_norm: float, elapsed: float) -> None:
+        if self.writer is None:
+            return
+        self.writer.writerow((step, loss, lr, grad_norm, elapsed))
+        self.file.flush()
+        if self.tensorboard is not None:
+            for name, value in (("loss", loss), ("lr", lr), ("grad_norm", grad_norm)):
+                self.tensorboard.add_scalar(f"train/{name}", value, step)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.file is not None:
+            self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def _log_rows_until(path: str, step: int) -> list[list[str]]:
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as file:
+        rows = list(csv.reader(file))[1:]
+    return [row for row in rows if int(row[0]) <= step]
+
+
+def _write_log_start(path: str, rows: list[list[str]]) -> None:
+    """Replace the log at ``path`` by its header and ``rows``, through a temporary file."""
+    temporary_path = f"{path}.tmp"
+    with open(temporary_path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(LOG_COLUMNS)
+        writer.writerows(rows)
+    os.replace(temporary_path, path)
+
+
+def _tensorboard_writer(log_dir: str, purge_step: int):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=log_dir, purge_step=purge_step)

@@ -1,0 +1,208 @@
+"""Weight records: a stored tensor plus the slots that storage transforms fill, and one `materialize`.
+
+A parameter in a tree is either a plain tensor or a :class:`Weight`. A weight keeps its stored
+``data`` and up to one *stage* per physical phase, always run in this order at use:
+
+    fetch (offload) -> gather (shard) -> decode (fp8, dtype cast) -> adapt (lora)
+
+Fetch and gather act on the whole record (they move or assemble ``data`` and the tensors of the
+later stages) and return a record without their stage; decode and adapt turn the stored value into
+what the computation uses. The order is fixed here, so the order in which transforms were chained
+never matters. A stage is an optree dataclass node: its tensors are leaves of the parameter tree
+(e.g. ``blocks/0/q/weight/adapt/down``), so gradients, optimizers and checkpoints see them.
+
+Example:
+    >>> import torch
+    >>> from dsf.weight import Weight, Cast, materialize
+    >>> w = Weight(torch.ones(2, 2, dtype=torch.bfloat16)).with_stage(Cast(torch.float32))
+    >>> materialize(w).dtype
+    torch.float32
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Any, ClassVar, Iterator
+
+import optree
+import torch
+
+from dsf.tree import NAMESPACE, map_with_path
+
+PHASES = ("fetch", "gather", "decode", "adapt")
+_RECORD_PHASES = ("fetch", "gather")
+
+
+class Stage:
+    """Base of stage records. Subclasses set ``phase`` and implement ``apply``.
+
+    ``apply(record) -> record`` for the fetch and gather phases, ``apply(value) -> value`` for
+    decode and adapt. ``combine(other)`` says what happens when a second stage claims the same
+    phase of a weight: by default it is an error (two transforms claiming one slot).
+    """
+
+    phase: ClassVar[str]
+
+    def apply(self, value):
+        raise NotImplementedError
+
+    def combine(self, other: "Stage") -> "Stage":
+        raise ValueError(
+            f"two transforms claim the {self.phase!r} slot of one weight: {type(self).__name__} is there, "
+            f"{type(other).__name__} was added; apply only one {self.phase} transform to a weight (narrow `where=`)"
+        )
+
+
+class Weight:
+    """A stored tensor and its filled slots (a dict phase -> stage).
+
+    >>> w = Weight(torch.zeros(3))
+    >>> w.slot_names()
+    []
+    """
+
+    __slots__ = ("data", "stages")
+
+    def __init__(self, data, stages: dict[str, Stage] | None = None):
+        self.data = data
+        self.stages = dict(stages or {})
+
+    def slot_names(self) -> list[str]:
+        return [p for p in PHASES if p in self.stages]
+
+    def with_stage(self, stage: Stage) -> "Weight":
+        """A copy with ``stage`` in its phase (combined with a stage already there, or an error)."""
+        if stage.phase not in PHASES:
+            raise ValueError(f"unknown weight phase {stage.phase!r}; phases are {PHASES}")
+        present = self.stages.get(stage.phase)
+        stages = dict(self.stages)
+        stages[stage.phase] = stage if present is None else present.combine(stage)
+        return Weight(self.data, stages)
+
+    def without_stage(self, phase: str) -> "Weight":
+        return Weight(self.data, {p: s for p, s in self.stages.items() if p != phase})
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    def __repr__(self) -> str:
+        data = self.data
+        desc = f"{tuple(data.shape)} {data.dtype} {data.device}" if isinstance(data, torch.Tensor) else repr(data)
+        return f"Weight({desc}, slots={self.slot_names()})"
+
+
+def _flatten_weight(w: Weight):
+    phases = tuple(w.slot_names())
+    return (w.data, *(w.stages[p] for p in phases)), phases, ("data", *phases)
+
+
+def _unflatten_weight(phases, children):
+    data, *stages = children
+    return Weight(data, dict(zip(phases, stages)))
+
+
+optree.register_pytree_node(Weight, _flatten_weight, _unflatten_weight, namespace=NAMESPACE)
+
+
+def stage(phase: str):
+    """Class decorator: an optree dataclass stage record of ``phase``.
+
+    Fields are tree leaves (tensors) unless declared with ``optree.dataclasses.field(pytree_node=False)``.
+    """
+
+    def make(cls):
+        cls = optree.dataclasses.dataclass(cls, frozen=True, namespace=NAMESPACE)
+        cls.phase = phase
+        return cls
+
+    return make
+
+
+@stage("decode")
+class Cast(Stage):
+    """Decode stage: compute in ``dtype`` while storing another (e.g. bf16 storage, fp32 compute).
+
+    >>> materialize(Weight(torch.ones(1, dtype=torch.float16)).with_stage(Cast(torch.float32))).dtype
+    torch.float32
+    """
+
+    dtype: torch.dtype = optree.dataclasses.field(pytree_node=False)
+
+    def apply(self, value):
+        return value.to(self.dtype)
+
+
+_materialize_counter: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("dsf_materialize_counter", default=None)
+
+
+@contextlib.contextmanager
+def count_materializations() -> Iterator[list[int]]:
+    """Count weight records materialized inside the block (``counter[0]``), backward recompute included.
+
+    >>> with count_materializations() as counter:
+    ...     _ = materialize(Weight(torch.ones(1)))
+    >>> counter[0]
+    1
+    """
+    counter = [0]
+    token = _materialize_counter.set(counter)
+    try:
+        yield counter
+    finally:
+        _materialize_counter.reset(token)
+
+
+def materialize(param):
+    """The value a computation uses: a plain tensor unchanged, a weight run through its stages.
+
+    >>> materialize(torch.ones(2)).tolist()
+    [1.0, 1.0]
+    """
+    if not isinstance(param, Weight):
+        return param
+    counter = _materialize_counter.get()
+    if counter is not None:
+        counter[0] += 1
+    record = param
+    for phase in _RECORD_PHASES:
+        if phase in record.stages:
+            record = record.stages[phase].apply(record)
+    value = record.data
+    for phase in PHASES:
+        if phase not in _RECORD_PHASES and phase in record.stages:
+            value = record.stages[phase].apply(value)
+    return value
+
+
+def materialize_tree(tree):
+    """Every weight record of a tree materialized; plain tensors pass through.
+
+    >>> materialize_tree({"w": Weight(torch.zeros(1))})["w"]
+    tensor([0.])
+    """
+    return map_with_path(lambda _, x: materialize(x), tree, is_leaf=lambda x: isinstance(x, Weight))
+
+
+def map_weights(fn, tree, where=None):
+    """Apply ``fn(path, param) -> param`` to every parameter (tensor or record) matching ``where``.
+
+    This is how a transform's ``init`` installs its stages.
+
+    >>> map_weights(lambda p, w: Weight(w), {"a": torch.ones(1)})["a"]
+    Weight((1,) torch.float32 cpu, slots=[])
+    """
+    from dsf.tree import as_predicate
+
+    keep = as_predicate(where)
+
+    def visit(path: str, param: Any):
+        return fn(path, param) if keep(path, param) else param
+
+    return map_with_path(visit, tree, is_leaf=lambda x: isinstance(x, Weight))
+
+
+def as_weight(param) -> Weight:
+    """A weight record of a parameter (a plain tensor becomes a record without stages)."""
+    return param if isinstance(param, Weight) else Weight(param)

@@ -1,0 +1,43 @@
+"""FLUX.1 (dev, schnell and same-shaped fine-tunes): the DiT as a pure function over a param tree.
+
+Example:
+    >>> import torch, dsf
+    >>> from dsf.models import flux
+    >>> cfg = flux.FluxConfig(num_heads=1, head_dim=16, axes_dims_rope=(4, 6, 6), num_double_blocks=1,
+    ...                       num_single_blocks=1, context_dim=8, pooled_dim=8)
+    >>> dit, params = flux.load_dit(dsf.tree.flatten_dict(flux.init_dit(cfg, dsf.random.key(0))),
+    ...                             config={"axes_dims_rope": [4, 6, 6]})
+    >>> dit.config == cfg
+    True
+"""
+
+from dsf.models.flux.config import FluxConfig
+from dsf.models.flux.keys import bfl_to_ours, load_dit, ours_to_bfl, to_ours
+from dsf.models.flux.model import (
+    FluxDiT,
+    apply,
+    check_inputs,
+    dit_params_meta,
+    init_dit,
+    param_shapes,
+    patchify,
+    position_ids,
+    unpatchify,
+)
+
+__all__ = [
+    "FluxConfig",
+    "FluxDiT",
+    "apply",
+    "bfl_to_ours",
+    "check_inputs",
+    "dit_params_meta",
+    "init_dit",
+    "load_dit",
+    "ours_to_bfl",
+    "param_shapes",
+    "patchify",
+    "position_ids",
+    "to_ours",
+    "unpatchify",
+]

@@ -1,0 +1,297 @@
+"""FLUX.1 DiT checkpoint layouts: ours (= diffusers), BFL's original, and ComfyUI's prefixed BFL.
+
+Our parameter tree mirrors diffusers' ``FluxTransformer2DModel`` state dict. The BFL layout
+(``flux1-dev.safetensors``) differs by names, by fused projections (``img_attn.qkv`` = q, k, v;
+single-block ``linear1`` = q, k, v, MLP-in) and by the final modulation, whose two halves are
+(shift, scale) in BFL and (scale, shift) in diffusers. ComfyUI files put ``model.diffusion_model.``
+before BFL keys. :func:`load_dit` reads any of them, detected from the keys.
+
+Example:
+    >>> import dsf
+    >>> from dsf.models.flux.model import init_dit
+    >>> from dsf.models.flux.config import FluxConfig
+    >>> cfg = FluxConfig(num_heads=1, head_dim=16, axes_dims_rope=(4, 6, 6), num_double_blocks=1,
+    ...                  num_single_blocks=1, context_dim=8, pooled_dim=8)
+    >>> bfl = ours_to_bfl(init_dit(cfg, dsf.random.key(0)))
+    >>> tuple(bfl["single_blocks.0.linear1.weight"].shape)
+    (112, 16)
+    >>> sorted(to_ours(bfl)) == sorted(dsf.tree.flatten_dict(init_dit(cfg, dsf.random.key(0))))
+    True
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from dsf.io import Source, load_state_dict, read_json
+from dsf.models.flux.config import FluxConfig, resolve_config
+from dsf.models.flux.model import FluxDiT, param_shapes
+from dsf.tree import flatten_dict, unflatten_dict
+
+COMFY_PREFIX = "model.diffusion_model."
+SHIFT_SCALE_SWAPPED = "final_layer.adaLN_modulation.1"  # BFL (shift, scale) halves = diffusers norm_out (scale, shift)
+EXAMPLES = 5  # keys shown per kind of mismatch in errors
+
+
+def _module_renames(modules: Mapping[str, str]) -> dict[str, str]:
+    return {f"{bfl}.{leaf}": f"{ours}.{leaf}" for bfl, ours in modules.items() for leaf in ("weight", "bias")}
+
+
+@dataclass(frozen=True)
+class _Scope:
+    """One group of keys: BFL prefix, our prefix, one-to-one renames and fused BFL modules (with their parts)."""
+
+    bfl: str
+    ours: str
+    renames: Mapping[str, str]
+    fused: Mapping[str, tuple[str, ...]]
+
+
+_GLOBAL = _Scope(
+    bfl="",
+    ours="",
+    renames=_module_renames(
+        {
+            "img_in": "x_embedder",
+            "txt_in": "context_embedder",
+            "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+            "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+            "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+            "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+            "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+            "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+            SHIFT_SCALE_SWAPPED: "norm_out.linear",
+            "final_layer.linear": "proj_out",
+        }
+    ),
+    fused={},
+)
+
+_DOUBLE = _Scope(
+    bfl="double_blocks.",
+    ours="transformer_blocks.",
+    renames={
+        **_module_renames(
+            {
+                "img_mod.lin": "norm1.linear",
+                "txt_mod.lin": "norm1_context.linear",
+                "img_attn.proj": "attn.to_out.0",
+                "txt_attn.proj": "attn.to_add_out",
+                "img_mlp.0": "ff.net.0.proj",
+                "img_mlp.2": "ff.net.2",
+                "txt_mlp.0": "ff_context.net.0.proj",
+                "txt_mlp.2": "ff_context.net.2",
+            }
+        ),
+        "img_attn.norm.query_norm.scale": "attn.norm_q.weight",
+        "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
+        "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
+        "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
+    },
+    fused={
+        "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+        "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    },
+)
+
+_SINGLE = _Scope(
+    bfl="single_blocks.",
+    ours="single_transformer_blocks.",
+    renames={
+        **_module_renames({"modulation.lin": "norm.linear", "linear2": "proj_out"}),
+        "norm.query_norm.scale": "attn.norm_q.weight",
+        "norm.key_norm.scale": "attn.norm_k.weight",
+    },
+    fused={"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")},
+)
+
+_BLOCK_SCOPES = (_DOUBLE, _SINGLE)
+_BFL_NAMES = {scope.ours: {ours: bfl for bfl, ours in scope.renames.items()} for scope in (_GLOBAL, *_BLOCK_SCOPES)}
+
+
+def _split_key(key: str, side: str) -> tuple[_Scope, str, str]:
+    """(scope, block index prefix like ``"3."`` or ``""``, key within the scope) of a BFL or our key."""
+    for scope in _BLOCK_SCOPES:
+        match = re.match(rf"{re.escape(getattr(scope, side))}(\d+\.)(.+)$", key)
+        if match:
+            return scope, match.group(1), match.group(2)
+    return _GLOBAL, "", key
+
+
+def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
+    first, second = tensor.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def _fused_sizes(fused_weight: torch.Tensor, parts: int) -> list[int]:
+    """Row sizes of a fused (q, k, v[, mlp]) weight: q, k and v are as wide as the input, the MLP takes the rest."""
+    hidden = fused_weight.shape[1]
+    return [hidden] * 3 + [fused_weight.shape[0] - 3 * hidden] * (parts - 3)
+
+
+def bfl_to_ours(flat: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A flat BFL state dict in our (diffusers) key layout; fused weights become views of their parts.
+
+    Keys it does not know are kept under their name, for the key check to report.
+
+    >>> w = torch.arange(6.0).reshape(6, 1)
+    >>> sorted(bfl_to_ours({"final_layer.adaLN_modulation.1.weight": w, "foo": w}))
+    ['foo', 'norm_out.linear.weight']
+    >>> bfl_to_ours({"final_layer.adaLN_modulation.1.weight": w})["norm_out.linear.weight"].flatten().tolist()
+    [3.0, 4.0, 5.0, 0.0, 1.0, 2.0]
+    """
+    ours: dict[str, torch.Tensor] = {}
+    for key, tensor in flat.items():
+        scope, index, local = _split_key(key, "bfl")
+        module, _, leaf = local.rpartition(".")
+        fused_weight = flat.get(f"{scope.bfl}{index}{module}.weight")
+        if local in scope.renames:
+            ours[scope.ours + index + scope.renames[local]] = _swap_halves(tensor) if module == SHIFT_SCALE_SWAPPED else tensor
+        elif module in scope.fused and leaf in ("weight", "bias") and fused_weight is not None:
+            parts = scope.fused[module]
+            for part, piece in zip(parts, tensor.split(_fused_sizes(fused_weight, len(parts)))):
+                ours[f"{scope.ours}{index}{part}.{leaf}"] = piece
+        else:
+            ours[key] = tensor
+    return ours
+
+
+def ours_to_bfl(params) -> dict[str, torch.Tensor]:
+    """The flat BFL state dict of a parameter tree (or flat dict) in our layout, ready for ``save_file``.
+
+    >>> w = torch.arange(4.0).reshape(4, 1)
+    >>> ours_to_bfl({"norm_out": {"linear": {"weight": w}}})["final_layer.adaLN_modulation.1.weight"].flatten().tolist()
+    [2.0, 3.0, 0.0, 1.0]
+    """
+    bfl: dict[str, torch.Tensor] = {}
+    pieces: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in flatten_dict(params).items():
+        scope, index, local = _split_key(key, "ours")
+        part, _, leaf = local.rpartition(".")
+        fused_module = next((module for module, parts in scope.fused.items() if part in parts), None)
+        if local in _BFL_NAMES[scope.ours]:
+            name = _BFL_NAMES[scope.ours][local]
+            bfl[scope.bfl + index + name] = _swap_halves(tensor) if name.rpartition(".")[0] == SHIFT_SCALE_SWAPPED else tensor
+        elif fused_module is not None:
+            pieces.setdefault(f"{scope.bfl}{index}{fused_module}.{leaf}", {})[part] = tensor
+        else:
+            raise ValueError(f"parameter {key!r} has no name in the BFL FLUX.1 layout")
+    for fused_key, parts in pieces.items():
+        scope, _, local = _split_key(fused_key, "bfl")
+        order = scope.fused[local.rpartition(".")[0]]
+        absent = [p for p in order if p not in parts]
+        if absent:
+            raise ValueError(f"cannot build BFL {fused_key!r}: the parameters {absent} of its fused parts are missing")
+        bfl[fused_key] = torch.cat([parts[p] for p in order], dim=0)
+    return bfl
+
+
+def detect_layout(keys) -> str:
+    """``"comfyui"``, ``"bfl"``, ``"diffusers"`` (ours) or ``"unknown"``, from the key names.
+
+    >>> detect_layout(["model.diffusion_model.img_in.weight"]), detect_layout(["double_blocks.0.img_mod.lin.weight"])
+    ('comfyui', 'bfl')
+    """
+    keys = list(keys)
+    if any(k.startswith(COMFY_PREFIX) for k in keys):
+        return "comfyui"
+    if any(k.startswith(("double_blocks.", "single_blocks.", "img_in.", "final_layer.")) for k in keys):
+        return "bfl"
+    if any(k.startswith(("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "time_text_embed.")) for k in keys):
+        return "diffusers"
+    return "unknown"
+
+
+def to_ours(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A flat FLUX.1 DiT state dict of any known layout in ours (diffusers); an unknown layout is kept as is.
+
+    With the ComfyUI prefix, only the ``model.diffusion_model.`` keys are kept (an all-in-one file
+    also holds its VAE and text encoders).
+
+    >>> list(to_ours({"model.diffusion_model.img_in.weight": torch.zeros(1), "first_stage_model.x": torch.zeros(1)}))
+    ['x_embedder.weight']
+    """
+    layout = detect_layout(state_dict)
+    if layout == "comfyui":
+        state_dict = {k[len(COMFY_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(COMFY_PREFIX)}
+        layout = detect_layout(state_dict)
+    return bfl_to_ours(state_dict) if layout == "bfl" else dict(state_dict)
+
+
+def check_keys(shapes: Mapping[str, tuple], config: FluxConfig, layout: str = "diffusers") -> None:
+    """Raise an error listing missing, unexpected and wrongly shaped keys of a checkpoint (ours) against ``config``.
+
+    >>> check_keys({"x_embedder.weight": (3072, 64), "bogus.weight": (1,)}, FluxConfig())  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: checkpoint (diffusers layout) does not fit ... 1 unexpected keys, e.g. ['bogus.weight']...
+    """
+    expected = param_shapes(config)
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
+    wrong = [f"{k}: {tuple(shapes[k])} != {expected[k]}" for k in expected if k in shapes and tuple(shapes[k]) != expected[k]]
+    if not (missing or unexpected or wrong):
+        return
+    problems = [
+        f"{len(found)} {kind}, e.g. {found[:EXAMPLES]}"
+        for kind, found in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches (checkpoint != config)", wrong),
+        )
+        if found
+    ]
+    raise ValueError(
+        f"checkpoint ({layout} layout) does not fit a FLUX.1 DiT with {config}: " + "; ".join(problems) + ". "
+        "Known layouts: diffusers (x_embedder.weight, transformer_blocks.N...), BFL (img_in.weight, double_blocks.N...), "
+        f"BFL with ComfyUI's {COMFY_PREFIX!r} prefix. If the sizes differ, pass config= (diffusers config keys)."
+    )
+
+
+def _transformer_folder(source: Source) -> Source:
+    """A diffusers pipeline folder stands for its ``transformer/`` subfolder."""
+    if isinstance(source, (str, os.PathLike)) and (Path(source) / "transformer").is_dir():
+        return Path(source) / "transformer"
+    return source
+
+
+def _config_json(source: Source) -> dict | None:
+    """The diffusers ``config.json`` of a FLUX transformer beside the weights, if there is one."""
+    if isinstance(source, Mapping):
+        return None
+    first = Path(source) if isinstance(source, (str, os.PathLike)) else Path(list(source)[0])
+    path = (first if first.is_dir() else first.parent) / "config.json"
+    if not path.is_file():
+        return None
+    found = read_json(path)
+    return found if found.get("_class_name", "FluxTransformer2DModel") == "FluxTransformer2DModel" else None
+
+
+def load_dit(source: Source, config: Mapping | FluxConfig | None = None, *, dtype: torch.dtype | None = None, device="cpu"):
+    """``(dit, params)`` from a FLUX.1 DiT checkpoint in the diffusers, BFL or ComfyUI layout.
+
+    ``source``: anything :func:`dsf.io.load_state_dict` reads, or a diffusers pipeline folder (its
+    ``transformer/``). The config is: FLUX.1-dev defaults < the checkpoint's shapes < the
+    ``config.json`` beside the weights < ``config`` (diffusers config keys, or a :class:`FluxConfig`).
+
+    >>> import dsf
+    >>> from dsf.models.flux.model import init_dit
+    >>> cfg = FluxConfig(num_heads=1, head_dim=16, axes_dims_rope=(4, 6, 6), num_double_blocks=0,
+    ...                  num_single_blocks=1, context_dim=8, pooled_dim=8, guidance_embeds=False)
+    >>> dit, params = load_dit(ours_to_bfl(init_dit(cfg, dsf.random.key(0))), {"axes_dims_rope": [4, 6, 6]})
+    >>> dit.config.guidance_embeds, len(params["single_transformer_blocks"])
+    (False, 1)
+    """
+    source = _transformer_folder(source)
+    loaded = load_state_dict(source, dtype=dtype, device=device)
+    flat = to_ours(loaded)
+    shapes = {key: tuple(tensor.shape) for key, tensor in flat.items()}
+    resolved = resolve_config(shapes, _config_json(source), config)
+    check_keys(shapes, resolved, detect_layout(loaded))
+    return FluxDiT(resolved), unflatten_dict(flat)
