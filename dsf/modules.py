@@ -39,6 +39,6 @@ def pure_module(module: torch.nn.Module) -> tuple[Callable, dict]:
 
     def apply(params, *args, **kwargs):
         flat = flatten_dict(materialize_tree(params))
-        return functional_call(module, flat, args, kwargs, tie_weights=False, strict=False)
+        return functional_call(module, flat, args, kwargs, strict=True)
 
     return apply, module_params(module)
