@@ -1,0 +1,132 @@
+"""FLUX.1 DiT speed: dsf against diffusers' FluxTransformer2DModel with the same weights.
+
+Forward and forward+backward, runs interleaved (dsf, diffusers, dsf, ...) so machine noise hits
+both alike; prints the median seconds of each and the ratio dsf/diffusers (goal <= 1.0).
+
+    python bench/flux_dit.py                      # small config, fp32, CPU
+    python bench/flux_dit.py --device cuda --full # full-size random bf16 DiT at 1024x1024 (needs a GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import dsf
+from dsf.models import flux
+
+SMALL = dict(num_layers=2, num_single_layers=4, attention_head_dim=64, num_attention_heads=4,
+             joint_attention_dim=256, pooled_projection_dim=128, axes_dims_rope=(8, 28, 28))
+
+
+def reference_model(full: bool, device, dtype):
+    from diffusers import FluxTransformer2DModel
+
+    config = {} if full else SMALL
+    with torch.device(device):
+        model = FluxTransformer2DModel(**config, guidance_embeds=True).to(dtype).eval()
+    return model
+
+
+def inputs(model, batch: int, latent_size: int, text_len: int, device, dtype, seed: int = 0):
+    key = dsf.random.key(seed)
+    k1, k2, k3 = dsf.random.split(key, 3)
+    cfg = model.config
+    return dict(
+        latents=dsf.random.normal(k1, (batch, 16, latent_size, latent_size), device=device, dtype=dtype),
+        timestep=torch.full((batch,), 0.7, device=device, dtype=dtype),
+        text_embeds=dsf.random.normal(k2, (batch, text_len, cfg.joint_attention_dim), device=device, dtype=dtype),
+        pooled_embeds=dsf.random.normal(k3, (batch, cfg.pooled_projection_dim), device=device, dtype=dtype),
+        guidance=torch.full((batch,), 3.5, device=device, dtype=dtype),
+    )
+
+
+def diffusers_call(model, latents, timestep, text_embeds, pooled_embeds, guidance):
+    """diffusers' packing and ids around its transformer (what FluxPipeline does per step)."""
+    from diffusers import FluxPipeline
+
+    b, c, h, w = latents.shape
+    packed = FluxPipeline._pack_latents(latents, b, c, h, w)
+    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
+    txt_ids = torch.zeros(text_embeds.shape[1], 3, device=latents.device, dtype=latents.dtype)
+    out = model(hidden_states=packed, encoder_hidden_states=text_embeds, pooled_projections=pooled_embeds,
+                timestep=timestep, img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
+    return FluxPipeline._unpack_latents(out, h * 8, w * 8, vae_scale_factor=8)
+
+
+def timed(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def peak_memory(fn, device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--full", action="store_true", help="full-size dev DiT in bf16 at 1024x1024, 512 text tokens")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.full else torch.float32
+    latent_size, text_len = (128, 512) if args.full else (32, 64)
+
+    reference = reference_model(args.full, device, dtype)
+    dit, params = flux.load_dit(reference.state_dict(), config={"axes_dims_rope": list(reference.config.axes_dims_rope)})
+    x = inputs(reference, 1, latent_size, text_len, device, dtype)
+
+    def ours_forward():
+        with torch.no_grad():
+            return dit(params, **x)
+
+    def theirs_forward():
+        with torch.no_grad():
+            return diffusers_call(reference, **x)
+
+    ours_loss_grad = dsf.value_and_grad(lambda p: dit(p, **x).float().square().mean())
+
+    def ours_backward():
+        return ours_loss_grad(params)
+
+    def theirs_backward():
+        reference.zero_grad(set_to_none=True)
+        diffusers_call(reference, **x).float().square().mean().backward()
+
+    reference.requires_grad_(True)
+    with torch.no_grad():
+        error = float((ours_forward() - theirs_forward()).abs().max() / theirs_forward().abs().max())
+    print(f"device {device}, dtype {dtype}, {'full-size dev' if args.full else 'small'} config, "
+          f"{latent_size // 2 * latent_size // 2} image + {text_len} text tokens; max relative difference {error:.2e}")
+    rows = []
+    for name, ours, theirs in (("forward", ours_forward, theirs_forward), ("forward+backward", ours_backward, theirs_backward)):
+        ours(), theirs()
+        ours_times, theirs_times = [], []
+        for _ in range(args.repeats):
+            ours_times.append(timed(ours, device))
+            theirs_times.append(timed(theirs, device))
+        ours_s, theirs_s = statistics.median(ours_times), statistics.median(theirs_times)
+        rows.append((name, ours_s, theirs_s, peak_memory(ours, device), peak_memory(theirs, device)))
+    print(f"{'pass':18} {'dsf s':>9} {'diffusers s':>12} {'dsf/diffusers':>14} {'dsf GiB':>8} {'diffusers GiB':>14}")
+    for name, ours_s, theirs_s, ours_gb, theirs_gb in rows:
+        memory = f"{ours_gb:8.2f} {theirs_gb:14.2f}" if ours_gb is not None else f"{'-':>8} {'-':>14}"
+        print(f"{name:18} {ours_s:9.4f} {theirs_s:12.4f} {ours_s / theirs_s:14.3f} {memory}")
+
+
+if __name__ == "__main__":
+    main()
