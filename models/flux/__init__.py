@@ -1,4 +1,4 @@
-"""FLUX.1 (dev, schnell and same-shaped fine-tunes): the DiT as a pure function over a param tree.
+"""FLUX.1 (dev, schnell and same-shaped fine-tunes): the DiT and the VAE as pure functions over param trees.
 
 Example:
     >>> import torch, dsf
@@ -13,6 +13,8 @@ Example:
 
 from dsf.models.flux.config import FluxConfig
 from dsf.models.flux.keys import bfl_to_ours, load_dit, ours_to_bfl, to_ours
+from dsf.models.flux.vae import FluxVAE, FluxVAEConfig, init_vae, vae_param_shapes, vae_params_meta
+from dsf.models.flux.vae_keys import ldm_to_ours, load_vae, ours_to_ldm
 from dsf.models.flux.model import (
     FluxDiT,
     apply,
@@ -28,6 +30,14 @@ from dsf.models.flux.model import (
 __all__ = [
     "FluxConfig",
     "FluxDiT",
+    "FluxVAE",
+    "FluxVAEConfig",
+    "init_vae",
+    "ldm_to_ours",
+    "load_vae",
+    "ours_to_ldm",
+    "vae_param_shapes",
+    "vae_params_meta",
     "apply",
     "bfl_to_ours",
     "check_inputs",

@@ -1,0 +1,326 @@
+"""FLUX.1 VAE checkpoint layouts and loading: ours (= diffusers ``AutoencoderKL``) and LDM/BFL (``ae.safetensors``).
+
+The LDM layout (BFL's ``ae.safetensors``, Stable Diffusion's ``first_stage_model.``) names levels
+``encoder.down.N.block.M`` and ``decoder.up.N...`` with the decoder levels numbered in reverse
+(``up.0`` is the last, full-resolution level), the mid block ``mid.block_1 / attn_1 / block_2``,
+the shortcut ``nin_shortcut`` and the head ``norm_out``; its attention q/k/v/proj_out are 1×1 conv
+weights (C, C, 1, 1) where diffusers has linear ones (C, C). :func:`load_vae` reads either layout,
+detected from the keys.
+
+A loaded VAE's config is: the FLUX.1 defaults < what the checkpoint's shapes say < the diffusers
+``config.json`` beside the weights < the ``config=`` the caller passes (``AutoencoderKL`` config
+keys, or a whole :class:`FluxVAEConfig`). ``norm_num_groups`` and the scale/shift are not in the
+shapes: a non-FLUX VAE without its ``config.json`` needs them in ``config=``.
+
+Example:
+    >>> import dsf
+    >>> from dsf.models.flux.vae import init_vae
+    >>> cfg = FluxVAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)
+    >>> ldm = ours_to_ldm(init_vae(cfg, dsf.random.key(0)))
+    >>> tuple(ldm["decoder.mid.attn_1.q.weight"].shape), "decoder.up.0.block.0.nin_shortcut.weight" in ldm
+    ((16, 16, 1, 1), True)
+    >>> sorted(ldm_to_ours(ldm)) == sorted(dsf.tree.flatten_dict(init_vae(cfg, dsf.random.key(0))))
+    True
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import fields
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from dsf.io import Source, load_state_dict, read_json
+from dsf.models.flux.vae import FluxVAE, FluxVAEConfig, vae_param_shapes
+from dsf.tree import flatten_dict, unflatten_dict
+
+LDM_PREFIXES = ("first_stage_model.", "vae.")  # a VAE inside a whole-pipeline LDM / ComfyUI file
+EXAMPLES = 5  # keys shown per kind of mismatch in errors
+
+# (our key prefix, LDM key prefix), first match wins. {part}: encoder or decoder; {i}, {j}: indices;
+# {r}: the LDM number of our decoder level i, levels − 1 − i.
+_RENAMES = (
+    ("{part}.conv_norm_out.", "{part}.norm_out."),
+    ("encoder.down_blocks.{i}.resnets.{j}.conv_shortcut.", "encoder.down.{i}.block.{j}.nin_shortcut."),
+    ("encoder.down_blocks.{i}.resnets.{j}.", "encoder.down.{i}.block.{j}."),
+    ("encoder.down_blocks.{i}.downsamplers.0.", "encoder.down.{i}.downsample."),
+    ("decoder.up_blocks.{i}.resnets.{j}.conv_shortcut.", "decoder.up.{r}.block.{j}.nin_shortcut."),
+    ("decoder.up_blocks.{i}.resnets.{j}.", "decoder.up.{r}.block.{j}."),
+    ("decoder.up_blocks.{i}.upsamplers.0.", "decoder.up.{r}.upsample."),
+    ("{part}.mid_block.resnets.0.", "{part}.mid.block_1."),
+    ("{part}.mid_block.resnets.1.", "{part}.mid.block_2."),
+    ("{part}.mid_block.attentions.0.group_norm.", "{part}.mid.attn_1.norm."),
+    ("{part}.mid_block.attentions.0.to_q.", "{part}.mid.attn_1.q."),
+    ("{part}.mid_block.attentions.0.to_k.", "{part}.mid.attn_1.k."),
+    ("{part}.mid_block.attentions.0.to_v.", "{part}.mid.attn_1.v."),
+    ("{part}.mid_block.attentions.0.to_out.0.", "{part}.mid.attn_1.proj_out."),
+)
+_ATTENTION_WEIGHT = re.compile(r"mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$")
+_LDM_MARKS = ("encoder.down.", "decoder.up.", "encoder.mid.", "decoder.mid.", "encoder.norm_out.")
+_DIFFUSERS_MARKS = ("encoder.down_blocks.", "decoder.up_blocks.", "encoder.mid_block.", "decoder.mid_block.")
+_PLACEHOLDER_PATTERNS = {"part": "encoder|decoder", "i": r"\d+", "j": r"\d+", "r": r"\d+"}
+
+
+def _template_regex(template: str) -> re.Pattern:
+    pieces = re.split(r"\{(\w+)\}", template)  # literal, name, literal, name, ..., literal
+    parts = (re.escape(p) if n % 2 == 0 else f"(?P<{p}>{_PLACEHOLDER_PATTERNS[p]})" for n, p in enumerate(pieces))
+    return re.compile("".join(parts))
+
+
+_RULES = tuple((_template_regex(ours), _template_regex(ldm), ours, ldm) for ours, ldm in _RENAMES)
+
+
+def _rename(key: str, to_ldm: bool, levels: int) -> str:
+    """``key`` in the other layout; keys named alike in both (``conv_in``, ``quant_conv``, ...) or unknown stay."""
+    for ours_regex, ldm_regex, ours, ldm in _RULES:
+        match = (ours_regex if to_ldm else ldm_regex).match(key)
+        if match:
+            found = match.groupdict()
+            if "i" in found:
+                found["r"] = str(levels - 1 - int(found["i"]))
+            elif "r" in found:
+                found["i"] = str(levels - 1 - int(found["r"]))
+            return (ldm if to_ldm else ours).format(**found) + key[match.end() :]
+    return key
+
+
+def _count_levels(keys, prefix: str) -> int:
+    indices = {key[len(prefix) :].split(".", 1)[0] for key in keys if key.startswith(prefix)}
+    return max((int(i) for i in indices if i.isdigit()), default=-1) + 1
+
+
+def ldm_to_ours(flat: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A flat LDM/BFL VAE state dict in our (diffusers) layout; attention 1×1 conv weights become linear views.
+
+    Keys it does not know are kept under their name, for the key check to report.
+
+    >>> ours = ldm_to_ours({"decoder.up.0.block.1.conv1.bias": torch.zeros(1), "decoder.up.1.upsample.conv.bias": torch.zeros(1),
+    ...                     "encoder.mid.attn_1.q.weight": torch.zeros(4, 4, 1, 1)})
+    >>> sorted(ours)  # doctest: +NORMALIZE_WHITESPACE
+    ['decoder.up_blocks.0.upsamplers.0.conv.bias', 'decoder.up_blocks.1.resnets.1.conv1.bias',
+     'encoder.mid_block.attentions.0.to_q.weight']
+    >>> tuple(ours["encoder.mid_block.attentions.0.to_q.weight"].shape)
+    (4, 4)
+    """
+    levels = _count_levels(flat, "decoder.up.")
+    ours = {}
+    for key, tensor in flat.items():
+        name = _rename(key, to_ldm=False, levels=levels)
+        ours[name] = tensor.flatten(1) if _ATTENTION_WEIGHT.search(name) else tensor
+    return ours
+
+
+def ours_to_ldm(params) -> dict[str, torch.Tensor]:
+    """The flat LDM/BFL state dict (``ae.safetensors`` names) of a parameter tree or flat dict in our layout.
+
+    >>> ldm = ours_to_ldm({"decoder.up_blocks.0.resnets.2.conv_shortcut.weight": torch.zeros(1),
+    ...                    "decoder.up_blocks.1.resnets.0.norm1.weight": torch.zeros(1),
+    ...                    "encoder.mid_block.attentions.0.to_out.0.weight": torch.zeros(4, 4)})
+    >>> sorted(ldm)  # doctest: +NORMALIZE_WHITESPACE
+    ['decoder.up.0.block.0.norm1.weight', 'decoder.up.1.block.2.nin_shortcut.weight',
+     'encoder.mid.attn_1.proj_out.weight']
+    >>> tuple(ldm["encoder.mid.attn_1.proj_out.weight"].shape)
+    (4, 4, 1, 1)
+    """
+    flat = flatten_dict(params)
+    levels = _count_levels(flat, "decoder.up_blocks.")
+    return {
+        _rename(key, to_ldm=True, levels=levels): tensor[:, :, None, None] if _ATTENTION_WEIGHT.search(key) else tensor
+        for key, tensor in flat.items()
+    }
+
+
+def detect_layout(keys) -> str:
+    """``"diffusers"`` (ours), ``"ldm"`` or ``"unknown"``, from the key names (after any LDM prefix is stripped).
+
+    >>> detect_layout(["encoder.down.0.block.0.conv1.weight"]), detect_layout(["encoder.down_blocks.0.resnets.0.conv1.weight"])
+    ('ldm', 'diffusers')
+    """
+    keys = list(keys)
+    if any(k.startswith(_LDM_MARKS) for k in keys):
+        return "ldm"
+    if any(k.startswith(_DIFFUSERS_MARKS) for k in keys):
+        return "diffusers"
+    return "unknown"
+
+
+def _strip_ldm_prefix(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """The VAE keys of a whole-pipeline file without their prefix (only those), and the prefix found."""
+    for prefix in LDM_PREFIXES:
+        if any(k.startswith((f"{prefix}encoder.", f"{prefix}decoder.")) for k in state_dict):
+            return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}, prefix
+    return dict(state_dict), ""
+
+
+def to_ours(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """``(flat state dict in our layout, layout name)`` of a VAE checkpoint; an unknown layout is kept as is.
+
+    >>> flat, layout = to_ours({"first_stage_model.encoder.norm_out.bias": torch.zeros(1), "model.x": torch.zeros(1)})
+    >>> list(flat), layout
+    (['encoder.conv_norm_out.bias'], "ldm (prefix 'first_stage_model.')")
+    """
+    flat, prefix = _strip_ldm_prefix(state_dict)
+    layout = detect_layout(flat)
+    converted = ldm_to_ours(flat) if layout == "ldm" else flat
+    return converted, f"{layout} (prefix {prefix!r})" if prefix else layout
+
+
+DIFFUSERS_REQUIRED = {  # AutoencoderKL config keys with one value the FLUX VAE supports: (check, what it must be)
+    "act_fn": (lambda v: v == "silu", "'silu'"),
+    "down_block_types": (lambda v: all(t == "DownEncoderBlock2D" for t in v), "all 'DownEncoderBlock2D'"),
+    "up_block_types": (lambda v: all(t == "UpDecoderBlock2D" for t in v), "all 'UpDecoderBlock2D'"),
+    "latents_mean": (lambda v: v is None, "null (per-channel latent statistics are another VAE family)"),
+    "latents_std": (lambda v: v is None, "null (per-channel latent statistics are another VAE family)"),
+}
+DIFFUSERS_IGNORED = ("sample_size", "force_upcast")  # diffusers' tiling and precision hints
+
+
+def fields_from_diffusers(config: Mapping, strict: bool) -> dict:
+    """FluxVAEConfig fields from ``AutoencoderKL`` config keys; ``strict`` rejects keys it does not know.
+
+    Keys starting with ``_`` are skipped, as are ``None`` values, except ``shift_factor: null`` (no shift).
+
+    >>> config_json = {"norm_num_groups": 8, "shift_factor": None, "sample_size": 1024, "_class_name": "AutoencoderKL"}
+    >>> fields_from_diffusers(config_json, strict=True)
+    {'norm_num_groups': 8, 'shift_factor': 0.0}
+    """
+    known = {f.name for f in fields(FluxVAEConfig)}
+    accepted = known | set(DIFFUSERS_REQUIRED) | set(DIFFUSERS_IGNORED)
+    unknown = [k for k in config if k not in accepted and not k.startswith("_")]
+    if strict and unknown:
+        raise ValueError(f"unknown AutoencoderKL config keys {unknown}; known keys are {sorted(known | set(DIFFUSERS_REQUIRED))}")
+    for key, (supported, expected) in DIFFUSERS_REQUIRED.items():
+        if key in config and not supported(config[key]):
+            raise ValueError(
+                f"AutoencoderKL config {key}={config[key]!r} is not supported by the FLUX VAE: it must be {expected}"
+            )
+    found = {k: v for k, v in config.items() if k in known and v is not None}
+    if "shift_factor" in config and config["shift_factor"] is None:
+        found["shift_factor"] = 0.0
+    return found
+
+
+def fields_from_shapes(shapes: Mapping[str, tuple]) -> dict:
+    """FluxVAEConfig fields implied by the shapes of a checkpoint in our layout (absent keys are skipped).
+
+    >>> found = fields_from_shapes({"decoder.conv_in.weight": (512, 16, 3, 3), "quant_conv.weight": (32, 32, 1, 1),
+    ...                             "encoder.down_blocks.0.resnets.0.conv1.weight": (128, 128, 3, 3),
+    ...                             "encoder.down_blocks.0.resnets.1.conv1.weight": (128, 128, 3, 3)})
+    >>> found["latent_channels"], found["block_out_channels"], found["layers_per_block"], found["use_quant_conv"]
+    (16, (128,), 2, True)
+    """
+    found: dict = {}
+    readings = {
+        "in_channels": ("encoder.conv_in.weight", 1),
+        "out_channels": ("decoder.conv_out.weight", 0),
+        "latent_channels": ("decoder.conv_in.weight", 1),
+    }
+    for field, (key, axis) in readings.items():
+        if key in shapes:
+            found[field] = shapes[key][axis]
+    level_keys = [f"encoder.down_blocks.{i}.resnets.0.conv1.weight" for i in range(_count_levels(shapes, "encoder.down_blocks."))]
+    if level_keys and all(k in shapes for k in level_keys):
+        found["block_out_channels"] = tuple(shapes[k][0] for k in level_keys)
+    layers = _count_levels(shapes, "encoder.down_blocks.0.resnets.")
+    if layers:
+        found["layers_per_block"] = layers
+    found["use_quant_conv"] = "quant_conv.weight" in shapes
+    found["use_post_quant_conv"] = "post_quant_conv.weight" in shapes
+    found["mid_block_add_attention"] = any(".mid_block.attentions." in k for k in shapes)
+    return found
+
+
+def resolve_vae_config(
+    shapes: Mapping[str, tuple], config_json: Mapping | None = None, config: Mapping | FluxVAEConfig | None = None
+) -> FluxVAEConfig:
+    """The config of a checkpoint: FLUX.1 defaults < its shapes < its ``config.json`` < ``config``.
+
+    A :class:`FluxVAEConfig` passed as ``config`` is taken as is.
+
+    >>> shapes = {"encoder.down_blocks.0.resnets.0.conv1.weight": (64, 64, 3, 3)}
+    >>> cfg = resolve_vae_config(shapes, {"norm_num_groups": 16, "scaling_factor": 0.5}, {"scaling_factor": 0.25})
+    >>> cfg.block_out_channels, cfg.norm_num_groups, cfg.scaling_factor
+    ((64,), 16, 0.25)
+    """
+    if isinstance(config, FluxVAEConfig):
+        return config
+    found = fields_from_shapes(shapes)
+    found.update(fields_from_diffusers(config_json or {}, strict=False))
+    found.update(fields_from_diffusers(config or {}, strict=True))
+    return FluxVAEConfig(**found)
+
+
+def check_keys(shapes: Mapping[str, tuple], config: FluxVAEConfig, layout: str = "diffusers") -> None:
+    """Raise an error listing missing, unexpected and wrongly shaped keys of a checkpoint (ours) against ``config``.
+
+    >>> check_keys({"encoder.conv_in.weight": (128, 3, 3, 3), "bogus.weight": (1,)}, FluxVAEConfig())  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: checkpoint (diffusers layout) does not fit a FLUX VAE with ... 1 unexpected keys, e.g. ['bogus.weight']...
+    """
+    expected = vae_param_shapes(config)
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
+    wrong = [f"{k}: {tuple(shapes[k])} != {expected[k]}" for k in expected if k in shapes and tuple(shapes[k]) != expected[k]]
+    if not (missing or unexpected or wrong):
+        return
+    problems = [
+        f"{len(found)} {kind}, e.g. {found[:EXAMPLES]}"
+        for kind, found in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches (checkpoint != config)", wrong),
+        )
+        if found
+    ]
+    raise ValueError(
+        f"checkpoint ({layout} layout) does not fit a FLUX VAE with {config}: " + "; ".join(problems) + ". "
+        "Known layouts: diffusers AutoencoderKL (encoder.down_blocks.N.resnets.M...), LDM/BFL ae.safetensors "
+        f"(encoder.down.N.block.M..., optionally prefixed {' or '.join(map(repr, LDM_PREFIXES))}). "
+        "If the sizes differ, pass config= (AutoencoderKL config keys)."
+    )
+
+
+def _vae_folder(source: Source) -> Source:
+    """A diffusers pipeline folder stands for its ``vae/`` subfolder."""
+    if isinstance(source, (str, os.PathLike)) and (Path(source) / "vae").is_dir():
+        return Path(source) / "vae"
+    return source
+
+
+def _config_json(source: Source) -> dict | None:
+    """The diffusers ``config.json`` of an ``AutoencoderKL`` beside the weights, if there is one."""
+    if isinstance(source, Mapping):
+        return None
+    first = Path(source) if isinstance(source, (str, os.PathLike)) else Path(list(source)[0])
+    path = (first if first.is_dir() else first.parent) / "config.json"
+    if not path.is_file():
+        return None
+    found = read_json(path)
+    return found if found.get("_class_name", "AutoencoderKL") == "AutoencoderKL" else None
+
+
+def load_vae(source: Source, config: Mapping | FluxVAEConfig | None = None, *, dtype: torch.dtype | None = None, device="cpu"):
+    """``(vae, params)`` from a FLUX.1 VAE checkpoint in the diffusers or LDM/BFL layout.
+
+    ``source``: anything :func:`dsf.io.load_state_dict` reads, or a diffusers pipeline folder (its
+    ``vae/``). The config is: FLUX.1 defaults < the checkpoint's shapes < the ``config.json`` beside
+    the weights < ``config`` (``AutoencoderKL`` config keys, or a :class:`FluxVAEConfig`).
+
+    >>> import dsf
+    >>> from dsf.models.flux.vae import init_vae
+    >>> cfg = FluxVAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4)
+    >>> vae, vparams = load_vae(ours_to_ldm(init_vae(cfg, dsf.random.key(0))), {"norm_num_groups": 4})
+    >>> vae.config == cfg, len(vparams["decoder"]["up_blocks"][0]["resnets"])
+    (True, 2)
+    """
+    source = _vae_folder(source)
+    loaded = load_state_dict(source, dtype=dtype, device=device)
+    flat, layout = to_ours(loaded)
+    shapes = {key: tuple(tensor.shape) for key, tensor in flat.items()}
+    resolved = resolve_vae_config(shapes, _config_json(source), config)
+    check_keys(shapes, resolved, layout)
+    return FluxVAE(resolved), unflatten_dict(flat)
