@@ -1,4 +1,5 @@
-"""FLUX.1 (dev, schnell and same-shaped fine-tunes): the DiT and the VAE as pure functions over param trees.
+"""FLUX.1 (dev, schnell and same-shaped fine-tunes): the DiT, the VAE and the CLIP/T5 text
+encoders as pure functions over param trees.
 
 Example:
     >>> import torch, dsf
@@ -13,6 +14,18 @@ Example:
 
 from dsf.models.flux.config import FluxConfig
 from dsf.models.flux.keys import bfl_to_ours, load_dit, ours_to_bfl, to_ours
+from dsf.models.flux.text import (
+    CLIP_L_CONFIG,
+    T5_XXL_CONFIG,
+    TextEncoder,
+    clip_param_shapes,
+    clip_to_ours,
+    encode_prompt,
+    load_clip,
+    load_t5,
+    t5_param_shapes,
+    t5_to_ours,
+)
 from dsf.models.flux.vae import FluxVAE, FluxVAEConfig, init_vae, vae_param_shapes, vae_params_meta
 from dsf.models.flux.vae_keys import ldm_to_ours, load_vae, ours_to_ldm
 from dsf.models.flux.model import (
@@ -28,6 +41,16 @@ from dsf.models.flux.model import (
 )
 
 __all__ = [
+    "CLIP_L_CONFIG",
+    "T5_XXL_CONFIG",
+    "TextEncoder",
+    "clip_param_shapes",
+    "clip_to_ours",
+    "encode_prompt",
+    "load_clip",
+    "load_t5",
+    "t5_param_shapes",
+    "t5_to_ours",
     "FluxConfig",
     "FluxDiT",
     "FluxVAE",

@@ -1,0 +1,479 @@
+"""FLUX.1's text encoders as pure functions: CLIP-L (pooled, 768) and T5-v1.1-XXL (per token, 4096).
+
+:func:`load_clip` and :func:`load_t5` return a :class:`TextEncoder`: ``params``, a tree whose keys
+mirror the checkpoint files (``text_model.*`` for CLIP; ``shared`` and ``encoder.*`` for T5), the
+tokenizer, and a pure ``encode(params, prompts or token ids)``. The transformers module is built on
+the meta device and only supplies the code: every tensor lives in ``params``, read once from
+safetensors, so gradients, transforms and offload see a plain tree and memory holds one copy.
+
+Sources: a diffusers FLUX.1 pipeline folder (its ``text_encoder/`` and ``tokenizer/``, or
+``text_encoder_2/`` and ``tokenizer_2/``), an encoder folder, single or sharded safetensors files,
+a :class:`dsf.hub.ModelSource`, or a flat state dict in memory. The config is FLUX.1's
+(:data:`CLIP_L_CONFIG`, :data:`T5_XXL_CONFIG`) < the ``config.json`` beside the weights < ``config=``.
+
+Example:
+    >>> from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+    >>> tiny = {"vocab_size": 8, "d_model": 8, "d_kv": 4, "d_ff": 16, "num_layers": 1, "num_heads": 2}
+    >>> weights = T5EncoderModel(T5Config(**T5_XXL_CONFIG | tiny)).state_dict()
+    >>> tokenizer = T5TokenizerFast(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁a", -1.0)], extra_ids=0)
+    >>> t5 = load_t5(weights, tokenizer, config=tiny)
+    >>> t5.encode(t5.params, ["a a"], max_length=6).shape
+    torch.Size([1, 6, 8])
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import torch
+
+from dsf.hub import ModelSource, resolve
+from dsf.io import Source, load_state_dict, read_json
+from dsf.modules import pure_module
+from dsf.tree import flatten_dict, unflatten_dict
+from dsf.weight import materialize_tree
+
+# FLUX.1-dev's text_encoder/config.json (openai/clip-vit-large-patch14's text tower).
+CLIP_L_CONFIG = {
+    "model_type": "clip_text_model",
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "projection_dim": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-05,
+    "attention_dropout": 0.0,
+    "dropout": 0.0,
+    "initializer_range": 0.02,
+    "initializer_factor": 1.0,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+}
+
+# FLUX.1-dev's text_encoder_2/config.json (google/t5-v1_1-xxl).
+T5_XXL_CONFIG = {
+    "model_type": "t5",
+    "vocab_size": 32128,
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_decoder_layers": 24,
+    "num_heads": 64,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "dropout_rate": 0.1,
+    "layer_norm_epsilon": 1e-06,
+    "initializer_factor": 1.0,
+    "feed_forward_proj": "gated-gelu",
+    "dense_act_fn": "gelu_new",
+    "is_gated_act": True,
+    "is_encoder_decoder": True,
+    "tie_word_embeddings": False,
+    "decoder_start_token_id": 0,
+    "eos_token_id": 1,
+    "pad_token_id": 0,
+}
+
+T5_MAX_TOKENS = 512
+CLIP_NAME, T5_NAME = "CLIP-L", "T5-XXL"
+CLIP_MARKER = "embeddings.token_embedding.weight"
+CLIP_PARTS = ("embeddings.", "encoder.", "final_layer_norm.")
+CLIP_LEGACY_BUFFER = "embeddings.position_ids"
+CLIP_EMBEDDING = "text_model.embeddings.token_embedding.weight"
+T5_MARKER = "block.0.layer.0.SelfAttention.q.weight"
+T5_PARTS = ("block.", "final_layer_norm.", "embed_tokens.")
+T5_EMBEDDING, T5_STACK_EMBEDDING = "shared.weight", "encoder.embed_tokens.weight"
+PROMPT_SHOWN = 80  # characters of a prompt quoted in the truncation warning
+EXAMPLES = 5  # keys shown per kind of mismatch in errors
+
+Prompts = Union[str, Sequence[str]]
+ConfigLike = Any  # a dict of transformers config keys, a transformers config, or None
+SourceLike = Union[ModelSource, Source]
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """A text encoder as data: its ``params``, its tokenizer, and the pure map from token ids to embeddings.
+
+    ``encode_ids(params, input_ids (B, L)) -> embeddings``; ``max_length`` is the most tokens it takes.
+
+    >>> from transformers import T5TokenizerFast
+    >>> tokenizer = T5TokenizerFast(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁a", -1.0)], extra_ids=0)
+    >>> count = TextEncoder("counter", {}, tokenizer, 4, lambda params, ids: (ids > 0).sum(-1))
+    >>> count.tokenize(["a a"]).tolist(), count.encode({}, ["a", "a a"]).tolist()
+    ([[3, 3, 1, 0]], [2, 3])
+    """
+
+    name: str
+    params: dict = field(repr=False)
+    tokenizer: Any = field(repr=False)
+    max_length: int
+    encode_ids: Callable[[dict, torch.Tensor], torch.Tensor] = field(repr=False)
+
+    def tokenize(self, prompts: Prompts, max_length: int | None = None) -> torch.Tensor:
+        """Token ids (B, max_length) padded to ``max_length``; a longer prompt is cut, with a warning naming it."""
+        length = self._length(max_length)
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        for prompt in prompts:
+            count = len(self.tokenizer(prompt, verbose=False)["input_ids"])
+            if count > length:
+                shown = repr(prompt[:PROMPT_SHOWN]) + ("..." if len(prompt) > PROMPT_SHOWN else "")
+                warnings.warn(
+                    f"prompt {shown} has {count} {self.name} tokens; the encoder takes {length}, the rest is dropped",
+                    stacklevel=2,
+                )
+        batch = self.tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        return batch["input_ids"]
+
+    def encode(self, params, prompts: Prompts | torch.Tensor, max_length: int | None = None) -> torch.Tensor:
+        """The embeddings of prompts (tokenized here) or of token ids (B, L) with ``params``."""
+        if not isinstance(prompts, torch.Tensor):
+            return self.encode_ids(params, self.tokenize(prompts, max_length))
+        length = self._length(max_length)
+        if prompts.ndim != 2 or prompts.shape[1] > length:
+            raise ValueError(f"{self.name} takes token ids of shape (batch, at most {length}), got {tuple(prompts.shape)}")
+        return self.encode_ids(params, prompts)
+
+    def _length(self, max_length: int | None) -> int:
+        if max_length is None:
+            return self.max_length
+        if not 1 <= max_length <= self.max_length:
+            raise ValueError(f"{self.name} takes 1 to {self.max_length} tokens, got max_length={max_length}")
+        return max_length
+
+
+def encode_prompt(clip: TextEncoder, t5: TextEncoder, prompts: Prompts, max_sequence_length: int = T5_MAX_TOKENS):
+    """FLUX.1's prompt embeddings: ``(text_embeds (B, L, 4096) from T5, pooled_embeds (B, 768) from CLIP)``.
+
+    ``L`` is ``max_sequence_length`` (512 for FLUX.1-dev, 256 for schnell).
+
+    >>> from transformers import T5TokenizerFast
+    >>> tokenizer = T5TokenizerFast(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁a", -1.0)], extra_ids=0)
+    >>> clip = TextEncoder("clip", {"w": torch.ones(3)}, tokenizer, 77, lambda p, ids: p["w"].expand(len(ids), 3))
+    >>> t5 = TextEncoder("t5", {"w": torch.ones(4)}, tokenizer, 512, lambda p, ids: p["w"].expand(*ids.shape, 4))
+    >>> [tuple(x.shape) for x in encode_prompt(clip, t5, ["a", "a a"], max_sequence_length=16)]
+    [(2, 16, 4), (2, 3)]
+    """
+    return t5.encode(t5.params, prompts, max_length=max_sequence_length), clip.encode(clip.params, prompts)
+
+
+def load_clip(
+    source: SourceLike,
+    tokenizer=None,
+    *,
+    config: ConfigLike = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> TextEncoder:
+    """FLUX.1's CLIP-L text encoder; ``encode`` gives the pooled output (B, hidden) of 77 tokens.
+
+    ``tokenizer``: a local folder (e.g. FLUX.1-dev's ``tokenizer/``), a :class:`ModelSource`, or a
+    tokenizer object; for a pipeline folder it defaults to its ``tokenizer/``.
+
+    >>> from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    >>> tiny = {"vocab_size": 4, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
+    >>> weights = CLIPTextModel(CLIPTextConfig(**CLIP_L_CONFIG | tiny)).state_dict()
+    >>> tokenizer = CLIPTokenizer(vocab={"a</w>": 0, "b</w>": 1, "<|startoftext|>": 2, "<|endoftext|>": 3}, merges=[])
+    >>> clip = load_clip(weights, tokenizer, config=tiny)
+    >>> clip.encode(clip.params, ["a b", "b"]).shape
+    torch.Size([2, 8])
+    """
+    from transformers import CLIPTextConfig, CLIPTokenizer
+
+    root = _local(source)
+    weights = _component(root, "text_encoder", CLIP_NAME)
+    tokenizer = _tokenizer(tokenizer, _pipeline_part(root, "text_encoder", "tokenizer"), CLIPTokenizer, CLIP_NAME)
+    cfg = CLIPTextConfig.from_dict(_merged(CLIP_L_CONFIG, _clip_config_beside(weights), config))
+    module = _clip_module(cfg)
+    params = clip_to_ours(load_state_dict(weights, dtype=dtype, device=device))
+    _check_keys(CLIP_NAME, _clip_shapes(module), params, weights)
+    return TextEncoder(
+        name=CLIP_NAME,
+        params=unflatten_dict(params),
+        tokenizer=tokenizer,
+        max_length=cfg.max_position_embeddings,
+        encode_ids=_clip_pooled_fn(module),
+    )
+
+
+def load_t5(
+    source: SourceLike,
+    tokenizer=None,
+    *,
+    config: ConfigLike = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    max_length: int = T5_MAX_TOKENS,
+) -> TextEncoder:
+    """FLUX.1's T5-v1.1-XXL encoder; ``encode`` gives the last hidden state (B, L, d_model), L ≤ ``max_length``.
+
+    ``tokenizer``: a local folder (e.g. FLUX.1-dev's ``tokenizer_2/``), a :class:`ModelSource`, or
+    a tokenizer object; for a pipeline folder it defaults to its ``tokenizer_2/``.
+
+    >>> from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+    >>> tiny = {"vocab_size": 8, "d_model": 8, "d_kv": 4, "d_ff": 16, "num_layers": 1, "num_heads": 2}
+    >>> weights = T5EncoderModel(T5Config(**T5_XXL_CONFIG | tiny)).state_dict()
+    >>> tokenizer = T5TokenizerFast(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁a", -1.0)], extra_ids=0)
+    >>> t5 = load_t5(weights, tokenizer, config=tiny, max_length=16)
+    >>> t5.encode(t5.params, ["a"]).shape
+    torch.Size([1, 16, 8])
+    """
+    from transformers import T5Config, T5TokenizerFast
+
+    root = _local(source)
+    weights = _component(root, "text_encoder_2", T5_NAME)
+    tokenizer = _tokenizer(tokenizer, _pipeline_part(root, "text_encoder_2", "tokenizer_2"), T5TokenizerFast, T5_NAME)
+    cfg = T5Config.from_dict(_merged(T5_XXL_CONFIG, _t5_config_beside(weights), config))
+    module = _t5_module(cfg)
+    params = t5_to_ours(load_state_dict(weights, dtype=dtype, device=device))
+    _check_keys(T5_NAME, _t5_shapes(module), params, weights)
+    return TextEncoder(
+        name=T5_NAME,
+        params=unflatten_dict(params),
+        tokenizer=tokenizer,
+        max_length=max_length,
+        encode_ids=_t5_hidden_fn(module),
+    )
+
+
+def clip_to_ours(flat: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The CLIP text encoder's tensors of a flat state dict, named ``text_model.*`` as in FLUX.1's files.
+
+    The encoder is found by its token embedding wherever it sits: under ``text_model.``, with no
+    prefix (transformers 5), or deeper in an all-in-one file. Other keys (``text_projection``, the
+    vision tower, the legacy ``position_ids`` buffer) are left out.
+
+    >>> w = torch.zeros(1)
+    >>> sorted(clip_to_ours({"embeddings.token_embedding.weight": w, "text_projection.weight": w}))
+    ['text_model.embeddings.token_embedding.weight']
+    """
+    prefix = _encoder_prefix(flat, CLIP_MARKER, CLIP_NAME)
+    ours = {}
+    for key, tensor in flat.items():
+        local = key[len(prefix) :]
+        if key.startswith(prefix) and local.startswith(CLIP_PARTS) and local != CLIP_LEGACY_BUFFER:
+            ours["text_model." + local] = tensor
+    return ours
+
+
+def t5_to_ours(flat: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The T5 encoder's tensors of a flat state dict, named ``shared.weight`` and ``encoder.*``.
+
+    The encoder is found by its first block wherever it sits (``encoder.``, no prefix, deeper in an
+    all-in-one file; a decoder is left out). Its token embedding is ``shared.weight``, taken from
+    ``encoder.embed_tokens.weight`` when a file only has that one.
+
+    >>> w = torch.zeros(1)
+    >>> sorted(t5_to_ours({"block.0.layer.0.SelfAttention.q.weight": w, "embed_tokens.weight": w}))
+    ['encoder.block.0.layer.0.SelfAttention.q.weight', 'shared.weight']
+    """
+    prefix = _encoder_prefix(flat, T5_MARKER, T5_NAME, skip="decoder.")
+    ours = {
+        "encoder." + key[len(prefix) :]: tensor
+        for key, tensor in flat.items()
+        if key.startswith(prefix) and key[len(prefix) :].startswith(T5_PARTS)
+    }
+    stack_embedding = ours.pop(T5_STACK_EMBEDDING, None)
+    embedding = flat.get(prefix.removesuffix("encoder.") + T5_EMBEDDING, stack_embedding)
+    return ours if embedding is None else {T5_EMBEDDING: embedding, **ours}
+
+
+def clip_param_shapes(config: ConfigLike = None) -> dict[str, tuple[int, ...]]:
+    """Key → shape of the CLIP params tree for ``config`` (FLUX.1's CLIP-L by default); nothing is allocated.
+
+    >>> shapes = clip_param_shapes()
+    >>> shapes[CLIP_EMBEDDING], len(shapes)
+    ((49408, 768), 196)
+    """
+    from transformers import CLIPTextConfig
+
+    return _clip_shapes(_clip_module(CLIPTextConfig.from_dict(_merged(CLIP_L_CONFIG, None, config))))
+
+
+def t5_param_shapes(config: ConfigLike = None) -> dict[str, tuple[int, ...]]:
+    """Key → shape of the T5 params tree for ``config`` (FLUX.1's T5-v1.1-XXL by default); nothing is allocated.
+
+    >>> t5_param_shapes({"num_layers": 1})["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"]
+    (10240, 4096)
+    """
+    from transformers import T5Config
+
+    return _t5_shapes(_t5_module(T5Config.from_dict(_merged(T5_XXL_CONFIG, None, config))))
+
+
+def _clip_module(config):
+    from transformers import CLIPTextModel
+
+    with torch.device("meta"):
+        return CLIPTextModel(config)
+
+
+def _t5_module(config):
+    from transformers import T5EncoderModel
+
+    with torch.device("meta"):
+        return T5EncoderModel(config)
+
+
+def _clip_module_prefix(module) -> str:
+    """``"text_model."`` on transformers 4 (``CLIPTextModel.text_model``), ``""`` on 5."""
+    return "text_model." if hasattr(module, "text_model") else ""
+
+
+def _clip_shapes(module) -> dict[str, tuple[int, ...]]:
+    prefix = _clip_module_prefix(module)
+    return {"text_model." + k[len(prefix) :]: tuple(t.shape) for k, t in module.state_dict().items()}
+
+
+def _t5_shapes(module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(t.shape) for k, t in module.state_dict().items() if k != T5_STACK_EMBEDDING}
+
+
+def _clip_pooled_fn(module) -> Callable[[dict, torch.Tensor], torch.Tensor]:
+    """``pooled(params, input_ids) -> (B, hidden)``: CLIP's final-norm state at the end-of-text token."""
+    apply, _ = pure_module(module)
+    prefix = _clip_module_prefix(module)
+    unread_buffers = dict(module.named_buffers())  # position_ids, on meta; positions are passed explicitly
+
+    def pooled(params, input_ids: torch.Tensor) -> torch.Tensor:
+        ours = flatten_dict(materialize_tree(params))
+        ids = input_ids.to(ours[CLIP_EMBEDDING].device)
+        tensors = unread_buffers | {prefix + k.removeprefix("text_model."): v for k, v in ours.items()}
+        positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+        return apply(tensors, input_ids=ids, position_ids=positions).pooler_output
+
+    return pooled
+
+
+def _t5_hidden_fn(module) -> Callable[[dict, torch.Tensor], torch.Tensor]:
+    """``hidden(params, input_ids) -> (B, L, d_model)``: T5's last hidden state; ``shared`` embeds the tokens."""
+    apply, _ = pure_module(module)
+
+    def hidden(params, input_ids: torch.Tensor) -> torch.Tensor:
+        ours = flatten_dict(materialize_tree(params))
+        ids = input_ids.to(ours[T5_EMBEDDING].device)
+        tensors = ours | {T5_STACK_EMBEDDING: ours[T5_EMBEDDING]}
+        return apply(tensors, input_ids=ids).last_hidden_state
+
+    return hidden
+
+
+def _encoder_prefix(flat: Mapping[str, Any], marker: str, name: str, skip: str = "") -> str:
+    """The one prefix (``""`` or ending in ``.``) before ``marker`` in the keys, except prefixes ending in ``skip``."""
+    prefixes = sorted(
+        prefix
+        for key in flat
+        if key.endswith(marker)
+        and ((prefix := key[: -len(marker)]) == "" or prefix.endswith("."))
+        and not (skip and prefix.endswith(skip))
+    )
+    if not prefixes:
+        examples = sorted(flat)[:EXAMPLES]
+        raise ValueError(f"no {name} weights in the checkpoint: no key ends in {marker!r}; its keys look like {examples}")
+    if len(prefixes) > 1:
+        raise ValueError(f"the checkpoint holds several {name} encoders, under {prefixes}; pass a state dict holding one")
+    return prefixes[0]
+
+
+def _check_keys(name: str, expected: Mapping[str, tuple], found: Mapping[str, torch.Tensor], weights) -> None:
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [
+        f"{k}: {tuple(found[k].shape)} != {expected[k]}"
+        for k in expected
+        if k in found and tuple(found[k].shape) != expected[k]
+    ]
+    if not (missing or unexpected or wrong):
+        return
+    kinds = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches (checkpoint != config)", wrong))
+    problems = [f"{len(keys)} {kind}, e.g. {keys[:EXAMPLES]}" for kind, keys in kinds if keys]
+    where = "the state dict" if isinstance(weights, Mapping) else str(weights)
+    raise ValueError(
+        f"{where} does not fit FLUX.1's {name} encoder: " + "; ".join(problems) + ". "
+        "If its sizes differ, put its config.json beside the weights or pass config= (transformers config keys)."
+    )
+
+
+def _merged(defaults: Mapping, found: Mapping | None, override: ConfigLike) -> dict:
+    override = override.to_dict() if hasattr(override, "to_dict") else dict(override or {})
+    return {**defaults, **(found or {}), **override}
+
+
+def _config_json(weights) -> dict | None:
+    """The ``config.json`` in the weights' folder (or beside the first weights file), if any."""
+    if isinstance(weights, Mapping):
+        return None
+    first = Path(weights) if isinstance(weights, (str, os.PathLike)) else Path(list(weights)[0])
+    path = (first if first.is_dir() else first.parent) / "config.json"
+    return read_json(path) if path.is_file() else None
+
+
+def _clip_config_beside(weights) -> dict | None:
+    """A CLIP text config beside the weights; a full CLIP model's config gives its ``text_config``."""
+    found = _config_json(weights) or {}
+    if found.get("model_type") == "clip":
+        return found.get("text_config", {}) | {"model_type": "clip_text_model"}
+    return found if found.get("model_type") == "clip_text_model" else None
+
+
+def _t5_config_beside(weights) -> dict | None:
+    found = _config_json(weights) or {}
+    return found if found.get("model_type") == "t5" else None
+
+
+def _local(source: SourceLike):
+    """A state dict as is; any other source as local path(s), downloaded if it names a hub repo."""
+    return source if isinstance(source, Mapping) else resolve(source)
+
+
+def _is_pipeline(root, encoder_folder: str) -> bool:
+    return isinstance(root, Path) and ((root / encoder_folder).is_dir() or (root / "model_index.json").is_file())
+
+
+def _component(root, encoder_folder: str, name: str):
+    """A diffusers pipeline folder stands for its encoder subfolder; other sources for themselves."""
+    if not _is_pipeline(root, encoder_folder):
+        return root
+    folder = root / encoder_folder
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{root} is a diffusers pipeline folder (it has model_index.json) but has no {encoder_folder}/ with "
+            f"the {name} encoder; download {encoder_folder}/ into it, or pass the encoder's own files"
+        )
+    return folder
+
+
+def _pipeline_part(root, encoder_folder: str, part: str) -> Path | None:
+    """``root/part`` when ``root`` is a diffusers pipeline folder, else ``None``."""
+    return root / part if _is_pipeline(root, encoder_folder) else None
+
+
+def _tokenizer(tokenizer, pipeline_tokenizer: Path | None, tokenizer_class, name: str):
+    """A tokenizer object as is; otherwise the tokenizer in a local folder (the pipeline's by default)."""
+    from transformers import PreTrainedTokenizerBase
+
+    if isinstance(tokenizer, PreTrainedTokenizerBase):
+        return tokenizer
+    if tokenizer is None:
+        if pipeline_tokenizer is None:
+            raise ValueError(
+                f"pass tokenizer= for the {name} encoder: a local folder holding its tokenizer files "
+                "(FLUX.1-dev's tokenizer/ for CLIP, tokenizer_2/ for T5), a ModelSource, or a tokenizer object"
+            )
+        tokenizer = pipeline_tokenizer
+    folder = Path(resolve(tokenizer)) if isinstance(tokenizer, ModelSource) else Path(tokenizer)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no {name} tokenizer folder at {folder}; pass tokenizer= a local folder holding its files")
+    wanted = sorted(tokenizer_class.vocab_files_names.values())
+    if not any((folder / file).is_file() for file in wanted):
+        raise FileNotFoundError(f"{folder} holds none of the {name} tokenizer files {wanted}")
+    return tokenizer_class.from_pretrained(str(folder), local_files_only=True)
