@@ -26,7 +26,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from typing import Any

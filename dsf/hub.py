@@ -32,7 +32,7 @@ import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Sequence, Union
+from typing import Mapping, Sequence, Union
 
 LocalPath = Union[str, os.PathLike]
 Pattern = Union[str, Sequence[str], None]
@@ -116,6 +116,17 @@ def resolve(source: ModelSource | LocalPath | Sequence[LocalPath]) -> Path | lis
     if source.path is not None:
         return _existing_local(source.path)
     return _fetch(source.model_id, _patterns(source.pattern))
+
+
+def local_source(source):
+    """A state dict (any mapping) as is; any other source as local path(s), downloaded when it names a hub repo.
+
+    Loaders call this first, so every ``load_*`` takes a :class:`ModelSource` as well as paths.
+
+    >>> local_source({"w": 1})
+    {'w': 1}
+    """
+    return source if isinstance(source, Mapping) else resolve(source)
 
 
 def _existing_local(path: LocalPath | Sequence[LocalPath]) -> Path | list[Path]:

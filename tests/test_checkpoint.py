@@ -1,8 +1,6 @@
 """dsf.checkpoint: lossless round trips, retention, partial checkpoints, atomic safetensors, no jax on import."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch

@@ -8,7 +8,7 @@ import torch
 import dsf
 from dsf.transform import BlockHook, Transform, active_hooks
 from dsf.transforms import checkpoint
-from dsf.weight import Cast, Stage, Weight, count_materializations, map_weights, materialize, stage
+from dsf.weight import Cast, Stage, Weight, map_weights, materialize, stage
 
 
 def block(p, h):

@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-import dsf
 from dsf import tree
 from dsf.weight import Cast, Weight
 

@@ -29,6 +29,7 @@ from typing import Mapping
 
 import torch
 
+from dsf.hub import local_source
 from dsf.io import Source, load_state_dict, read_json
 from dsf.models.flux.config import FluxConfig, resolve_config
 from dsf.models.flux.model import FluxDiT, param_shapes
@@ -276,7 +277,7 @@ def _config_json(source: Source) -> dict | None:
 def load_dit(source: Source, config: Mapping | FluxConfig | None = None, *, dtype: torch.dtype | None = None, device="cpu"):
     """``(dit, params)`` from a FLUX.1 DiT checkpoint in the diffusers, BFL or ComfyUI layout.
 
-    ``source``: anything :func:`dsf.io.load_state_dict` reads, or a diffusers pipeline folder (its
+    ``source``: anything :func:`dsf.io.load_state_dict` reads, a :class:`dsf.hub.ModelSource`, or a diffusers pipeline folder (its
     ``transformer/``). The config is: FLUX.1-dev defaults < the checkpoint's shapes < the
     ``config.json`` beside the weights < ``config`` (diffusers config keys, or a :class:`FluxConfig`).
 
@@ -288,7 +289,7 @@ def load_dit(source: Source, config: Mapping | FluxConfig | None = None, *, dtyp
     >>> dit.config.guidance_embeds, len(params["single_transformer_blocks"])
     (False, 1)
     """
-    source = _transformer_folder(source)
+    source = _transformer_folder(local_source(source))
     loaded = load_state_dict(source, dtype=dtype, device=device)
     flat = to_ours(loaded)
     shapes = {key: tuple(tensor.shape) for key, tensor in flat.items()}

@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Sequence, Union
 
 import torch
 
-from dsf.hub import ModelSource, resolve
+from dsf.hub import ModelSource, local_source, resolve
 from dsf.io import Source, load_state_dict, read_json
 from dsf.modules import pure_module
 from dsf.tree import flatten_dict, unflatten_dict
@@ -189,7 +189,7 @@ def load_clip(
     """
     from transformers import CLIPTextConfig, CLIPTokenizer
 
-    root = _local(source)
+    root = local_source(source)
     weights = _component(root, "text_encoder", CLIP_NAME)
     tokenizer = _tokenizer(tokenizer, _pipeline_part(root, "text_encoder", "tokenizer"), CLIPTokenizer, CLIP_NAME)
     cfg = CLIPTextConfig.from_dict(_merged(CLIP_L_CONFIG, _clip_config_beside(weights), config))
@@ -229,7 +229,7 @@ def load_t5(
     """
     from transformers import T5Config, T5TokenizerFast
 
-    root = _local(source)
+    root = local_source(source)
     weights = _component(root, "text_encoder_2", T5_NAME)
     tokenizer = _tokenizer(tokenizer, _pipeline_part(root, "text_encoder_2", "tokenizer_2"), T5TokenizerFast, T5_NAME)
     cfg = T5Config.from_dict(_merged(T5_XXL_CONFIG, _t5_config_beside(weights), config))
@@ -428,11 +428,6 @@ def _clip_config_beside(weights) -> dict | None:
 def _t5_config_beside(weights) -> dict | None:
     found = _config_json(weights) or {}
     return found if found.get("model_type") == "t5" else None
-
-
-def _local(source: SourceLike):
-    """A state dict as is; any other source as local path(s), downloaded if it names a hub repo."""
-    return source if isinstance(source, Mapping) else resolve(source)
 
 
 def _is_pipeline(root, encoder_folder: str) -> bool:

@@ -33,6 +33,7 @@ from typing import Mapping
 
 import torch
 
+from dsf.hub import local_source
 from dsf.io import Source, load_state_dict, read_json
 from dsf.models.flux.vae import FluxVAE, FluxVAEConfig, vae_param_shapes
 from dsf.tree import flatten_dict, unflatten_dict
@@ -306,7 +307,7 @@ def _config_json(source: Source) -> dict | None:
 def load_vae(source: Source, config: Mapping | FluxVAEConfig | None = None, *, dtype: torch.dtype | None = None, device="cpu"):
     """``(vae, params)`` from a FLUX.1 VAE checkpoint in the diffusers or LDM/BFL layout.
 
-    ``source``: anything :func:`dsf.io.load_state_dict` reads, or a diffusers pipeline folder (its
+    ``source``: anything :func:`dsf.io.load_state_dict` reads, a :class:`dsf.hub.ModelSource`, or a diffusers pipeline folder (its
     ``vae/``). The config is: FLUX.1 defaults < the checkpoint's shapes < the ``config.json`` beside
     the weights < ``config`` (``AutoencoderKL`` config keys, or a :class:`FluxVAEConfig`).
 
@@ -317,7 +318,7 @@ def load_vae(source: Source, config: Mapping | FluxVAEConfig | None = None, *, d
     >>> vae.config == cfg, len(vparams["decoder"]["up_blocks"][0]["resnets"])
     (True, 2)
     """
-    source = _vae_folder(source)
+    source = _vae_folder(local_source(source))
     loaded = load_state_dict(source, dtype=dtype, device=device)
     flat, layout = to_ours(loaded)
     shapes = {key: tuple(tensor.shape) for key, tensor in flat.items()}
