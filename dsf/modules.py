@@ -24,7 +24,7 @@ import torch
 from torch.func import functional_call
 
 from dsf.tree import flatten_dict, unflatten_dict
-from dsf.weight import materialize_tree
+from dsf.weight import dense_tree
 
 
 def module_params(module: torch.nn.Module) -> dict:
@@ -38,7 +38,7 @@ def pure_module(module: torch.nn.Module) -> tuple[Callable, dict]:
     module.eval()
 
     def apply(params, *args, **kwargs):
-        flat = flatten_dict(materialize_tree(params))
+        flat = flatten_dict(dense_tree(params))
         return functional_call(module, flat, args, kwargs, strict=True)
 
     return apply, module_params(module)

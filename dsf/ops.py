@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from dsf.weight import materialize
+from dsf.weight import dense, materialize
 
 
 def linear(x: torch.Tensor, weight, bias=None) -> torch.Tensor:
@@ -45,7 +45,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0) -> torch.Tensor:
     >>> conv2d(torch.ones(1, 1, 4, 4), torch.ones(2, 1, 3, 3), padding=1).shape
     torch.Size([1, 2, 4, 4])
     """
-    return F.conv2d(x, materialize(weight), materialize(bias), stride=stride, padding=padding)
+    return F.conv2d(x, dense(weight), dense(bias), stride=stride, padding=padding)
 
 
 def conv3d(x, weight, bias=None, stride=1, padding=0) -> torch.Tensor:
@@ -54,7 +54,7 @@ def conv3d(x, weight, bias=None, stride=1, padding=0) -> torch.Tensor:
     >>> conv3d(torch.ones(1, 1, 2, 4, 4), torch.ones(2, 1, 1, 3, 3), padding=(0, 1, 1)).shape
     torch.Size([1, 2, 2, 4, 4])
     """
-    return F.conv3d(x, materialize(weight), materialize(bias), stride=stride, padding=padding)
+    return F.conv3d(x, dense(weight), dense(bias), stride=stride, padding=padding)
 
 
 def layer_norm(x, weight=None, bias=None, eps: float = 1e-6) -> torch.Tensor:
@@ -63,7 +63,7 @@ def layer_norm(x, weight=None, bias=None, eps: float = 1e-6) -> torch.Tensor:
     >>> layer_norm(torch.tensor([[1.0, 3.0]])).round().tolist()
     [[-1.0, 1.0]]
     """
-    return F.layer_norm(x, x.shape[-1:], materialize(weight), materialize(bias), eps)
+    return F.layer_norm(x, x.shape[-1:], dense(weight), dense(bias), eps)
 
 
 def rms_norm(x, weight=None, eps: float = 1e-6) -> torch.Tensor:
@@ -74,7 +74,7 @@ def rms_norm(x, weight=None, eps: float = 1e-6) -> torch.Tensor:
     """
     x32 = x.float()
     normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    weight = materialize(weight)
+    weight = dense(weight)
     return normed if weight is None else normed * weight
 
 
@@ -84,7 +84,7 @@ def group_norm(x, groups: int, weight=None, bias=None, eps: float = 1e-6) -> tor
     >>> group_norm(torch.randn(2, 4, 3, 3), groups=2).shape
     torch.Size([2, 4, 3, 3])
     """
-    return F.group_norm(x, groups, materialize(weight), materialize(bias), eps)
+    return F.group_norm(x, groups, dense(weight), dense(bias), eps)
 
 
 def embedding(ids: torch.Tensor, table) -> torch.Tensor:
@@ -93,7 +93,7 @@ def embedding(ids: torch.Tensor, table) -> torch.Tensor:
     >>> embedding(torch.tensor([1]), torch.eye(3)).tolist()
     [[0.0, 1.0, 0.0]]
     """
-    return F.embedding(ids, materialize(table))
+    return F.embedding(ids, dense(table))
 
 
 def timestep_embedding(

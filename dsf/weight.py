@@ -57,16 +57,20 @@ class Stage:
 class Weight:
     """A stored tensor and its filled slots (a dict phase -> stage).
 
+    ``trainable`` marks a record that full fine-tuning updates (set by the ``trainable`` transform's
+    init), so storage that cannot be trained (fp8) refuses it at init, whatever the chain order.
+
     >>> w = Weight(torch.zeros(3))
-    >>> w.slot_names()
-    []
+    >>> w.slot_names(), w.trainable
+    ([], False)
     """
 
-    __slots__ = ("data", "stages")
+    __slots__ = ("data", "stages", "trainable")
 
-    def __init__(self, data, stages: dict[str, Stage] | None = None):
+    def __init__(self, data, stages: dict[str, Stage] | None = None, trainable: bool = False):
         self.data = data
         self.stages = dict(stages or {})
+        self.trainable = trainable
 
     def slot_names(self) -> list[str]:
         return [p for p in PHASES if p in self.stages]
@@ -78,10 +82,10 @@ class Weight:
         present = self.stages.get(stage.phase)
         stages = dict(self.stages)
         stages[stage.phase] = stage if present is None else present.combine(stage)
-        return Weight(self.data, stages)
+        return Weight(self.data, stages, self.trainable)
 
     def without_stage(self, phase: str) -> "Weight":
-        return Weight(self.data, {p: s for p, s in self.stages.items() if p != phase})
+        return Weight(self.data, {p: s for p, s in self.stages.items() if p != phase}, self.trainable)
 
     @property
     def shape(self) -> torch.Size:
@@ -95,12 +99,13 @@ class Weight:
 
 def _flatten_weight(w: Weight):
     phases = tuple(w.slot_names())
-    return (w.data, *(w.stages[p] for p in phases)), phases, ("data", *phases)
+    return (w.data, *(w.stages[p] for p in phases)), (phases, w.trainable), ("data", *phases)
 
 
-def _unflatten_weight(phases, children):
+def _unflatten_weight(aux, children):
+    phases, trainable = aux
     data, *stages = children
-    return Weight(data, dict(zip(phases, stages)))
+    return Weight(data, dict(zip(phases, stages)), trainable)
 
 
 optree.register_pytree_node(Weight, _flatten_weight, _unflatten_weight, namespace=NAMESPACE)
@@ -183,6 +188,28 @@ def materialize_tree(tree):
     tensor([0.])
     """
     return map_with_path(lambda _, x: materialize(x), tree, is_leaf=lambda x: isinstance(x, Weight))
+
+
+def dense(param):
+    """The value of a parameter as a plain tensor: materialized, and an adapted form (factored LoRA) merged.
+
+    Ops that need the whole matrix (conv, norms, ``functional_call``) use this; ``ops.linear`` keeps
+    a form factored.
+
+    >>> dense(Weight(torch.ones(1))).tolist()
+    [1.0]
+    """
+    value = materialize(param)
+    return value.merge() if hasattr(value, "merge") else value
+
+
+def dense_tree(tree):
+    """Every parameter of a tree as a plain tensor (see :func:`dense`).
+
+    >>> dense_tree({"w": Weight(torch.zeros(1))})["w"]
+    tensor([0.])
+    """
+    return map_with_path(lambda _, x: dense(x), tree, is_leaf=lambda x: isinstance(x, Weight))
 
 
 def map_weights(fn, tree, where=None):

@@ -6,10 +6,8 @@ diffusers FLUX.1 pipeline; nothing is downloaded.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
-import string
 import warnings
 
 import pytest
@@ -21,27 +19,9 @@ from dsf.hub import ModelSource
 from dsf.models.flux import text as flux_text
 from dsf.models.flux.text import CLIP_L_CONFIG, T5_XXL_CONFIG, encode_prompt, load_clip, load_t5
 
-CLIP_TINY = {"vocab_size": 54, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
-T5_TINY = {"vocab_size": 64, "d_model": 16, "d_kv": 8, "d_ff": 32, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 2}
+from tiny_flux import CLIP_TINY, T5_TINY, write_clip_tokenizer, write_t5_tokenizer
+
 PROMPTS = ["a cat sat on the mat", "dog"]
-
-
-def _write_clip_tokenizer(folder):
-    """CLIP's BPE files as FLUX.1-dev ships them (vocab.json, merges.txt), over single letters."""
-    letters = string.ascii_lowercase
-    vocab = {c: i for i, c in enumerate(letters)} | {c + "</w>": 26 + i for i, c in enumerate(letters)}
-    vocab |= {"<|startoftext|>": 52, "<|endoftext|>": 53}
-    folder.mkdir()
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-
-
-def _write_t5_tokenizer(folder):
-    from transformers import T5TokenizerFast
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    pieces += [("▁" + c, -1.0) for c in string.ascii_lowercase] + [(c, -2.0) for c in string.ascii_lowercase]
-    T5TokenizerFast(vocab=pieces, extra_ids=0).save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +43,8 @@ def pipeline(tmp_path_factory, reference):
     (root / "model_index.json").write_text("{}")
     clip.save_pretrained(root / "text_encoder")
     t5.save_pretrained(root / "text_encoder_2", max_shard_size="20KB")
-    _write_clip_tokenizer(root / "tokenizer")
-    _write_t5_tokenizer(root / "tokenizer_2")
+    write_clip_tokenizer(root / "tokenizer")
+    write_t5_tokenizer(root / "tokenizer_2")
     return root
 
 

@@ -1,5 +1,24 @@
-"""Composable transforms, one per module: ``from dsf.transforms import checkpoint``."""
+"""Composable transforms, one per module, and the LoRA data functions.
+
+``from dsf.transforms import lora, fp8, offload, checkpoint, load_lora, save_lora, merge_lora, clear_lora``
+"""
 
 from dsf.transforms.checkpoint import checkpoint
+from dsf.transforms.fp8 import fp8, trainable
+from dsf.transforms.lora import clear_lora, load_lora, lora, lora_leaves, lora_trainable, merge_lora, save_lora
+from dsf.transforms.offload import count_transfers, offload
 
-__all__ = ["checkpoint"]
+__all__ = [
+    "checkpoint",
+    "clear_lora",
+    "count_transfers",
+    "fp8",
+    "load_lora",
+    "lora",
+    "lora_leaves",
+    "lora_trainable",
+    "merge_lora",
+    "offload",
+    "save_lora",
+    "trainable",
+]

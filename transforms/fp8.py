@@ -1,0 +1,153 @@
+"""fp8 storage of frozen weights: float8_e4m3fn data and a scale, dequantized to the compute dtype at use.
+
+``fp8()``'s init replaces each selected matrix (ndim ≥ 2; biases and norm scales keep their dtype)
+by a weight record whose ``data`` is float8 and whose decode stage holds the scale: one per tensor,
+or one per output channel (row). Materialization computes ``data.to(dtype) * scale``. Bytes halve
+against bf16; nothing computes in fp8.
+
+fp8 weights get no gradient. Full fine-tuning marks what it trains with :func:`trainable`, and an
+fp8 over a marked weight fails at init in either chain order (the marker lives on the record, so
+``chain(trainable(w), fp8())`` and ``chain(fp8(), trainable(w))`` both raise); ``dsf.value_and_grad``
+refusing float8 leaves is the second line. LoRA over an fp8 base trains: its factors are separate
+leaves of the adapt stage, run after decode.
+
+Example:
+    >>> import torch, dsf
+    >>> from dsf.transforms.fp8 import fp8
+    >>> params = {"w": torch.randn(4, 8), "b": torch.zeros(4)}
+    >>> stored = fp8(compute_dtype=torch.float32).init(params)
+    >>> stored["w"].data.dtype, stored["b"].dtype
+    (torch.float8_e4m3fn, torch.float32)
+    >>> bool((dsf.materialize(stored["w"]) - params["w"]).abs().max() < 0.1)
+    True
+"""
+
+from __future__ import annotations
+
+import optree
+import torch
+
+from dsf.disk import DiskTensor
+from dsf.transform import Transform
+from dsf.tree import Where, as_predicate
+from dsf.weight import Stage, Weight, as_weight, map_weights, stage
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+GRANULARITIES = ("tensor", "channel")
+
+
+@stage("decode")
+class Dequantize(Stage):
+    """Decode stage of an fp8 weight: ``data.to(dtype) * scale`` (scale () per tensor, (out, 1, ...) per channel).
+
+    >>> Dequantize(torch.tensor(2.0), torch.float32).apply(torch.ones(2, dtype=FP8)).tolist()
+    [2.0, 2.0]
+    """
+
+    scale: torch.Tensor
+    dtype: torch.dtype = optree.dataclasses.field(pytree_node=False)
+
+    def apply(self, value):
+        return dequantize(value, self.scale, self.dtype)
+
+
+def quantize(weight: torch.Tensor, granularity: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(data, scale)``: float8_e4m3fn data and the float32 scale with ``weight ≈ data * scale``.
+
+    The scale maps the largest magnitude (of the tensor, or of each output channel) to the fp8
+    maximum 448; an all-zero tensor or channel gets scale 1, never a NaN.
+
+    >>> data, scale = quantize(torch.tensor([[1.0, -2.0], [0.0, 0.0]]), "channel")
+    >>> data.dtype, scale.flatten().tolist()
+    (torch.float8_e4m3fn, [0.004464285913854837, 1.0])
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    weight = weight.detach().float()
+    reduce_dims = tuple(range(1, weight.ndim)) if granularity == "channel" else tuple(range(weight.ndim))
+    amax = weight.abs().amax(dim=reduce_dims, keepdim=granularity == "channel")
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (weight / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def dequantize(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``data * scale`` computed in ``dtype``.
+
+    >>> dequantize(*quantize(torch.tensor([3.0, -1.5])), torch.float32).tolist()
+    [3.0, -1.5]
+    """
+    return data.to(dtype) * scale.to(dtype)
+
+
+def fp8(where: Where = None, granularity: str = "tensor", compute_dtype: torch.dtype = torch.bfloat16) -> Transform:
+    """Store the frozen matrices selected by ``where`` in fp8, dequantized to ``compute_dtype`` at use.
+
+    >>> t = fp8(granularity="channel")
+    >>> t.name
+    'fp8(granularity=channel, compute_dtype=bfloat16)'
+    >>> t.init({"w": torch.ones(3, 2)})["w"].stages["decode"].scale.shape
+    torch.Size([3, 1])
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    keep = as_predicate(where)
+
+    def selected(path: str, param) -> bool:
+        data = as_weight(param).data
+        return keep(path, param) and data.dtype.is_floating_point and len(data.shape) >= 2
+
+    def init(params, key=None):
+        return map_weights(lambda path, param: _stored_in_fp8(path, param, granularity, compute_dtype), params, selected)
+
+    return Transform(
+        name=f"fp8(granularity={granularity}, compute_dtype={str(compute_dtype).removeprefix('torch.')})", init_fn=init
+    )
+
+
+def trainable(where: Where = None) -> Transform:
+    """Mark the parameters selected by ``where`` as fully fine-tuned; fp8 over them fails at init.
+
+    >>> t = trainable(r"^w$")
+    >>> t.init({"w": torch.ones(2)})["w"].trainable
+    True
+    >>> from dsf import chain
+    >>> chain(t, fp8()).init({"w": torch.ones(2, 2)})
+    Traceback (most recent call last):
+    ...
+    ValueError: fp8 cannot store 'w': it is marked trainable (full fine-tuning) and fp8 weights get no gradient; exclude it from fp8's where=, or train a LoRA over the fp8 base instead
+    """
+
+    def mark(path: str, param) -> Weight:
+        record = as_weight(param)
+        if record.data.dtype.is_floating_point and record.data.dtype.itemsize == 1:
+            raise ValueError(
+                f"cannot train {path!r}: it is stored in fp8, which gets no gradient; exclude it from fp8's where=, "
+                "or train a LoRA over the fp8 base instead"
+            )
+        return Weight(record.data, record.stages, trainable=True)
+
+    return Transform(name=f"trainable({where!r})", init_fn=lambda params, key=None: map_weights(mark, params, where))
+
+
+def _stored_in_fp8(path: str, param, granularity: str, compute_dtype: torch.dtype) -> Weight:
+    record = as_weight(param)
+    if record.trainable:
+        raise ValueError(
+            f"fp8 cannot store {path!r}: it is marked trainable (full fine-tuning) and fp8 weights get no gradient; "
+            "exclude it from fp8's where=, or train a LoRA over the fp8 base instead"
+        )
+    if isinstance(record.data, DiskTensor):
+        raise ValueError(
+            f"fp8 cannot quantize {path!r}: it is still on disk ({record.data!r}); load the weights into memory "
+            "(dsf.io.load_state_dict) to store them in fp8, or stream them from disk in their stored dtype"
+        )
+    data, scale = quantize(record.data, granularity)
+    stored = Weight(_like(data, record.data), record.stages)
+    return stored.with_stage(Dequantize(_like(scale, record.data), compute_dtype))
+
+
+def _like(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``tensor`` kept where ``reference`` lives: its device, and pinned memory when it is pinned."""
+    tensor = tensor.to(reference.device)
+    return tensor.pin_memory() if reference.is_pinned() else tensor
