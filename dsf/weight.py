@@ -233,3 +233,27 @@ def map_weights(fn, tree, where=None):
 def as_weight(param) -> Weight:
     """A weight record of a parameter (a plain tensor becomes a record without stages)."""
     return param if isinstance(param, Weight) else Weight(param)
+
+
+def compute_device(param) -> torch.device:
+    """The device a parameter is used on: its fetch stage's target (offload), else where its data is.
+
+    >>> compute_device(Weight(torch.ones(1)))
+    device(type='cpu')
+    """
+    if isinstance(param, Weight):
+        target = getattr(param.stages.get("fetch"), "device", None)
+        return torch.device(target) if target is not None else param.data.device
+    return param.device
+
+
+def compute_dtype(param) -> torch.dtype:
+    """The dtype a parameter computes in: its decode stage's (fp8, cast), else its data's.
+
+    >>> compute_dtype(Weight(torch.ones(1, dtype=torch.bfloat16)).with_stage(Cast(torch.float32)))
+    torch.float32
+    """
+    if isinstance(param, Weight):
+        target = getattr(param.stages.get("decode"), "dtype", None)
+        return target if target is not None else param.data.dtype
+    return param.dtype

@@ -61,13 +61,13 @@ def sample_parser() -> argparse.ArgumentParser:
 
 
 def sample_grid(model, samples_per_digit: int, seed: int, cfg_scale: float, steps: int) -> Image.Image:
-    """One row per digit 0–9, ``samples_per_digit`` columns, upscaled ×4 for viewing."""
+    """One row per digit 0–9, ``samples_per_digit`` columns with a 1-pixel gap, upscaled ×4 for viewing."""
     prompts = [prompt_for(d) for d in range(10) for _ in range(samples_per_digit)]
     images = generate(model, prompts, seed=seed, cfg_scale=cfg_scale, num_inference_steps=steps)
-    side = model.config.image_size
-    grid = Image.new("RGB", (side * samples_per_digit, side * 10))
+    cell = model.config.image_size + 1
+    grid = Image.new("RGB", (cell * samples_per_digit - 1, cell * 10 - 1), (96, 96, 96))
     for i, image in enumerate(images):
-        grid.paste(image, ((i % samples_per_digit) * side, (i // samples_per_digit) * side))
+        grid.paste(image, ((i % samples_per_digit) * cell, (i // samples_per_digit) * cell))
     return grid.resize((grid.width * 4, grid.height * 4), Image.NEAREST)
 
 

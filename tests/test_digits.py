@@ -84,7 +84,7 @@ def test_recipe_trains_saves_samples_and_resumes(tmp_path):
     losses = [float(row.split(",")[1]) for row in log[1:]]
     assert all(torch.isfinite(torch.tensor(losses)))
     grid = Image.open(tmp_path / "samples.png")
-    assert grid.size == (16 * 4, 16 * 10 * 4)
+    assert grid.size == (16 * 4, (17 * 10 - 1) * 4)
 
     out = tmp_path / "samples"
     recipe.main(["sample", "--model", str(tmp_path / "model"), "--prompt", "a handwritten digit two", "--num", "3",

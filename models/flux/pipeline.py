@@ -34,6 +34,7 @@ from dsf.models.flux.text import TextEncoder, load_clip, load_t5
 from dsf.models.flux.vae import FluxVAE
 from dsf.models.flux.vae_keys import load_vae
 from dsf.sampling import sample, start_latents
+from dsf.weight import compute_device, compute_dtype
 from dsf.schedules import FlowSchedule, from_diffusers_config
 
 # FLUX.1-dev's scheduler_config.json: μ linear in the image token count (0.5 at 256, 1.15 at 4096)
@@ -49,14 +50,18 @@ def pipeline_schedule(scheduler_config: dict) -> FlowSchedule:
     return dataclasses.replace(from_diffusers_config(scheduler_config), sigma_min=None)
 
 
+def _first_param(tree):
+    return next(p for _, p in dsf.tree.leaves_with_paths(tree, is_leaf=lambda x: isinstance(x, dsf.Weight)))
+
+
 def device_of(tree) -> torch.device:
-    """The device of the first tensor in a param tree (where that component computes)."""
-    return next(iter(dsf.tree.tensors(tree))).device
+    """Where a component computes: the compute device of its first parameter (offload's target if any)."""
+    return compute_device(_first_param(tree))
 
 
 def dtype_of(tree) -> torch.dtype:
-    """The floating dtype of the first floating tensor in a param tree."""
-    return next(t.dtype for t in dsf.tree.tensors(tree) if t.is_floating_point())
+    """What a component computes in: the compute dtype of its first parameter (fp8 decodes to it)."""
+    return compute_dtype(_first_param(tree))
 
 
 def check_size(height: int, width: int, multiple: int) -> None:
