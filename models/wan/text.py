@@ -1,0 +1,564 @@
+"""Wan's encoders as pure functions: the umT5-XXL text encoder (per token, 4096) and, for Wan2.1
+image-to-video, the CLIP ViT-H/14 vision encoder (penultimate states, 257 × 1280).
+
+:func:`load_umt5` returns a :class:`TextEncoder` and :func:`load_clip_vision` an
+:class:`ImageEncoder`: ``params``, a tree whose keys mirror the diffusers checkpoint files
+(``shared`` and ``encoder.*`` for umT5, ``vision_model.*`` for CLIP), the tokenizer or image
+processor, and a pure ``encode(params, ...)``. The transformers module is built on the meta device
+and only supplies the code; every tensor lives in ``params``.
+
+As Wan and diffusers' Wan pipelines do, prompts are cleaned (HTML entities unescaped twice,
+whitespace collapsed; ``ftfy.fix_text`` first when ftfy is installed), padded to 512 tokens, encoded
+with the padding masked out, and the states past each prompt's length are zeroed. The image
+features are the vision tower's second-to-last hidden states (``hidden_states[-2]``).
+
+Sources: a diffusers Wan pipeline folder (``text_encoder/`` + ``tokenizer/``, ``image_encoder/`` +
+``image_processor/``), an encoder folder, single or sharded safetensors files, a
+:class:`dsf.hub.ModelSource`, or a flat state dict in memory. umT5 weights may also be in Wan's
+original layout (``token_embedding.weight``, ``blocks.N.attn.q.weight``, as in DiffSynth-Studio's
+``models_t5_umt5-xxl-enc-bf16.safetensors``). The config is Wan's (:data:`UMT5_XXL_CONFIG`,
+:data:`CLIP_VIT_H_CONFIG`) < the ``config.json`` beside the weights < ``config=``.
+
+Example:
+    >>> from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
+    >>> tiny = {"vocab_size": 8, "d_model": 8, "d_kv": 4, "d_ff": 16, "num_layers": 1, "num_heads": 2}
+    >>> weights = UMT5EncoderModel(UMT5Config(**UMT5_XXL_CONFIG | tiny)).state_dict()
+    >>> tokenizer = T5TokenizerFast(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁a", -1.0)], extra_ids=0)
+    >>> t5 = load_umt5(weights, tokenizer, config=tiny, max_length=6)
+    >>> states = t5.encode(t5.params, ["a a"])
+    >>> states.shape, bool((states[0, 3:] == 0).all())
+    (torch.Size([1, 6, 8]), True)
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import torch
+
+from dsf.hub import ModelSource, local_source, resolve
+from dsf.io import Source, load_state_dict, read_json
+from dsf.modules import pure_module
+from dsf.tree import flatten_dict, unflatten_dict
+from dsf.weight import materialize_tree
+
+# google/umt5-xxl's encoder, as in Wan2.1 diffusers' text_encoder/config.json.
+UMT5_XXL_CONFIG = {
+    "model_type": "umt5",
+    "vocab_size": 256384,
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_decoder_layers": 24,
+    "num_heads": 64,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "dropout_rate": 0.1,
+    "layer_norm_epsilon": 1e-06,
+    "initializer_factor": 1.0,
+    "feed_forward_proj": "gated-gelu",
+    "dense_act_fn": "gelu_new",
+    "is_gated_act": True,
+    "is_encoder_decoder": True,
+    "tie_word_embeddings": False,
+    "decoder_start_token_id": 0,
+    "eos_token_id": 1,
+    "pad_token_id": 0,
+}
+
+# open-clip ViT-H/14's vision tower, as in Wan2.1-I2V diffusers' image_encoder/config.json.
+CLIP_VIT_H_CONFIG = {
+    "model_type": "clip_vision_model",
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "projection_dim": 1024,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 16,
+    "num_channels": 3,
+    "image_size": 224,
+    "patch_size": 14,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-05,
+    "attention_dropout": 0.0,
+    "initializer_range": 0.02,
+    "initializer_factor": 1.0,
+}
+
+UMT5_MAX_TOKENS = 512
+UMT5_NAME, CLIP_NAME = "umT5-XXL", "CLIP ViT-H/14"
+UMT5_MARKER = "block.0.layer.0.SelfAttention.q.weight"
+UMT5_PARTS = ("block.", "final_layer_norm.", "embed_tokens.")
+UMT5_EMBEDDING, UMT5_STACK_EMBEDDING = "shared.weight", "encoder.embed_tokens.weight"
+WAN_T5_MARKER = "blocks.0.attn.q.weight"
+WAN_T5_GLOBAL_NAMES = {"token_embedding.weight": UMT5_EMBEDDING, "norm.weight": "encoder.final_layer_norm.weight"}
+WAN_T5_BLOCK_NAMES = {  # Wan's original T5 block -> transformers' UMT5 block
+    "norm1.weight": "layer.0.layer_norm.weight",
+    "attn.q.weight": "layer.0.SelfAttention.q.weight",
+    "attn.k.weight": "layer.0.SelfAttention.k.weight",
+    "attn.v.weight": "layer.0.SelfAttention.v.weight",
+    "attn.o.weight": "layer.0.SelfAttention.o.weight",
+    "pos_embedding.embedding.weight": "layer.0.SelfAttention.relative_attention_bias.weight",
+    "norm2.weight": "layer.1.layer_norm.weight",
+    "ffn.gate.0.weight": "layer.1.DenseReluDense.wi_0.weight",
+    "ffn.fc1.weight": "layer.1.DenseReluDense.wi_1.weight",
+    "ffn.fc2.weight": "layer.1.DenseReluDense.wo.weight",
+}
+CLIP_MARKER = "embeddings.patch_embedding.weight"
+CLIP_PARTS = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
+CLIP_POSITION_IDS = "embeddings.position_ids"  # a buffer, not a weight: rebuilt at each call
+PENULTIMATE = -2
+PROMPT_SHOWN = 80  # characters of a prompt quoted in the truncation warning
+EXAMPLES = 5  # keys shown per kind of mismatch in errors
+
+Prompts = Union[str, Sequence[str]]
+ConfigLike = Any  # a dict of transformers config keys, a transformers config, or None
+SourceLike = Union[ModelSource, Source]
+
+
+def clean_prompt(prompt: str) -> str:
+    """A prompt cleaned as Wan cleans it: ftfy (when installed), HTML entities unescaped twice, whitespace collapsed.
+
+    >>> clean_prompt("  a &amp;amp; b \\n\\t c ")
+    'a & b c'
+    """
+    try:
+        import ftfy
+
+        prompt = ftfy.fix_text(prompt)
+    except ImportError:
+        pass
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(prompt)).strip()).strip()
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """The umT5 encoder as data: ``params``, the tokenizer, and the pure map from token ids to states.
+
+    ``encode_ids(params, input_ids (B, L)) -> (B, L, d_model)``, zero at padding; ``max_length``
+    is the number of tokens prompts are padded to.
+
+    >>> from transformers import T5TokenizerFast
+    >>> tokenizer = T5TokenizerFast(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁a", -1.0)], extra_ids=0)
+    >>> count = TextEncoder("counter", {}, tokenizer, 4, lambda params, ids: (ids > 0).sum(-1))
+    >>> count.tokenize(["a  a"]).tolist(), count.encode({}, ["a", "a a"]).tolist()
+    ([[3, 3, 1, 0]], [2, 3])
+    """
+
+    name: str
+    params: dict = field(repr=False)
+    tokenizer: Any = field(repr=False)
+    max_length: int
+    encode_ids: Callable[[dict, torch.Tensor], torch.Tensor] = field(repr=False)
+
+    def tokenize(self, prompts: Prompts, max_length: int | None = None) -> torch.Tensor:
+        """Token ids (B, max_length) of the cleaned prompts; a longer prompt is cut, with a warning naming it."""
+        length = self._length(max_length)
+        prompts = [clean_prompt(p) for p in ([prompts] if isinstance(prompts, str) else prompts)]
+        for prompt in prompts:
+            count = len(self.tokenizer(prompt, verbose=False)["input_ids"])
+            if count > length:
+                shown = repr(prompt[:PROMPT_SHOWN]) + ("..." if len(prompt) > PROMPT_SHOWN else "")
+                warnings.warn(
+                    f"prompt {shown} has {count} {self.name} tokens; the encoder takes {length}, the rest is dropped",
+                    stacklevel=2,
+                )
+        batch = self.tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        return batch["input_ids"]
+
+    def encode(self, params, prompts: Prompts | torch.Tensor, max_length: int | None = None) -> torch.Tensor:
+        """The states of prompts (tokenized here) or of token ids (B, L) with ``params``."""
+        if not isinstance(prompts, torch.Tensor):
+            return self.encode_ids(params, self.tokenize(prompts, max_length))
+        length = self._length(max_length)
+        if prompts.ndim != 2 or prompts.shape[1] > length:
+            raise ValueError(f"{self.name} takes token ids of shape (batch, at most {length}), got {tuple(prompts.shape)}")
+        return self.encode_ids(params, prompts)
+
+    def _length(self, max_length: int | None) -> int:
+        if max_length is None:
+            return self.max_length
+        if not 1 <= max_length <= self.max_length:
+            raise ValueError(f"{self.name} takes 1 to {self.max_length} tokens, got max_length={max_length}")
+        return max_length
+
+
+@dataclass(frozen=True)
+class ImageEncoder:
+    """The CLIP vision encoder as data: ``params``, the image processor, and the pure map from pixels to features.
+
+    ``encode_pixels(params, pixel_values (B, 3, S, S)) -> (B, tokens, hidden)`` with S = ``image_size``.
+
+    >>> from transformers import CLIPImageProcessor
+    >>> mean = ImageEncoder("mean", {}, CLIPImageProcessor(), 224, lambda params, pixels: pixels.mean((1, 2, 3)))
+    >>> mean.preprocess([torch.zeros(3, 300, 400, dtype=torch.uint8)]).shape
+    torch.Size([1, 3, 224, 224])
+    """
+
+    name: str
+    params: dict = field(repr=False)
+    processor: Any = field(repr=False)
+    image_size: int
+    encode_pixels: Callable[[dict, torch.Tensor], torch.Tensor] = field(repr=False)
+
+    def preprocess(self, images) -> torch.Tensor:
+        """Pixel values (B, 3, S, S) of images (PIL images, or uint8 (3, H, W) tensors) through the processor."""
+        return self.processor(images=images, return_tensors="pt")["pixel_values"]
+
+    def encode(self, params, images) -> torch.Tensor:
+        """The features of images (preprocessed here) or of pixel values (B, 3, S, S) with ``params``."""
+        if isinstance(images, torch.Tensor) and images.ndim == 4 and images.is_floating_point():
+            if tuple(images.shape[1:]) != (3, self.image_size, self.image_size):
+                raise ValueError(
+                    f"{self.name} takes pixel values of shape (batch, 3, {self.image_size}, {self.image_size}), got "
+                    f"{tuple(images.shape)}: pass images to encode() to resize and normalize them"
+                )
+            return self.encode_pixels(params, images)
+        return self.encode_pixels(params, self.preprocess(images))
+
+
+def load_umt5(
+    source: SourceLike,
+    tokenizer=None,
+    *,
+    config: ConfigLike = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    max_length: int = UMT5_MAX_TOKENS,
+) -> TextEncoder:
+    """Wan's umT5-XXL encoder; ``encode`` gives the last hidden state (B, max_length, d_model), zero past each prompt.
+
+    ``tokenizer``: a local folder (the pipeline's ``tokenizer/``, or Wan-AI's ``google/umt5-xxl/``),
+    a :class:`ModelSource`, or a tokenizer object; for a pipeline folder it defaults to its own.
+
+    >>> from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
+    >>> tiny = {"vocab_size": 8, "d_model": 8, "d_kv": 4, "d_ff": 16, "num_layers": 1, "num_heads": 2}
+    >>> weights = UMT5EncoderModel(UMT5Config(**UMT5_XXL_CONFIG | tiny)).state_dict()
+    >>> tokenizer = T5TokenizerFast(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁a", -1.0)], extra_ids=0)
+    >>> t5 = load_umt5(weights, tokenizer, config=tiny, max_length=16)
+    >>> t5.encode(t5.params, ["a"]).shape
+    torch.Size([1, 16, 8])
+    """
+    from transformers import T5TokenizerFast, UMT5Config
+
+    root = local_source(source)
+    weights = _component(root, "text_encoder", UMT5_NAME)
+    tokenizer = _tokenizer(tokenizer, _default_tokenizer_folder(root), T5TokenizerFast)
+    cfg = UMT5Config.from_dict(_merged(UMT5_XXL_CONFIG, _config_beside(weights, "umt5"), config))
+    module = _umt5_module(cfg)
+    params = umt5_to_ours(load_state_dict(weights, dtype=dtype, device=device))
+    _check_keys(UMT5_NAME, _umt5_shapes(module), params, weights)
+    return TextEncoder(
+        name=UMT5_NAME,
+        params=unflatten_dict(params),
+        tokenizer=tokenizer,
+        max_length=max_length,
+        encode_ids=_umt5_states_fn(module, cfg.pad_token_id),
+    )
+
+
+def load_clip_vision(
+    source: SourceLike,
+    image_processor=None,
+    *,
+    config: ConfigLike = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> ImageEncoder:
+    """Wan2.1 I2V's CLIP vision encoder; ``encode`` gives the penultimate hidden states (B, 257, 1280).
+
+    ``image_processor``: a local folder (the pipeline's ``image_processor/``), a :class:`ModelSource`,
+    or a processor object; by default the pipeline's, else CLIP's standard one (shortest side to
+    224, center crop, OpenAI mean and std), which is what Wan2.1 I2V's diffusers folder holds.
+
+    >>> from transformers import CLIPVisionConfig, CLIPVisionModel
+    >>> tiny = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+    ...         "image_size": 28}
+    >>> weights = CLIPVisionModel(CLIPVisionConfig(**CLIP_VIT_H_CONFIG | tiny)).state_dict()
+    >>> clip = load_clip_vision(weights, config=tiny)
+    >>> clip.encode(clip.params, torch.randn(2, 3, 28, 28)).shape
+    torch.Size([2, 5, 8])
+    """
+    from transformers import CLIPImageProcessor, CLIPVisionConfig
+
+    root = local_source(source)
+    weights = _component(root, "image_encoder", CLIP_NAME)
+    processor = _image_processor(image_processor, _pipeline_part(root, "image_encoder", "image_processor"), CLIPImageProcessor)
+    cfg = CLIPVisionConfig.from_dict(_merged(CLIP_VIT_H_CONFIG, _config_beside(weights, "clip_vision_model"), config))
+    module = _clip_module(cfg)
+    params = clip_vision_to_ours(load_state_dict(weights, dtype=dtype, device=device))
+    _check_keys(CLIP_NAME, _clip_shapes(module), params, weights)
+    return ImageEncoder(
+        name=CLIP_NAME,
+        params=unflatten_dict(params),
+        processor=processor,
+        image_size=cfg.image_size,
+        encode_pixels=_clip_penultimate_fn(module),
+    )
+
+
+def umt5_to_ours(flat: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The umT5 encoder's tensors of a flat state dict, named ``shared.weight`` and ``encoder.*`` (transformers').
+
+    Wan's original layout is renamed; in the transformers layout the encoder is found by its first
+    block wherever it sits (``encoder.``, no prefix, deeper in an all-in-one file; a decoder is left
+    out), and its token embedding is ``shared.weight``, or ``encoder.embed_tokens.weight`` when a
+    file only has that one.
+
+    >>> w = torch.zeros(1)
+    >>> sorted(umt5_to_ours({"blocks.0.attn.q.weight": w, "token_embedding.weight": w}))
+    ['encoder.block.0.layer.0.SelfAttention.q.weight', 'shared.weight']
+    >>> sorted(umt5_to_ours({"block.0.layer.0.SelfAttention.q.weight": w, "embed_tokens.weight": w}))
+    ['encoder.block.0.layer.0.SelfAttention.q.weight', 'shared.weight']
+    """
+    if WAN_T5_MARKER in flat:
+        return {_wan_t5_name(key) or key: tensor for key, tensor in flat.items()}
+    prefix = _encoder_prefix(flat, UMT5_MARKER, UMT5_NAME, skip="decoder.")
+    ours = {
+        "encoder." + key[len(prefix) :]: tensor
+        for key, tensor in flat.items()
+        if key.startswith(prefix) and key[len(prefix) :].startswith(UMT5_PARTS)
+    }
+    stack_embedding = ours.pop(UMT5_STACK_EMBEDDING, None)
+    embedding = flat.get(prefix.removesuffix("encoder.") + UMT5_EMBEDDING, stack_embedding)
+    return ours if embedding is None else {UMT5_EMBEDDING: embedding, **ours}
+
+
+def clip_vision_to_ours(flat: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The CLIP vision tower's tensors of a flat state dict, named ``vision_model.*``.
+
+    The tower is found by its patch embedding wherever it sits (``vision_model.``, no prefix as
+    transformers 5 saves it, deeper in an all-in-one file). Other keys (``visual_projection``, the
+    legacy ``position_ids`` buffer) are left out.
+
+    >>> w = torch.zeros(1)
+    >>> sorted(clip_vision_to_ours({"embeddings.patch_embedding.weight": w, "visual_projection.weight": w}))
+    ['vision_model.embeddings.patch_embedding.weight']
+    """
+    prefix = _encoder_prefix(flat, CLIP_MARKER, CLIP_NAME)
+    return {
+        "vision_model." + key[len(prefix) :]: tensor
+        for key, tensor in flat.items()
+        if key.startswith(prefix) and key[len(prefix) :].startswith(CLIP_PARTS) and key[len(prefix) :] != CLIP_POSITION_IDS
+    }
+
+
+def umt5_param_shapes(config: ConfigLike = None) -> dict[str, tuple[int, ...]]:
+    """Key → shape of the umT5 params tree for ``config`` (umT5-XXL by default); nothing is allocated.
+
+    >>> shapes = umt5_param_shapes()
+    >>> shapes[UMT5_EMBEDDING], round(sum(torch.Size(s).numel() for s in shapes.values()) / 1e9, 2)
+    ((256384, 4096), 5.68)
+    """
+    from transformers import UMT5Config
+
+    return _umt5_shapes(_umt5_module(UMT5Config.from_dict(_merged(UMT5_XXL_CONFIG, None, config))))
+
+
+def clip_vision_param_shapes(config: ConfigLike = None) -> dict[str, tuple[int, ...]]:
+    """Key → shape of the CLIP vision params tree for ``config`` (ViT-H/14 by default); nothing is allocated.
+
+    >>> clip_vision_param_shapes()["vision_model.embeddings.position_embedding.weight"]
+    (257, 1280)
+    """
+    from transformers import CLIPVisionConfig
+
+    return _clip_shapes(_clip_module(CLIPVisionConfig.from_dict(_merged(CLIP_VIT_H_CONFIG, None, config))))
+
+
+def _wan_t5_name(key: str) -> str | None:
+    match = re.match(r"blocks\.(\d+)\.(.+)$", key)
+    if match is None:
+        return WAN_T5_GLOBAL_NAMES.get(key)
+    local = WAN_T5_BLOCK_NAMES.get(match.group(2))
+    return None if local is None else f"encoder.block.{match.group(1)}.{local}"
+
+
+def _umt5_module(config):
+    from transformers import UMT5EncoderModel
+
+    with torch.device("meta"):
+        return UMT5EncoderModel(config)
+
+
+def _clip_module(config):
+    from transformers import CLIPVisionModel
+
+    with torch.device("meta"):
+        return CLIPVisionModel(config)
+
+
+def _clip_module_prefix(module) -> str:
+    """``"vision_model."`` on transformers 4 (``CLIPVisionModel.vision_model``), ``""`` on 5."""
+    return "vision_model." if hasattr(module, "vision_model") else ""
+
+
+def _umt5_shapes(module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(t.shape) for k, t in module.state_dict().items() if k != UMT5_STACK_EMBEDDING}
+
+
+def _clip_shapes(module) -> dict[str, tuple[int, ...]]:
+    prefix = _clip_module_prefix(module)
+    return {
+        "vision_model." + k[len(prefix) :]: tuple(t.shape)
+        for k, t in module.state_dict().items()
+        if k[len(prefix) :] != CLIP_POSITION_IDS
+    }
+
+
+def _umt5_states_fn(module, pad_token_id: int) -> Callable[[dict, torch.Tensor], torch.Tensor]:
+    """``states(params, input_ids) -> (B, L, d_model)``: padding masked out of attention, its states zeroed."""
+    apply, _ = pure_module(module)
+
+    def states(params, input_ids: torch.Tensor) -> torch.Tensor:
+        ours = flatten_dict(materialize_tree(params))
+        ids = input_ids.to(ours[UMT5_EMBEDDING].device)
+        mask = ids.ne(pad_token_id)
+        tensors = ours | {UMT5_STACK_EMBEDDING: ours[UMT5_EMBEDDING]}
+        hidden = apply(tensors, input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        return torch.where(mask[..., None], hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
+
+    return states
+
+
+def _clip_penultimate_fn(module) -> Callable[[dict, torch.Tensor], torch.Tensor]:
+    """``features(params, pixel_values) -> (B, tokens, hidden)``: the second-to-last encoder layer's output."""
+    apply, _ = pure_module(module)
+    prefix = _clip_module_prefix(module)
+    positions = module.config.image_size // module.config.patch_size
+
+    def features(params, pixel_values: torch.Tensor) -> torch.Tensor:
+        ours = flatten_dict(materialize_tree(params))
+        patch_weight = ours["vision_model." + CLIP_MARKER]
+        position_ids = torch.arange(positions**2 + 1, device=patch_weight.device).unsqueeze(0)
+        tensors = {prefix + k.removeprefix("vision_model."): v for k, v in ours.items()}
+        tensors[prefix + CLIP_POSITION_IDS] = position_ids
+        pixels = pixel_values.to(device=patch_weight.device, dtype=patch_weight.dtype)
+        return apply(tensors, pixel_values=pixels, output_hidden_states=True).hidden_states[PENULTIMATE]
+
+    return features
+
+
+def _encoder_prefix(flat: Mapping[str, Any], marker: str, name: str, skip: str = "") -> str:
+    """The one prefix (``""`` or ending in ``.``) before ``marker`` in the keys, except prefixes ending in ``skip``."""
+    prefixes = sorted(
+        prefix
+        for key in flat
+        if key.endswith(marker)
+        and ((prefix := key[: -len(marker)]) == "" or prefix.endswith("."))
+        and not (skip and prefix.endswith(skip))
+    )
+    if not prefixes:
+        examples = sorted(flat)[:EXAMPLES]
+        raise ValueError(f"no {name} weights in the checkpoint: no key ends in {marker!r}; its keys look like {examples}")
+    if len(prefixes) > 1:
+        raise ValueError(f"the checkpoint holds several {name} encoders, under {prefixes}; pass a state dict holding one")
+    return prefixes[0]
+
+
+def _check_keys(name: str, expected: Mapping[str, tuple], found: Mapping[str, torch.Tensor], weights) -> None:
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [
+        f"{k}: {tuple(found[k].shape)} != {expected[k]}"
+        for k in expected
+        if k in found and tuple(found[k].shape) != expected[k]
+    ]
+    if not (missing or unexpected or wrong):
+        return
+    kinds = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches (checkpoint != config)", wrong))
+    problems = [f"{len(keys)} {kind}, e.g. {keys[:EXAMPLES]}" for kind, keys in kinds if keys]
+    where = "the state dict" if isinstance(weights, Mapping) else str(weights)
+    raise ValueError(
+        f"{where} does not fit Wan's {name} encoder: " + "; ".join(problems) + ". "
+        "If its sizes differ, put its config.json beside the weights or pass config= (transformers config keys)."
+    )
+
+
+def _merged(defaults: Mapping, found: Mapping | None, override: ConfigLike) -> dict:
+    override = override.to_dict() if hasattr(override, "to_dict") else dict(override or {})
+    return {**defaults, **(found or {}), **override}
+
+
+def _config_beside(weights, model_type: str) -> dict | None:
+    """The ``config.json`` of ``model_type`` in the weights' folder (or beside the first weights file), if any."""
+    if isinstance(weights, Mapping):
+        return None
+    first = Path(weights) if isinstance(weights, (str, os.PathLike)) else Path(list(weights)[0])
+    path = (first if first.is_dir() else first.parent) / "config.json"
+    found = read_json(path) if path.is_file() else {}
+    return found if found.get("model_type") == model_type else None
+
+
+def _is_pipeline(root, encoder_folder: str) -> bool:
+    return isinstance(root, Path) and ((root / encoder_folder).is_dir() or (root / "model_index.json").is_file())
+
+
+def _component(root, encoder_folder: str, name: str):
+    """A diffusers pipeline folder stands for its encoder subfolder; other sources for themselves."""
+    if not _is_pipeline(root, encoder_folder):
+        return root
+    folder = root / encoder_folder
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{root} is a diffusers pipeline folder (it has model_index.json) but has no {encoder_folder}/ with "
+            f"the {name} encoder; download {encoder_folder}/ into it, or pass the encoder's own files"
+        )
+    return folder
+
+
+def _pipeline_part(root, encoder_folder: str, part: str) -> Path | None:
+    """``root/part`` when ``root`` is a diffusers pipeline folder, else ``None``."""
+    return root / part if _is_pipeline(root, encoder_folder) else None
+
+
+def _default_tokenizer_folder(root) -> Path | None:
+    """The pipeline's ``tokenizer/``, or the ``google/umt5-xxl/`` of a Wan-AI model folder."""
+    if isinstance(root, Path) and (root / "google" / "umt5-xxl").is_dir():
+        return root / "google" / "umt5-xxl"
+    return _pipeline_part(root, "text_encoder", "tokenizer")
+
+
+def _local_folder(source, what: str) -> Path:
+    folder = Path(resolve(source)) if isinstance(source, ModelSource) else Path(source)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no {what} folder at {folder}; pass a local folder holding its files")
+    return folder
+
+
+def _tokenizer(tokenizer, default_folder: Path | None, tokenizer_class):
+    """A tokenizer object as is; otherwise the tokenizer in a local folder (the pipeline's by default)."""
+    from transformers import PreTrainedTokenizerBase
+
+    if isinstance(tokenizer, PreTrainedTokenizerBase):
+        return tokenizer
+    if tokenizer is None:
+        if default_folder is None:
+            raise ValueError(
+                f"pass tokenizer= for the {UMT5_NAME} encoder: a local folder holding its tokenizer files (a Wan "
+                "diffusers pipeline's tokenizer/, Wan-AI's google/umt5-xxl/), a ModelSource, or a tokenizer object"
+            )
+        tokenizer = default_folder
+    folder = _local_folder(tokenizer, f"{UMT5_NAME} tokenizer")
+    wanted = sorted(tokenizer_class.vocab_files_names.values())
+    if not any((folder / file).is_file() for file in wanted):
+        raise FileNotFoundError(f"{folder} holds none of the {UMT5_NAME} tokenizer files {wanted}")
+    return tokenizer_class.from_pretrained(str(folder), local_files_only=True)
+
+
+def _image_processor(processor, pipeline_folder: Path | None, processor_class):
+    """A processor object as is; a local folder's processor; else the pipeline's, else CLIP's standard one."""
+    if processor is None and pipeline_folder is not None and pipeline_folder.is_dir():
+        processor = pipeline_folder
+    if processor is None:
+        return processor_class()
+    if isinstance(processor, (ModelSource, str, os.PathLike)):
+        folder = _local_folder(processor, f"{CLIP_NAME} image processor")
+        return processor_class.from_pretrained(str(folder), local_files_only=True)
+    return processor
