@@ -489,7 +489,7 @@ def batches(
         raise ValueError("cannot draw batches from an empty dataset; check its metadata file")
     if shuffle:
         _require_key(key)
-    return _batch_stream(dataset, batch_size, key, start, shuffle, collate_fn)
+    return _BatchStream(dataset, batch_size, key, start, shuffle, collate_fn)
 
 
 def _require_key(key) -> None:
@@ -497,19 +497,37 @@ def _require_key(key) -> None:
         raise ValueError(f"shuffled batches need a random key, got {key!r}; pass dsf.random.key(seed) or shuffle=False")
 
 
-def _batch_stream(dataset, batch_size, key, start, shuffle, collate_fn) -> Iterator[tuple[int, Any]]:
-    size = len(dataset)
-    position = start
-    epoch, order = None, []
-    while True:
-        items = []
-        for _ in range(batch_size):
-            if position // size != epoch:
-                epoch = position // size
-                order = epoch_order(key, epoch, size, shuffle)
-            items.append(dataset[order[position % size]])
-            position += 1
-        yield position, collate_fn(items)
+class _BatchStream:
+    """The iterator :func:`batches` returns; ``skip()`` passes a batch without loading it (another rank's,
+    see :func:`dsf.distributed.rank_batches`)."""
+
+    def __init__(self, dataset, batch_size, key, start, shuffle, collate_fn):
+        self.dataset, self.batch_size, self.key, self.shuffle, self.collate_fn = dataset, batch_size, key, shuffle, collate_fn
+        self.position = start
+        self.epoch, self.order = None, []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[int, Any]:
+        items = [self.dataset[index] for index in self._next_indices()]
+        return self.position, self.collate_fn(items)
+
+    def skip(self) -> int:
+        """Pass the next batch without loading its items; the position after it."""
+        self._next_indices()
+        return self.position
+
+    def _next_indices(self) -> list[int]:
+        size = len(self.dataset)
+        indices = []
+        for _ in range(self.batch_size):
+            if self.position // size != self.epoch:
+                self.epoch = self.position // size
+                self.order = epoch_order(self.key, self.epoch, size, self.shuffle)
+            indices.append(self.order[self.position % size])
+            self.position += 1
+        return indices
 
 
 # ---------------------------------------------------------------------------------------------

@@ -141,11 +141,12 @@ def global_norm(grads: Tensors) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in norms]), 2)
 
 
-def clip_by_global_norm(grads: Tensors, max_norm: float) -> tuple[Tensors, torch.Tensor]:
+def clip_by_global_norm(grads: Tensors, max_norm: float, norm: torch.Tensor | None = None) -> tuple[Tensors, torch.Tensor]:
     """``(clipped grads, norm before clipping)``: grads scaled down so their global norm is at most ``max_norm``.
 
     Uses the formula of ``torch.nn.utils.clip_grad_norm_``: a scale of ``max_norm / (norm + 1e-6)``,
-    applied only when it is below 1.
+    applied only when it is below 1. ``norm`` defaults to :func:`global_norm` of ``grads``; pass the
+    norm over all ranks when ``grads`` are one rank's shards (:func:`dsf.distributed.clip_by_global_norm`).
 
     >>> clipped, norm = clip_by_global_norm({"g": torch.tensor([6.0, 8.0])}, max_norm=5.0)
     >>> clipped["g"], norm
@@ -153,7 +154,7 @@ def clip_by_global_norm(grads: Tensors, max_norm: float) -> tuple[Tensors, torch
     """
     if not max_norm > 0:
         raise ValueError(f"max_norm must be positive, got {max_norm!r}; pass max_grad_norm=None to turn clipping off")
-    norm = global_norm(grads)
+    norm = global_norm(grads) if norm is None else norm
     scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     paths = list(grads)
     clipped = torch._foreach_mul([grads[p] for p in paths], [scale.to(grads[p].device, grads[p].dtype) for p in paths])

@@ -5,6 +5,9 @@ Randomness and data come from explicit values that checkpoints keep: micro-batch
 optimizer step ``s`` (steps count from 1) gets the key :func:`step_key` ``(key, s, m)``, and
 ``data(position)`` restarts the batch stream at a saved position. A resumed run therefore sees the
 same keys and batches as an uninterrupted one and, on the CPU, ends with bit-identical parameters.
+In a torchrun job (:func:`dsf.distributed.init`) each rank trains on its share of the batches,
+keyed by their index among all ranks' micro-batches, and the main rank logs and saves; see
+:mod:`dsf.distributed`.
 
 Files under ``config.output_path``:
 
@@ -42,15 +45,16 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from dsf import checkpoint
+from dsf import checkpoint, distributed
 from dsf.autodiff import value_and_grad
-from dsf.optim import adamw, clip_by_global_norm, constant_with_warmup, global_norm
+from dsf.optim import adamw, constant_with_warmup
 from dsf.random import Key, fold_in
 from dsf.tree import Where, flatten_dict, leaves_with_paths, map_with_path, select
 
 LossFn = Callable[[Any, Any, Key], torch.Tensor]
 DataStream = Callable[[Any], Iterator[tuple[Any, Any]]]
 Callback = Callable[[int, Any, float], None]
+Saver = Callable[[str, Any], None]
 
 LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "elapsed_seconds")
 
@@ -140,6 +144,7 @@ def train(
     key: Key,
     where: Where = None,
     callback: Callback | None = None,
+    save: Saver | None = None,
 ):
     """Train the leaves of ``params`` that ``where`` selects; return ``params`` with the trained leaves.
 
@@ -149,7 +154,9 @@ def train(
     and gradients of ``config.gradient_accumulation_steps`` micro-batches, clips the gradients to
     ``config.max_grad_norm``, and takes an AdamW step on the selected leaves; the other leaves are
     passed through untouched and get no gradients. ``callback(step, params, loss)`` runs after each
-    step and its saves. A non-finite loss or gradient norm stops the run with a
+    step and its saves. ``save(path, params)`` writes the ``step-{N}.safetensors`` files instead of
+    the default (the trainable leaves under their "."-joined paths), e.g. a LoRA in a file layout.
+    A non-finite loss or gradient norm stops the run with a
     ``FloatingPointError`` before that step is applied or saved.
 
     >>> import dsf
@@ -165,10 +172,11 @@ def train(
     >>> losses[0], len(losses)
     (4.0, 3)
     """
+    world = distributed.world()
     trainable = trainable_leaves(params, where)
     schedule = constant_with_warmup(config.learning_rate, config.warmup_steps)
-    optimizer = adamw(schedule, config.betas, config.eps, config.weight_decay)
-    checkpoint_dir = None if config.output_path is None else os.path.join(config.output_path, "checkpoints")
+    optimizer = distributed.shardwise(adamw(schedule, config.betas, config.eps, config.weight_decay))
+    checkpoint_dir = distributed.checkpoint_dir(config.output_path, trainable)
     start_step = _start_step(config, checkpoint_dir)
     if start_step:
         trainable, optimizer_state, position, elapsed = _restored_run(checkpoint_dir, start_step, trainable, key)
@@ -180,18 +188,20 @@ def train(
         _in_compute_dtype(loss_fn, config.compute_dtype, device_type), where=lambda path, leaf: path in trainable_paths
     )
     with contextlib.ExitStack() as stack:
-        log = stack.enter_context(_RunLog(config.output_path, start_step))
-        bar = stack.enter_context(tqdm(total=config.max_steps, initial=start_step, disable=not config.progress, unit="step"))
-        stream = data(position)
+        log = stack.enter_context(_RunLog(config.output_path if world.rank == 0 else None, start_step))
+        bar = stack.enter_context(
+            tqdm(total=config.max_steps, initial=start_step, disable=not config.progress or world.rank != 0, unit="step")
+        )
+        stream = distributed.rank_batches(data(position), world)
         started = time.perf_counter() - elapsed
         for step in range(start_step + 1, config.max_steps + 1):
             loss, grads, position = _accumulated_loss_and_grads(
-                loss_and_grads, _with_leaves(params, trainable), stream, key, step, config.gradient_accumulation_steps
+                loss_and_grads, _with_leaves(params, trainable), stream, key, step, config.gradient_accumulation_steps, world
             )
             if config.max_grad_norm is None:
-                norm = global_norm(grads)
+                norm = distributed.global_norm(grads)
             else:
-                grads, norm = clip_by_global_norm(grads, config.max_grad_norm)
+                grads, norm = distributed.clip_by_global_norm(grads, config.max_grad_norm)
             grad_norm = norm.item()
             _check_finite(loss, grad_norm, step, checkpoint_dir)
             trainable, optimizer_state = optimizer.update(grads, optimizer_state, trainable)
@@ -200,7 +210,7 @@ def train(
                 log.write(step, loss, schedule(step), grad_norm, elapsed)
                 bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
             bar.update()
-            _save_due(config, checkpoint_dir, step, params, trainable, optimizer_state, key, position, elapsed)
+            _save_due(config, checkpoint_dir, step, params, trainable, optimizer_state, key, position, elapsed, save)
             if callback is not None:
                 callback(step, _with_leaves(params, trainable), loss)
     return _with_leaves(params, trainable)
@@ -213,7 +223,7 @@ def _require_positive_int(name: str, value) -> None:
 
 def _start_step(config: TrainConfig, checkpoint_dir: str | None) -> int:
     """The step the run resumes after (0 for a fresh run)."""
-    latest = None if checkpoint_dir is None else checkpoint.latest_step(checkpoint_dir)
+    latest = None if checkpoint_dir is None else distributed.latest_step(checkpoint_dir)
     if config.resume:
         return latest or 0
     if latest is not None and config.checkpoint_steps is not None:
@@ -226,7 +236,7 @@ def _start_step(config: TrainConfig, checkpoint_dir: str | None) -> int:
 
 def _restored_run(checkpoint_dir: str, step: int, trainable: dict[str, torch.Tensor], key: Key):
     """``(trainable, optimizer_state, data_position, elapsed_seconds)`` from checkpoint ``step``, on the devices of ``trainable``."""
-    state = checkpoint.restore_state(checkpoint_dir, step)
+    state = distributed.sharded_like(checkpoint.restore_state(checkpoint_dir, step), trainable)
     if state["key"] != key.value:
         raise ValueError(
             f"the checkpoint at {checkpoint_dir}/{step} was trained with key value {state['key']}, but key={key}; "
@@ -274,8 +284,10 @@ def _with_leaves(params, leaves: dict[str, torch.Tensor]):
     return map_with_path(lambda path, leaf: leaves.get(path, leaf), params)
 
 
-def _accumulated_loss_and_grads(loss_and_grads, params, stream, key: Key, step: int, micro_batches: int):
-    """``(mean loss, mean grads, data position)`` over the micro-batches of one optimizer step."""
+def _accumulated_loss_and_grads(
+    loss_and_grads, params, stream, key: Key, step: int, micro_batches: int, world: distributed.World
+):
+    """``(mean loss, mean grads, data position)`` over the micro-batches of one optimizer step, on all ranks."""
     losses, total = [], None
     for micro_batch in range(micro_batches):
         try:
@@ -285,16 +297,17 @@ def _accumulated_loss_and_grads(loss_and_grads, params, stream, key: Key, step: 
                 f"the data stream ended during step {step}; make data(position) endless (e.g. dsf.data.batches) "
                 "or lower max_steps"
             ) from None
-        loss, grads = loss_and_grads(params, batch, step_key(key, step, micro_batch))
+        loss, grads = loss_and_grads(params, batch, step_key(key, step, world.micro_batch_index(micro_batch)))
         grads = dict(leaves_with_paths(grads))
         losses.append(loss.item())
         if total is None:
             total = grads
         else:
-            torch._foreach_add_(list(total.values()), [grads[path] for path in total])
+            sums, addends = distributed.local_shards((list(total.values()), [grads[path] for path in total]))
+            torch._foreach_add_(sums, addends)
     if micro_batches > 1:
-        torch._foreach_div_(list(total.values()), micro_batches)
-    return sum(losses) / micro_batches, total, position
+        torch._foreach_div_(distributed.local_shards(list(total.values())), micro_batches)
+    return (*distributed.mean_over_ranks(sum(losses) / micro_batches, total), position)
 
 
 def _check_finite(loss: float, norm: float, step: int, checkpoint_dir: str | None) -> None:
@@ -314,13 +327,18 @@ def _check_finite(loss: float, norm: float, step: int, checkpoint_dir: str | Non
     )
 
 
-def _save_due(config: TrainConfig, checkpoint_dir, step, params, trainable, optimizer_state, key, position, elapsed) -> None:
+def _save_due(config: TrainConfig, checkpoint_dir, step, params, trainable, optimizer_state, key, position, elapsed,
+              save: Saver | None) -> None:
     """Write the safetensors file and the checkpoint that ``step`` calls for."""
     last = step == config.max_steps
     if config.output_path is not None and (last or (config.save_steps and step % config.save_steps == 0)):
         path = os.path.join(config.output_path, f"step-{step}.safetensors")
-        trained = flatten_dict(map_with_path(lambda leaf_path, leaf: trainable.get(leaf_path), params))
-        checkpoint.save_safetensors(path, trained, metadata={"step": str(step)})
+        whole = distributed.full_tensors(trainable)
+        if save is not None and distributed.is_main():
+            save(path, _with_leaves(params, whole))
+        elif distributed.is_main():
+            trained = flatten_dict(map_with_path(lambda leaf_path, leaf: whole.get(leaf_path), params))
+            checkpoint.save_safetensors(path, trained, metadata={"step": str(step)})
     if config.checkpoint_steps is not None and (last or step % config.checkpoint_steps == 0):
         state = {
             "trainable": trainable,
@@ -330,7 +348,7 @@ def _save_due(config: TrainConfig, checkpoint_dir, step, params, trainable, opti
             "data_position": position,
             "elapsed_seconds": elapsed,
         }
-        checkpoint.save_state(checkpoint_dir, step, state, keep_last=config.keep_last)
+        distributed.save_state(checkpoint_dir, step, state, keep_last=config.keep_last)
 
 
 class _RunLog:

@@ -34,6 +34,7 @@ from dsf.random import Key, fold_in
 # Block-hook ranks: lower ranks wrap outside higher ranks.
 CHECKPOINT_RANK = 0
 OFFLOAD_RANK = 10
+GATHER_RANK = 15
 COMPILE_RANK = 20
 
 

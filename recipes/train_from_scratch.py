@@ -7,6 +7,11 @@
 Training writes under --output_path: the dataset folder (``data/``: PNG files and metadata.csv),
 ``log.csv``, resumable checkpoints (``checkpoints/``), the finished model (``model/``) and
 ``samples.png`` (a row per digit). ``--resume`` continues a killed run from its last checkpoint.
+
+    torchrun --nproc_per_node 4 recipes/train_from_scratch.py --shard   # 4 processes, DiT sharded
+
+Under torchrun each process trains on its share of the batches (the digits model runs on CPUs, over
+gloo); ``--shard`` splits the DiT's parameters and optimizer state over the processes.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ from pathlib import Path
 from PIL import Image
 
 import dsf
+from dsf import distributed
 from dsf.models.digits import DigitsConfig, generate, load_model, new_model, prompt_for, save_model
 from dsf.models.digits.training import data_stream, digits_loss, load_training_set, write_digits_folder
 from dsf.train import TrainConfig, train
 from dsf.transforms import checkpoint
+from dsf.transforms.shard import shard, unshard
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -38,6 +45,7 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint_steps", type=int, default=500)
     parser.add_argument("--save_steps", type=int, default=None)
     parser.add_argument("--use_gradient_checkpointing", action="store_true")
+    parser.add_argument("--shard", action="store_true", help="under torchrun: split the DiT's parameters over the processes")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples_per_digit", type=int, default=8)
@@ -72,10 +80,12 @@ def sample_grid(model, samples_per_digit: int, seed: int, cfg_scale: float, step
 
 
 def run_training(args) -> Path:
+    world = distributed.init(backend="gloo")
     output = Path(args.output_path)
     metadata = output / "data" / "metadata.csv"
-    if not metadata.exists():
+    if world.rank == 0 and not metadata.exists():
         write_digits_folder(metadata.parent, image_size=args.image_size)
+    distributed.barrier()
     items = load_training_set(metadata, args.image_size)
 
     key = dsf.random.key(args.seed)
@@ -83,7 +93,10 @@ def run_training(args) -> Path:
     config = DigitsConfig(image_size=args.image_size, dim=args.dim, depth=args.depth)
     model = new_model(config, model_key)
 
-    transforms = dsf.chain(checkpoint()) if args.use_gradient_checkpointing else dsf.chain()
+    transforms = dsf.chain(
+        *([checkpoint()] if args.use_gradient_checkpointing else []),
+        *([shard(where=r"^dit/")] if args.shard else []),
+    )
     loss = transforms(digits_loss(model))
     train_config = TrainConfig(
         learning_rate=args.learning_rate,
@@ -97,11 +110,13 @@ def run_training(args) -> Path:
         resume=args.resume,
     )
     started = time.perf_counter()
-    params = train(loss, model.params, data_stream(items, args.batch_size, data_key), train_config,
+    params = train(loss, transforms.init(model.params), data_stream(items, args.batch_size, data_key), train_config,
                    where=r"^dit/", key=train_key)
+    trained = dataclasses.replace(model, params=unshard(params))
+    if world.rank != 0:
+        return output / "model"
     print(f"trained {args.max_steps} steps in {time.perf_counter() - started:.0f} s")
 
-    trained = dataclasses.replace(model, params=params)
     model_folder = save_model(trained, output / "model")
     grid = sample_grid(trained, args.samples_per_digit, args.seed, args.cfg_scale, args.num_inference_steps)
     grid.save(output / "samples.png")

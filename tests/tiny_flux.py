@@ -79,3 +79,45 @@ def write_tiny_flux_pipeline(root: Path, guidance_embeds: bool = True):
     )
     pipe.save_pretrained(root, safe_serialization=True)
     return pipe
+
+
+def write_tiny_flux_bfl_files(root: Path, guidance_embeds: bool = True) -> dict[str, Path]:
+    """Tiny random FLUX.1 components as single files in the layouts FLUX.1-dev ships, and its tokenizers.
+
+    The DiT is in BFL's layout (like ``flux1-dev.safetensors``), the VAE in LDM's (like
+    ``ae.safetensors``), the CLIP and T5 encoders as transformers safetensors; each file lies in a
+    folder of its own beside its config.json (the tiny sizes are not FLUX.1's). Returns the paths
+    of ``dit``, ``vae``, ``clip``, ``t5`` and the tokenizer folders ``tokenizer`` (CLIP) and
+    ``tokenizer_2`` (T5).
+    """
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from dsf.models.flux.keys import ours_to_bfl
+    from dsf.models.flux.text import CLIP_L_CONFIG, T5_XXL_CONFIG
+    from dsf.models.flux.vae_keys import ours_to_ldm
+
+    transformer = FluxTransformer2DModel(**DIT_TINY, guidance_embeds=guidance_embeds)
+    vae = AutoencoderKL(**VAE_TINY)
+    for i, model in enumerate((transformer, vae)):
+        randomize(model, seed=i)
+    torch.manual_seed(0)
+    clip_config, t5_config = CLIPTextConfig(**CLIP_L_CONFIG | CLIP_TINY), T5Config(**T5_XXL_CONFIG | T5_TINY)
+    clip, t5 = CLIPTextModel(clip_config), T5EncoderModel(t5_config)
+    files = {
+        "dit": (root / "dit" / "flux1-tiny.safetensors", ours_to_bfl(transformer.state_dict()),
+                {"_class_name": "FluxTransformer2DModel", **DIT_TINY, "guidance_embeds": guidance_embeds}),
+        "vae": (root / "vae" / "ae.safetensors", ours_to_ldm(vae.state_dict()), {"_class_name": "AutoencoderKL", **VAE_TINY}),
+        "clip": (root / "clip" / "model.safetensors", clip.state_dict(), clip_config.to_dict()),
+        "t5": (root / "t5" / "model.safetensors", t5.state_dict(), t5_config.to_dict()),
+    }
+    paths = {}
+    for component, (path, state_dict, config) in files.items():
+        path.parent.mkdir(parents=True)
+        save_file({key: tensor.detach().clone().contiguous() for key, tensor in state_dict.items()}, path)
+        (path.parent / "config.json").write_text(json.dumps(config))
+        paths[component] = path
+    write_clip_tokenizer(root / "tokenizer")
+    write_t5_tokenizer(root / "tokenizer_2")
+    return paths | {"tokenizer": root / "tokenizer", "tokenizer_2": root / "tokenizer_2"}

@@ -41,6 +41,16 @@ from dsf.models.wan.text import (
     umt5_param_shapes,
     umt5_to_ours,
 )
+from dsf.models.wan.vae import (
+    WAN21_VAE_CONFIG,
+    WAN22_VAE_CONFIG,
+    WanVAE,
+    WanVAEConfig,
+    init_vae,
+    vae_param_shapes,
+    vae_params_meta,
+)
+from dsf.models.wan.vae_keys import load_vae, original_vae_to_ours, ours_to_original_vae
 from dsf.models.wan.model import (
     TwoExpertDiT,
     WanDiT,
@@ -91,4 +101,14 @@ __all__ = [
     "param_shapes",
     "position_ids",
     "unpatchify",
+    "WAN21_VAE_CONFIG",
+    "WAN22_VAE_CONFIG",
+    "WanVAE",
+    "WanVAEConfig",
+    "init_vae",
+    "load_vae",
+    "original_vae_to_ours",
+    "ours_to_original_vae",
+    "vae_param_shapes",
+    "vae_params_meta",
 ]

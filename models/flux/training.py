@@ -1,0 +1,356 @@
+"""FLUX.1 training pieces: recognizing model files and tokenizers, the per-sample encoding, and the losses.
+
+Model files are recognized by their key names, never by their file names: a DiT in the BFL,
+diffusers or ComfyUI layout, a VAE in the LDM/BFL or diffusers layout, a CLIP text encoder, a T5
+encoder (one all-in-one file may hold several). Tokenizer folders are recognized by their files.
+
+Training splits into the gradient-free steps, run once per sample by :class:`SampleEncoder` (VAE
+encoding of the image, T5 and CLIP encoding of the prompt), and the loss on what they produce:
+:func:`sft_loss` (flow matching on FLUX.1's training schedule) or :func:`direct_distill_loss` (the
+student samples through :meth:`FluxPipeline.denoise` and matches the teacher image's latents).
+Split training caches the encoded samples (:mod:`dsf.cache`) and trains on them unchanged.
+
+Example:
+    >>> import torch, dsf
+    >>> from dsf.models.flux.tiny import tiny_pipeline
+    >>> pipe = tiny_pipeline()
+    >>> encoded = SampleEncoder(pipe.vae, pipe.clip, pipe.t5, 16)(pipe.params, {"image": torch.zeros(3, 32, 32), "prompt": "a cat"})
+    >>> batch = {key: value[None] for key, value in encoded.items() if key != "prompt"}
+    >>> sft_loss(pipe.dit)(pipe.params, batch, dsf.random.key(0)).shape
+    torch.Size([])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from dsf.data import size_within_max_pixels
+from dsf.io import safetensors_files
+from dsf.losses import flow_matching_loss
+from dsf.models.flux import keys as dit_keys
+from dsf.models.flux import vae_keys
+from dsf.models.flux.model import FluxDiT
+from dsf.models.flux.pipeline import FluxPipeline, device_of, dtype_of
+from dsf.models.flux.text import CLIP_MARKER, T5_MARKER, TextEncoder
+from dsf.models.flux.vae import FluxVAE
+from dsf.schedules import FLUX1, FlowSchedule
+
+COMPONENTS = {"dit": "DiT", "vae": "VAE", "clip": "CLIP", "t5": "T5"}
+TOKENIZERS = {"clip": "CLIP tokenizer", "t5": "T5 tokenizer"}
+TRAINING_GUIDANCE = 1.0  # FLUX.1 training feeds the distilled-guidance embedder 1.0 (DiffSynth's train.py)
+IMAGE_KEY, PROMPT_KEY = "image", "prompt"
+# DiffSynth's recommended FLUX.1 LoRA targets, in BFL names: attention, MLPs and modulations of every block
+LORA_TARGETS = (
+    "img_attn.qkv,txt_attn.qkv,img_attn.proj,txt_attn.proj,img_mlp.0,img_mlp.2,txt_mlp.0,txt_mlp.2,"
+    "img_mod.lin,txt_mod.lin,linear1,linear2,modulation.lin"
+)
+
+ModelFile = Any  # a path, or a list of paths (the shards of one model)
+
+
+# ----------------------------------------------------------------------------- model files
+
+
+def components_of(keys) -> list[str]:
+    """The FLUX.1 components (``dit``, ``vae``, ``clip``, ``t5``) whose weights a checkpoint's key names hold.
+
+    >>> components_of(["double_blocks.0.img_mod.lin.weight"]), components_of(["encoder.down.0.block.0.conv1.weight"])
+    (['dit'], ['vae'])
+    >>> components_of(["text_model.embeddings.token_embedding.weight", "encoder.block.0.layer.0.SelfAttention.q.weight"])
+    ['clip', 't5']
+    """
+    keys = list(keys)
+    vae_prefixes = ("", *vae_keys.LDM_PREFIXES)
+    found = {
+        "dit": dit_keys.detect_layout(keys) != "unknown",
+        "vae": any(vae_keys.detect_layout([k.removeprefix(p) for k in keys if k.startswith(p)]) != "unknown" for p in vae_prefixes),
+        "clip": any(k.endswith(CLIP_MARKER) for k in keys),
+        "t5": any(k.endswith(T5_MARKER) for k in keys),
+    }
+    return [component for component in COMPONENTS if found[component]]
+
+
+def checkpoint_keys(model_file: ModelFile) -> list[str]:
+    """The tensor names of a safetensors file, folder or shard list, read from the file headers only.
+
+    >>> import tempfile
+    >>> from safetensors.torch import save_file
+    >>> path = Path(tempfile.mkdtemp()) / "a.safetensors"
+    >>> save_file({"img_in.weight": torch.zeros(1)}, path)
+    >>> checkpoint_keys(path)
+    ['img_in.weight']
+    """
+    names = []
+    for file in safetensors_files(model_file):
+        with safe_open(str(file), framework="pt") as shard:
+            names.extend(shard.keys())
+    return names
+
+
+def describe(model_file: ModelFile) -> str:
+    """A model file's name for messages: the file name, or the shard names in brackets.
+
+    >>> describe("/models/ae.safetensors"), describe(["/m/a-1.safetensors", "/m/a-2.safetensors"])
+    ('ae.safetensors', '[a-1.safetensors, a-2.safetensors]')
+    """
+    if isinstance(model_file, (str, os.PathLike)):
+        return Path(model_file).name
+    return "[" + ", ".join(Path(path).name for path in model_file) + "]"
+
+
+def recognize_model_files(model_files: Sequence[ModelFile]) -> dict[str, ModelFile]:
+    """``{component: model file}`` of the FLUX.1 components among ``model_files``, recognized by their keys.
+
+    A file holding several components (an all-in-one checkpoint) serves each of them. A file with
+    no FLUX.1 component, or a component found in two files, is an error naming the files.
+
+    >>> import tempfile
+    >>> from safetensors.torch import save_file
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> save_file({"decoder.up.0.block.0.conv1.weight": torch.zeros(1)}, folder / "x.safetensors")
+    >>> {component: path.name for component, path in recognize_model_files([folder / "x.safetensors"]).items()}
+    {'vae': 'x.safetensors'}
+    """
+    found: dict[str, ModelFile] = {}
+    for model_file in model_files:
+        names = checkpoint_keys(model_file)
+        components = components_of(names)
+        if not components:
+            raise ValueError(
+                f"{describe(model_file)} holds no FLUX.1 component (DiT, VAE, CLIP or T5 weights): its keys look like "
+                f"{sorted(names)[:5]}; pass only FLUX.1 model files"
+            )
+        for component in components:
+            if component in found:
+                raise ValueError(
+                    f"two {COMPONENTS[component]}s among the model files: {describe(found[component])} and "
+                    f"{describe(model_file)}; pass one of them"
+                )
+            found[component] = model_file
+    return found
+
+
+def require_components(found: Mapping[str, ModelFile], needed: Sequence[str], given_by: str) -> None:
+    """Raise an error naming the first of ``needed`` that ``found`` lacks, and what was found instead.
+
+    >>> require_components({"dit": "a.safetensors"}, ["dit", "vae"], "--model_paths")
+    Traceback (most recent call last):
+    ...
+    ValueError: no VAE among --model_paths: found DiT (a.safetensors); add the VAE's file (FLUX.1's ae.safetensors)
+    """
+    hints = {"dit": "flux1-dev.safetensors", "vae": "ae.safetensors", "clip": "text_encoder/", "t5": "text_encoder_2/"}
+    for component in needed:
+        if component not in found:
+            listed = ", ".join(f"{name} ({describe(found[c])})" for c, name in COMPONENTS.items() if c in found) or "nothing"
+            raise ValueError(
+                f"no {COMPONENTS[component]} among {given_by}: found {listed}; add the {COMPONENTS[component]}'s file "
+                f"(FLUX.1's {hints[component]})"
+            )
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+def tokenizer_kind(folder: str | os.PathLike) -> str | None:
+    """``"clip"`` (BPE ``vocab.json`` + ``merges.txt``), ``"t5"`` (``spiece.model``, or a Unigram
+    ``tokenizer.json``), or ``None``, from the files in a tokenizer folder.
+
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> _ = (folder / "tokenizer.json").write_text('{"model": {"type": "Unigram"}}')
+    >>> tokenizer_kind(folder)
+    't5'
+    """
+    folder = Path(folder)
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return "clip"
+    if (folder / "spiece.model").is_file():
+        return "t5"
+    tokenizer_json = folder / "tokenizer.json"
+    if tokenizer_json.is_file() and json.loads(tokenizer_json.read_text()).get("model", {}).get("type") == "Unigram":
+        return "t5"
+    return None
+
+
+def recognize_tokenizers(folders: Sequence[str | os.PathLike]) -> dict[str, Path]:
+    """``{"clip": folder, "t5": folder}`` from tokenizer folders in any order, recognized by their files.
+
+    >>> recognize_tokenizers(["/nonexistent"])
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: tokenizer folder /nonexistent does not exist; pass the folders of the CLIP and T5 tokenizers
+    """
+    found: dict[str, Path] = {}
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"tokenizer folder {folder} does not exist; pass the folders of the CLIP and T5 tokenizers")
+        kind = tokenizer_kind(folder)
+        if kind is None:
+            files = sorted(p.name for p in folder.iterdir())
+            raise ValueError(
+                f"{folder} is neither a CLIP tokenizer (vocab.json + merges.txt) nor a T5 tokenizer (spiece.model, or a "
+                f"Unigram tokenizer.json); it holds {files}"
+            )
+        if kind in found:
+            raise ValueError(f"two {TOKENIZERS[kind]}s: {found[kind]} and {folder}; pass one of them")
+        found[kind] = folder
+    missing = [TOKENIZERS[kind] for kind in TOKENIZERS if kind not in found]
+    if missing:
+        raise ValueError(f"no {' and no '.join(missing)} among the tokenizer folders {[str(f) for f in folders]}")
+    return found
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class SampleEncoder:
+    """The gradient-free steps of FLUX.1 training, run once per sample (split training caches their output).
+
+    ``encoder(params, item)`` takes a dataset item with an ``image`` (3, H, W) in [-1, 1] and a
+    ``prompt`` and returns the item's other columns plus ``latents`` (16, H/8, W/8, the VAE
+    posterior mean, normalized), ``text_embeds`` (L, 4096) from T5 and ``pooled_embeds`` (768,)
+    from CLIP. ``params`` holds ``vae``, ``clip`` and ``t5``; each computes on its own device and dtype.
+
+    >>> from dsf.models.flux.tiny import tiny_pipeline
+    >>> pipe = tiny_pipeline()
+    >>> encoded = SampleEncoder(pipe.vae, pipe.clip, pipe.t5, 16)(pipe.params, {"image": torch.zeros(3, 32, 32),
+    ...                                                                         "prompt": "a cat", "seed": "3"})
+    >>> {key: tuple(value.shape) if isinstance(value, torch.Tensor) else value for key, value in encoded.items()}
+    {'prompt': 'a cat', 'seed': '3', 'latents': (16, 4, 4), 'text_embeds': (16, 16), 'pooled_embeds': (16,)}
+    """
+
+    vae: FluxVAE
+    clip: TextEncoder
+    t5: TextEncoder
+    max_sequence_length: int = 512
+
+    def __call__(self, params, item: Mapping[str, Any]) -> dict[str, Any]:
+        missing = [key for key in (IMAGE_KEY, PROMPT_KEY) if key not in item]
+        if missing:
+            raise ValueError(
+                f"a FLUX.1 training sample needs the columns {missing} (it has {sorted(item)}); name the image column "
+                f"{IMAGE_KEY!r} and the prompt column {PROMPT_KEY!r} in the metadata"
+            )
+        prompt = [item[PROMPT_KEY]]
+        with torch.no_grad():
+            image = item[IMAGE_KEY][None].to(device_of(params["vae"]), dtype_of(params["vae"]))
+            latents = self.vae.encode(params["vae"], image)
+            text_embeds = self.t5.encode(params["t5"], prompt, max_length=self.max_sequence_length)
+            pooled_embeds = self.clip.encode(params["clip"], prompt)
+        columns = {key: value for key, value in item.items() if key != IMAGE_KEY}
+        return {**columns, "latents": latents[0], "text_embeds": text_embeds[0], "pooled_embeds": pooled_embeds[0]}
+
+
+def check_native_resolution(
+    image_paths: Sequence[str | os.PathLike], image_size: tuple[int, int] | None, max_pixels: int | None, division: int = 16
+) -> None:
+    """Refuse data that the dataset would resize: direct distillation compares latents at the teacher image's size.
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "teacher.png"
+    >>> Image.new("RGB", (48, 32)).save(path)
+    >>> check_native_resolution([path], (32, 48), None)
+    >>> check_native_resolution([path], (32, 32), None)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: direct distillation trains at the teacher images' own size, but .../teacher.png (32x48) would become 32x32; ...
+    """
+    for path in image_paths:
+        with Image.open(path) as image:
+            native = (image.height, image.width)
+        trained = image_size or size_within_max_pixels(*native, max_pixels, division, division)
+        if tuple(trained) != native:
+            raise ValueError(
+                f"direct distillation trains at the teacher images' own size, but {path} ({native[0]}x{native[1]}) would "
+                f"become {trained[0]}x{trained[1]}; pass --height {native[0]} --width {native[1]}, or leave them out with "
+                f"--max_pixels of at least {native[0] * native[1]} (sides multiples of {division})"
+            )
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def training_guidance(dit: FluxDiT, batch_size: int, device, dtype) -> torch.Tensor | None:
+    """The embedded guidance FLUX.1 trains with (1.0 per sample), or ``None`` for a DiT without a guidance embedder.
+
+    >>> from dsf.models.flux.config import FluxConfig
+    >>> training_guidance(FluxDiT(FluxConfig()), 2, "cpu", torch.float32)
+    tensor([1., 1.])
+    """
+    if not dit.config.guidance_embeds:
+        return None
+    return torch.full((batch_size,), TRAINING_GUIDANCE, device=device, dtype=dtype)
+
+
+def sft_loss(dit: FluxDiT, schedule: FlowSchedule = FLUX1):
+    """``loss(params, batch, key)``: flow matching of the DiT (``params["dit"]``) on a batch of encoded samples.
+
+    Timesteps are drawn from FLUX.1's 1000-step training grid (shift 3) with its loss weights
+    (:func:`dsf.losses.flow_matching_loss`); the embedded guidance is :data:`TRAINING_GUIDANCE`.
+    The batch holds ``latents`` (B, 16, h, w), ``text_embeds`` (B, L, D) and ``pooled_embeds`` (B, P).
+
+    >>> import dsf
+    >>> from dsf.models.flux.tiny import tiny_pipeline
+    >>> pipe = tiny_pipeline()
+    >>> batch = {"latents": torch.zeros(1, 16, 2, 2), "text_embeds": torch.zeros(1, 4, 16), "pooled_embeds": torch.zeros(1, 16)}
+    >>> float(sft_loss(pipe.dit)(pipe.params, batch, dsf.random.key(0))) > 0
+    True
+    """
+
+    def velocity(dit_params, latents, sigma, text_embeds, pooled_embeds, guidance):
+        return dit(dit_params, latents, sigma.to(latents.dtype), text_embeds=text_embeds, pooled_embeds=pooled_embeds,
+                   guidance=guidance)
+
+    def loss(params, batch, key):
+        device, dtype = device_of(params["dit"]), dtype_of(params["dit"])
+        latents = batch["latents"].to(device, dtype)
+        cond = {
+            "text_embeds": batch["text_embeds"].to(device, dtype),
+            "pooled_embeds": batch["pooled_embeds"].to(device, dtype),
+            "guidance": training_guidance(dit, latents.shape[0], device, dtype),
+        }
+        return flow_matching_loss(velocity, params["dit"], latents, key, cond, schedule=schedule)
+
+    return loss
+
+
+def direct_distill_loss(pipe: FluxPipeline):
+    """``loss(params, batch, key)``: MSE between the student's sampled latents and the teacher image's latents.
+
+    For each sample the student runs :meth:`FluxPipeline.denoise` with gradients on, from the
+    noise of the batch's ``seed`` over ``num_inference_steps`` steps with ``cfg_scale`` (metadata
+    columns), at the size of the target ``latents`` (the VAE latents of the image the teacher
+    generated). ``key`` is unused: the metadata fixes the student's noise.
+
+    >>> import dsf
+    >>> from dsf.models.flux.tiny import tiny_pipeline
+    >>> pipe = tiny_pipeline()
+    >>> batch = {"latents": torch.zeros(1, 16, 4, 4), "prompt": ["a cat"], "seed": ["0"], "num_inference_steps": ["2"],
+    ...          "cfg_scale": ["1"]}
+    >>> float(direct_distill_loss(pipe)(pipe.params, batch, dsf.random.key(0))) > 0
+    True
+    """
+    factor = pipe.vae.config.downsample_factor
+
+    def loss(params, batch, key):
+        target = batch["latents"]
+        height, width = target.shape[-2] * factor, target.shape[-1] * factor
+        students = [
+            pipe.denoise(params, prompt, seed=int(seed), num_inference_steps=int(steps), cfg_scale=float(cfg_scale),
+                         height=height, width=width, embedded_guidance=TRAINING_GUIDANCE, progress=False)
+            for prompt, seed, steps, cfg_scale in zip(batch[PROMPT_KEY], batch["seed"], batch["num_inference_steps"],
+                                                      batch["cfg_scale"])
+        ]
+        student = torch.cat(students)
+        return (student.float() - target.to(student.device).float()).square().mean()
+
+    return loss

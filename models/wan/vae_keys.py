@@ -1,0 +1,389 @@
+"""Wan VAE checkpoint layouts and loading: ours (= diffusers ``AutoencoderKLWan``) and the original Wan one.
+
+The original layout (``Wan2.1_VAE.pth``, ``Wan2.2_VAE.pth``, converted to safetensors; DiffSynth
+prefixes it ``model.``) names the stems ``encoder.conv1`` / ``head.0`` / ``head.2``, the mid block
+``middle.0 / 1 / 2``, the quant convs ``conv1`` / ``conv2``, and a residual block's parts
+``residual.0`` (norm1), ``residual.2`` (conv1), ``residual.3`` (norm2), ``residual.6`` (conv2) and
+``shortcut``. Wan 2.1 keeps each side's levels in one flat list (``encoder.downsamples.K``,
+``decoder.upsamples.K``: the residual blocks of each level, then its resampler); diffusers splits
+the decoder's into ``up_blocks.N.resnets.M`` / ``upsamplers.0``. Wan 2.2 nests them
+(``encoder.downsamples.N.downsamples.M``), diffusers names them ``down_blocks.N.resnets.M`` /
+``downsampler`` (``up_blocks.N.resnets.M`` / ``upsampler``). :func:`load_vae` reads either layout,
+detected from the keys.
+
+A loaded VAE's config is: the Wan 2.1 defaults (Wan 2.2's for a checkpoint with residual levels) <
+what the checkpoint's shapes say < the diffusers ``config.json`` beside the weights < the
+``config=`` the caller passes (``AutoencoderKLWan`` config keys, or a whole :class:`WanVAEConfig`).
+The patch size and the latent statistics are not in the shapes.
+
+Example:
+    >>> import dsf
+    >>> from dsf.models.wan.vae import init_vae
+    >>> cfg = WanVAEConfig(base_dim=4, z_dim=2, dim_mult=(1, 2, 2), num_res_blocks=1, temperal_downsample=(True, True),
+    ...                    latents_mean=(0, 0), latents_std=(1, 1))
+    >>> ours = dsf.tree.flatten_dict(init_vae(cfg, dsf.random.key(0)))
+    >>> original = ours_to_original_vae(ours)
+    >>> tuple(original["decoder.upsamples.3.shortcut.weight"].shape), tuple(original["decoder.upsamples.5.time_conv.weight"].shape)
+    ((8, 4, 1, 1, 1), (16, 8, 3, 1, 1))
+    >>> original_vae_to_ours(original).keys() == ours.keys()
+    True
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from dsf.hub import local_source
+from dsf.io import Source, load_state_dict, read_json
+from dsf.models.wan.vae import WAN21_VAE_CONFIG, WAN22_VAE_CONFIG, WanVAE, WanVAEConfig, vae_param_shapes
+from dsf.tree import flatten_dict, unflatten_dict
+
+ORIGINAL_PREFIXES = ("model.",)  # DiffSynth's WanVideoVAE wraps the original module as .model
+EXAMPLES = 5  # keys shown per kind of mismatch in errors
+_RESIDUAL_PARTS = (  # (ours, original) inside a residual block
+    ("norm1.", "residual.0."),
+    ("conv1.", "residual.2."),
+    ("norm2.", "residual.3."),
+    ("conv2.", "residual.6."),
+    ("conv_shortcut.", "shortcut."),
+)
+_STEMS = (("quant_conv.", "conv1."), ("post_quant_conv.", "conv2."))
+_PART_STEMS = (
+    ("conv_in.", "conv1."),
+    ("norm_out.", "head.0."),
+    ("conv_out.", "head.2."),
+    ("mid_block.resnets.0.", "middle.0."),
+    ("mid_block.attentions.0.", "middle.1."),
+    ("mid_block.resnets.1.", "middle.2."),
+)
+_ORIGINAL_MARKS = tuple(f"{part}.{name}." for part in ("encoder", "decoder") for name in ("conv1", "middle", "head")) + (
+    "encoder.downsamples.", "decoder.upsamples.",
+)
+_DIFFUSERS_MARKS = ("encoder.conv_in.", "encoder.down_blocks.", "encoder.mid_block.", "decoder.up_blocks.", "decoder.mid_block.")
+
+
+def _level_modules(residual: bool, levels: int, blocks: int) -> list[tuple[str, str]]:
+    """(our prefix, original prefix) of each residual block and resampler of the encoder and decoder levels."""
+    pairs = []
+    for level in range(levels):
+        if residual:
+            ours, original = f"encoder.down_blocks.{level}.", f"encoder.downsamples.{level}.downsamples."
+            pairs += [(f"{ours}resnets.{j}.", f"{original}{j}.") for j in range(blocks)]
+            pairs.append((f"{ours}downsampler.", f"{original}{blocks}."))
+            ours, original = f"decoder.up_blocks.{level}.", f"decoder.upsamples.{level}.upsamples."
+            pairs += [(f"{ours}resnets.{j}.", f"{original}{j}.") for j in range(blocks + 1)]
+            pairs.append((f"{ours}upsampler.", f"{original}{blocks + 1}."))
+        else:
+            first = level * (blocks + 1)  # the encoder's flat list is the same in both layouts
+            pairs += [(f"encoder.down_blocks.{k}.", f"encoder.downsamples.{k}.") for k in range(first, first + blocks + 1)]
+            first = level * (blocks + 2)
+            ours = f"decoder.up_blocks.{level}."
+            pairs += [(f"{ours}resnets.{j}.", f"decoder.upsamples.{first + j}.") for j in range(blocks + 1)]
+            pairs.append((f"{ours}upsamplers.0.", f"decoder.upsamples.{first + blocks + 1}."))
+    return pairs
+
+
+def module_renames(residual: bool, levels: int, blocks: int) -> dict[str, str]:
+    """``{our module prefix: original module prefix}`` for a VAE of ``levels`` levels of ``blocks`` residual blocks.
+
+    >>> renames = module_renames(residual=False, levels=4, blocks=2)
+    >>> renames["decoder.up_blocks.1.resnets.0."], renames["decoder.up_blocks.2.upsamplers.0."], renames["quant_conv."]
+    ('decoder.upsamples.4.', 'decoder.upsamples.11.', 'conv1.')
+    """
+    pairs = list(_STEMS)
+    for part in ("encoder", "decoder"):
+        pairs += [(f"{part}.{ours}", f"{part}.{original}") for ours, original in _PART_STEMS]
+    return dict(pairs + _level_modules(residual, levels, blocks))
+
+
+def _indices(keys, pattern: str) -> set[int]:
+    """The distinct integers a regex group ``(\\d+)`` takes over the keys it matches."""
+    regex = re.compile(pattern)
+    return {int(m.group(1)) for m in map(regex.match, keys) if m}
+
+
+def structure(keys, layout: str) -> tuple[bool, int, int]:
+    """``(is_residual, levels, num_res_blocks)`` of a checkpoint, read off its key names in ``layout``.
+
+    >>> structure(["decoder.upsamples.0.residual.2.weight", "decoder.upsamples.1.resample.1.weight",
+    ...            "decoder.upsamples.2.residual.2.weight"], "original")
+    (False, 2, 0)
+    """
+    keys = list(keys)
+    if layout == "diffusers":
+        residual = bool(_indices(keys, r"encoder\.down_blocks\.(\d+)\.resnets\."))
+        levels = len(_indices(keys, r"decoder\.up_blocks\.(\d+)\."))
+        return residual, levels, len(_indices(keys, r"decoder\.up_blocks\.0\.resnets\.(\d+)\.")) - 1
+    residual = bool(_indices(keys, r"decoder\.upsamples\.(\d+)\.upsamples\."))
+    if residual:
+        levels = len(_indices(keys, r"decoder\.upsamples\.(\d+)\."))
+        return residual, levels, len(_indices(keys, r"decoder\.upsamples\.0\.upsamples\.(\d+)\.(?:residual|shortcut)\.")) - 1
+    entries = len(_indices(keys, r"decoder\.upsamples\.(\d+)\."))
+    resamplers = len(_indices(keys, r"decoder\.upsamples\.(\d+)\.(?:resample|time_conv)\."))
+    levels = resamplers + 1 if entries else 0
+    return residual, levels, (entries - resamplers) // max(levels, 1) - 1
+
+
+def _split_module(key: str, renames: Mapping[str, str]) -> tuple[str, str] | None:
+    """``(module prefix in renames, rest)`` of a key, or None when no module of ``renames`` holds it."""
+    for end in (i + 1 for i, char in enumerate(key) if char == "."):
+        if key[:end] in renames:
+            return key[:end], key[end:]
+    return None
+
+
+def _rename(key: str, renames: Mapping[str, str], parts: tuple[tuple[str, str], ...]) -> str:
+    found = _split_module(key, renames)
+    if found is None:
+        return key
+    module, rest = found
+    for source, target in parts:
+        if rest.startswith(source):
+            rest = target + rest[len(source) :]
+            break
+    return renames[module] + rest
+
+
+def original_vae_to_ours(flat: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A flat original-layout Wan VAE state dict in our (diffusers) layout; keys it does not know keep their name.
+
+    >>> from dsf.models.wan.vae import init_vae
+    >>> cfg = WanVAEConfig(base_dim=4, z_dim=2, dim_mult=(1, 2, 2), num_res_blocks=1, temperal_downsample=(True, True),
+    ...                    latents_mean=(0, 0), latents_std=(1, 1))
+    >>> original = ours_to_original_vae(init_vae(cfg, __import__("dsf").random.key(0)))
+    >>> ours = original_vae_to_ours(original)
+    >>> torch.equal(ours["decoder.up_blocks.1.resnets.0.conv_shortcut.weight"], original["decoder.upsamples.3.shortcut.weight"])
+    True
+    """
+    renames = {original: ours for ours, original in module_renames(*structure(flat, "original")).items()}
+    parts = tuple((original, ours) for ours, original in _RESIDUAL_PARTS)
+    return {_rename(key, renames, parts): tensor for key, tensor in flat.items()}
+
+
+def ours_to_original_vae(params) -> dict[str, torch.Tensor]:
+    """The flat original-layout state dict (``Wan2.1_VAE.pth`` / ``Wan2.2_VAE.pth`` names) of a tree or flat dict in ours.
+
+    >>> from dsf.models.wan.vae import init_vae
+    >>> original = ours_to_original_vae(init_vae(WanVAEConfig(base_dim=4, z_dim=2, dim_mult=(1, 2), temperal_downsample=(True,),
+    ...                                                       is_residual=True, latents_mean=(0, 0), latents_std=(1, 1)),
+    ...                                          __import__("dsf").random.key(0)))
+    >>> tuple(original["encoder.downsamples.0.downsamples.2.time_conv.weight"].shape)
+    (4, 4, 3, 1, 1)
+    >>> tuple(original["decoder.upsamples.0.upsamples.3.resample.1.weight"].shape)
+    (8, 8, 3, 3)
+    """
+    flat = flatten_dict(params)
+    renames = module_renames(*structure(flat, "diffusers"))
+    return {_rename(key, renames, _RESIDUAL_PARTS): tensor for key, tensor in flat.items()}
+
+
+def detect_vae_layout(keys) -> str:
+    """``"diffusers"`` (ours), ``"original"`` or ``"unknown"``, from the key names (after any ``model.`` prefix is stripped).
+
+    >>> detect_vae_layout(["encoder.conv1.weight"]), detect_vae_layout(["decoder.mid_block.resnets.0.norm1.gamma"])
+    ('original', 'diffusers')
+    """
+    keys = list(keys)
+    if any(k.startswith(_ORIGINAL_MARKS) for k in keys):
+        return "original"
+    if any(k.startswith(_DIFFUSERS_MARKS) for k in keys):
+        return "diffusers"
+    return "unknown"
+
+
+def _strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """The VAE keys of a prefixed file without their prefix (only those), and the prefix found."""
+    for prefix in ORIGINAL_PREFIXES:
+        if any(k.startswith((f"{prefix}encoder.", f"{prefix}decoder.")) for k in state_dict):
+            return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}, prefix
+    return dict(state_dict), ""
+
+
+def to_ours(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """``(flat state dict in our layout, layout name)`` of a Wan VAE checkpoint; an unknown layout is kept as is.
+
+    >>> flat, layout = to_ours({"model.encoder.head.0.gamma": torch.zeros(1)})
+    >>> list(flat), layout
+    (['encoder.norm_out.gamma'], "original (prefix 'model.')")
+    """
+    flat, prefix = _strip_prefix(state_dict)
+    layout = detect_vae_layout(flat)
+    converted = original_vae_to_ours(flat) if layout == "original" else flat
+    return converted, f"{layout} (prefix {prefix!r})" if prefix else layout
+
+
+DIFFUSERS_REQUIRED = {  # AutoencoderKLWan config keys with one value the Wan VAE supports: (check, what it must be)
+    "attn_scales": (lambda v: not v, "[] (attention inside the levels is not implemented; no released Wan VAE has it)"),
+}
+DIFFUSERS_IGNORED = (  # derived from the architecture, training-only, or unused by the installed diffusers (which always clamps)
+    "scale_factor_spatial", "scale_factor_temporal", "dropout", "clip_output",
+)
+RGB_PATCH_SIZES = {3: None, 12: 2}  # encoder input channels -> the pixel patch side they imply for RGB videos
+NULLABLE = ("decoder_base_dim", "patch_size")  # fields where null has a meaning (same as base_dim; no patches)
+
+
+def fields_from_diffusers(config: Mapping, strict: bool) -> dict:
+    """WanVAEConfig fields from ``AutoencoderKLWan`` config keys; ``strict`` rejects keys it does not know.
+
+    Keys starting with ``_`` are skipped, as are ``None`` values except for ``decoder_base_dim`` and ``patch_size``.
+
+    >>> fields_from_diffusers({"z_dim": 48, "patch_size": None, "dropout": 0.0, "_class_name": "AutoencoderKLWan"}, strict=True)
+    {'z_dim': 48, 'patch_size': None}
+    """
+    known = {f.name for f in fields(WanVAEConfig)}
+    accepted = known | set(DIFFUSERS_REQUIRED) | set(DIFFUSERS_IGNORED)
+    unknown = [k for k in config if k not in accepted and not k.startswith("_")]
+    if strict and unknown:
+        raise ValueError(f"unknown AutoencoderKLWan config keys {unknown}; known keys are {sorted(known | set(DIFFUSERS_REQUIRED))}")
+    for key, (supported, expected) in DIFFUSERS_REQUIRED.items():
+        if key in config and not supported(config[key]):
+            raise ValueError(f"AutoencoderKLWan config {key}={config[key]!r} is not supported by the Wan VAE: it must be {expected}")
+    return {k: v for k, v in config.items() if k in known and (v is not None or k in NULLABLE)}
+
+
+def _encoder_level_keys(residual: bool, levels: int, blocks: int) -> list[tuple[str, str]]:
+    """(first residual block's conv1 weight, temporal downsampler weight) keys of each encoder level, in our layout."""
+    if residual:
+        return [(f"encoder.down_blocks.{i}.resnets.0.conv1.weight", f"encoder.down_blocks.{i}.downsampler.time_conv.weight")
+                for i in range(levels)]
+    return [(f"encoder.down_blocks.{i * (blocks + 1)}.conv1.weight", f"encoder.down_blocks.{i * (blocks + 1) + blocks}.time_conv.weight")
+            for i in range(levels)]
+
+
+def fields_from_shapes(shapes: Mapping[str, tuple]) -> dict:
+    """WanVAEConfig fields implied by the shapes of a checkpoint in our layout (absent keys are skipped).
+
+    The patch size is read off the encoder's input channels, RGB assumed (12 = 3·2·2: Wan 2.2's 2×2 patches).
+
+    >>> found = fields_from_shapes(vae_param_shapes(WAN22_VAE_CONFIG))
+    >>> found["base_dim"], found["decoder_base_dim"], found["z_dim"], found["dim_mult"], found["temperal_downsample"]
+    (160, 256, 48, (1, 2, 4, 4), (False, True, True))
+    """
+    residual, levels, blocks = structure(shapes, "diffusers")
+    found: dict = {"is_residual": residual}
+    readings = {
+        "in_channels": ("encoder.conv_in.weight", 1),
+        "base_dim": ("encoder.conv_in.weight", 0),
+        "z_dim": ("decoder.conv_in.weight", 1),
+        "out_channels": ("decoder.conv_out.weight", 0),
+    }
+    for field, (key, axis) in readings.items():
+        if key in shapes:
+            found[field] = shapes[key][axis]
+    if "in_channels" in found:
+        found["patch_size"] = RGB_PATCH_SIZES.get(found["in_channels"])
+    if levels < 1:
+        return found
+    found["num_res_blocks"] = blocks
+    level_keys = _encoder_level_keys(residual, levels, blocks)
+    widths = [shapes[conv][0] for conv, _ in level_keys if conv in shapes]
+    base = found.get("base_dim")
+    if base and len(widths) == levels and all(w % base == 0 for w in widths):
+        found["dim_mult"] = tuple(w // base for w in widths)
+        found["temperal_downsample"] = tuple(time_conv in shapes for _, time_conv in level_keys[:-1])
+        last_decoder_conv = f"decoder.up_blocks.{levels - 1}.resnets.0.conv1.weight"
+        if last_decoder_conv in shapes:
+            decoder_width = shapes[last_decoder_conv][0]
+            found["decoder_base_dim"] = None if decoder_width == widths[0] else decoder_width // found["dim_mult"][0]
+    return found
+
+
+def resolve_vae_config(
+    shapes: Mapping[str, tuple], config_json: Mapping | None = None, config: Mapping | WanVAEConfig | None = None
+) -> WanVAEConfig:
+    """The config of a checkpoint: Wan 2.1 (or, with residual levels, 2.2) defaults < shapes < ``config.json`` < ``config``.
+
+    A :class:`WanVAEConfig` passed as ``config`` is taken as is.
+
+    >>> cfg = resolve_vae_config(vae_param_shapes(WAN22_VAE_CONFIG), {"z_dim": 48}, {"patch_size": 2})
+    >>> cfg == WAN22_VAE_CONFIG
+    True
+    """
+    if isinstance(config, WanVAEConfig):
+        return config
+    found = fields_from_shapes(shapes)
+    defaults = WAN22_VAE_CONFIG if found["is_residual"] else WAN21_VAE_CONFIG
+    merged = {f.name: getattr(defaults, f.name) for f in fields(WanVAEConfig)} | found
+    merged.update(fields_from_diffusers(config_json or {}, strict=False))
+    merged.update(fields_from_diffusers(config or {}, strict=True))
+    return WanVAEConfig(**merged)
+
+
+def check_keys(shapes: Mapping[str, tuple], config: WanVAEConfig, layout: str = "diffusers") -> None:
+    """Raise an error listing missing, unexpected and wrongly shaped keys of a checkpoint (ours) against ``config``.
+
+    >>> check_keys({"encoder.conv_in.weight": (96, 3, 3, 3, 3), "bogus.weight": (1,)}, WAN21_VAE_CONFIG)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: checkpoint (diffusers layout) does not fit a Wan VAE with ... 1 unexpected keys, e.g. ['bogus.weight']...
+    """
+    expected = vae_param_shapes(config)
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
+    wrong = [f"{k}: {tuple(shapes[k])} != {expected[k]}" for k in expected if k in shapes and tuple(shapes[k]) != expected[k]]
+    if not (missing or unexpected or wrong):
+        return
+    problems = [
+        f"{len(found)} {kind}, e.g. {found[:EXAMPLES]}"
+        for kind, found in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches (checkpoint != config)", wrong),
+        )
+        if found
+    ]
+    raise ValueError(
+        f"checkpoint ({layout} layout) does not fit a Wan VAE with {config}: " + "; ".join(problems) + ". "
+        "Known layouts: diffusers AutoencoderKLWan (encoder.conv_in, encoder.down_blocks.N..., decoder.up_blocks.N.resnets.M...), "
+        "original Wan2.1_VAE.pth / Wan2.2_VAE.pth converted to safetensors (encoder.conv1, encoder.downsamples.N..., "
+        f"optionally prefixed {' or '.join(map(repr, ORIGINAL_PREFIXES))}). "
+        "If the sizes differ, pass config= (AutoencoderKLWan config keys)."
+    )
+
+
+def _vae_folder(source: Source) -> Source:
+    """A diffusers pipeline folder stands for its ``vae/`` subfolder."""
+    if isinstance(source, (str, os.PathLike)) and (Path(source) / "vae").is_dir():
+        return Path(source) / "vae"
+    return source
+
+
+def _config_json(source: Source) -> dict | None:
+    """The diffusers ``config.json`` of an ``AutoencoderKLWan`` beside the weights, if there is one."""
+    if isinstance(source, Mapping):
+        return None
+    first = Path(source) if isinstance(source, (str, os.PathLike)) else Path(next(iter(source)))
+    path = (first if first.is_dir() else first.parent) / "config.json"
+    if not path.is_file():
+        return None
+    found = read_json(path)
+    return found if found.get("_class_name", "AutoencoderKLWan") == "AutoencoderKLWan" else None
+
+
+def load_vae(source: Source, config: Mapping | WanVAEConfig | None = None, *, dtype: torch.dtype | None = None, device="cpu"):
+    """``(vae, params)`` from a Wan 2.1 or 2.2 VAE checkpoint in the diffusers or original layout.
+
+    ``source``: anything :func:`dsf.io.load_state_dict` reads, a :class:`dsf.hub.ModelSource`, or a diffusers pipeline
+    folder (its ``vae/``). The config is: Wan 2.1 (2.2 for residual levels) defaults < the checkpoint's shapes < the
+    ``config.json`` beside the weights < ``config`` (``AutoencoderKLWan`` config keys, or a :class:`WanVAEConfig`).
+
+    >>> import dsf
+    >>> from dsf.models.wan.vae import init_vae
+    >>> cfg = WanVAEConfig(base_dim=4, z_dim=2, dim_mult=(1, 2), temperal_downsample=(True,), latents_mean=(0, 0), latents_std=(1, 1))
+    >>> vae, vparams = load_vae(ours_to_original_vae(init_vae(cfg, dsf.random.key(0))), {"latents_mean": [0, 0], "latents_std": [1, 1]})
+    >>> vae.config == cfg, len(vparams["decoder"]["up_blocks"][0]["resnets"])
+    (True, 3)
+    """
+    source = _vae_folder(local_source(source))
+    loaded = load_state_dict(source, dtype=dtype, device=device)
+    flat, layout = to_ours(loaded)
+    shapes = {key: tuple(tensor.shape) for key, tensor in flat.items()}
+    resolved = resolve_vae_config(shapes, _config_json(source), config)
+    check_keys(shapes, resolved, layout)
+    return WanVAE(resolved), unflatten_dict(flat)

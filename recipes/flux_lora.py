@@ -1,0 +1,286 @@
+"""Fine-tune FLUX.1: a LoRA (or the whole DiT) on an image folder, with DiffSynth-Studio's training flags.
+
+    python recipes/flux_lora.py --dataset_base_path data/cats --dataset_metadata_path data/cats/metadata.csv \\
+        --model_id_with_origin_paths "black-forest-labs/FLUX.1-dev:flux1-dev.safetensors,\\
+    black-forest-labs/FLUX.1-dev:ae.safetensors,black-forest-labs/FLUX.1-dev:text_encoder/model.safetensors,\\
+    black-forest-labs/FLUX.1-dev:text_encoder_2/*.safetensors" \\
+        --height 1024 --width 1024 --learning_rate 1e-4 --num_epochs 5 --lora_rank 32 \\
+        --use_gradient_checkpointing --output_path outputs/cats
+
+The metadata (csv, json or jsonl) has an ``image`` column (paths inside --dataset_base_path) and a
+``prompt`` column. Model files are recognized by their keys, whatever their names: the DiT (BFL,
+diffusers or ComfyUI layout), the VAE (BFL/LDM or diffusers), the CLIP and T5 text encoders. A list
+inside --model_paths is one model in shards. Tokenizers come from --tokenizer_paths (folders,
+recognized by their files) or else from the first repo of --model_id_with_origin_paths
+(FLUX.1-dev's when there is none).
+
+What trains: a LoRA of --lora_rank on the DiT (--lora_target_modules: BFL or diffusers module
+names; --lora_checkpoint continues a LoRA file, whose targets and rank then apply), or with
+--trainable_models dit the whole DiT (full fine-tuning). --preset_lora_path merges a LoRA into the
+base first (differential LoRA). --fp8_models stores frozen components in fp8.
+
+--task:
+  sft                 train on the dataset (default)
+  sft:data_process    encode every sample once (VAE, T5, CLIP) into a cache folder, --output_path; needs no DiT
+  sft:train           train from that cache (--dataset_base_path CACHE) without the VAE and text encoders
+  direct_distill      the student samples with the metadata's seed, num_inference_steps and cfg_scale,
+                      gradients through the sampler; loss: MSE to the latents of the teacher's image
+
+Written under --output_path: ``step-N.safetensors`` every --save_steps steps (default: once per
+epoch) and at the end (the LoRA in --lora_layout, or the whole DiT in the diffusers layout),
+``log.csv``, and the resumable state in ``checkpoints/`` (every --checkpoint_steps, default
+--save_steps) that --resume continues from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+from tqdm.auto import tqdm
+
+import dsf
+from dsf.cache import CachedDataset, write_cache
+from dsf.checkpoint import save_safetensors
+from dsf.data import FolderDataset, batches, collate
+from dsf.hub import ModelSource, resolve
+from dsf.models.flux import load_clip, load_dit, load_t5, load_vae
+from dsf.models.flux.pipeline import FluxPipeline
+from dsf.models.flux.training import (
+    LORA_TARGETS,
+    SampleEncoder,
+    check_native_resolution,
+    direct_distill_loss,
+    recognize_model_files,
+    recognize_tokenizers,
+    require_components,
+    sft_loss,
+)
+from dsf.train import TrainConfig, train
+from dsf.transforms import checkpoint, fp8, load_lora, lora, lora_trainable, merge_lora, save_lora, trainable
+from dsf.transforms.lora import TRAINED
+from dsf.transforms.lora_layouts import LAYOUTS
+from dsf.weight import dense_tree
+
+TASKS = ("sft", "sft:data_process", "sft:train", "direct_distill")
+NEEDED = {  # the components each task loads
+    "sft": ("dit", "vae", "clip", "t5"),
+    "sft:data_process": ("vae", "clip", "t5"),
+    "sft:train": ("dit",),
+    "direct_distill": ("dit", "vae", "clip", "t5"),
+}
+FP8_COMPONENTS = ("dit", "t5", "clip")
+DEFAULT_TOKENIZER_REPO = "black-forest-labs/FLUX.1-dev"
+MODEL_FLAGS = "--model_paths/--model_id_with_origin_paths"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Fine-tune FLUX.1 (LoRA or full) with DiffSynth-Studio's flags.")
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset_base_path", required=True, help="the dataset folder (sft:train: the cache folder)")
+    data.add_argument("--dataset_metadata_path", help="csv, json or jsonl with image and prompt columns")
+    data.add_argument("--dataset_repeat", type=int, default=1)
+    data.add_argument("--data_file_keys", default="image", help="comma list of the metadata columns holding file paths")
+    data.add_argument("--height", type=int)
+    data.add_argument("--width", type=int)
+    data.add_argument("--max_pixels", type=int, default=1024 * 1024, help="bound on the image area without --height/--width")
+    data.add_argument("--max_sequence_length", type=int, default=512, help="T5 tokens per prompt")
+    models = p.add_argument_group("models")
+    models.add_argument("--model_paths", help='JSON list of local files; a list inside it is one sharded model')
+    models.add_argument("--model_id_with_origin_paths", help="comma list of model_id:pattern, downloaded via dsf.hub")
+    models.add_argument("--tokenizer_paths", help="comma list of the CLIP and T5 tokenizer folders (any order)")
+    models.add_argument("--fp8_models", default="", help=f"comma list of frozen components stored in fp8: {FP8_COMPONENTS}")
+    models.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on CUDA, float32 on the CPU")
+    models.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    training = p.add_argument_group("training")
+    training.add_argument("--task", default="sft", choices=TASKS)
+    training.add_argument("--trainable_models", choices=("dit",), help="dit: full fine-tuning of the DiT instead of a LoRA")
+    training.add_argument("--learning_rate", type=float, default=1e-4)
+    training.add_argument("--weight_decay", type=float, default=0.01)
+    training.add_argument("--num_epochs", type=int, default=1)
+    training.add_argument("--max_steps", type=int, help="optimizer steps (default: --num_epochs over the dataset)")
+    training.add_argument("--batch_size", type=int, default=1)
+    training.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    training.add_argument("--use_gradient_checkpointing", action="store_true")
+    training.add_argument("--use_gradient_checkpointing_offload", action="store_true", help="also keep activations on the CPU")
+    training.add_argument("--seed", type=int, default=0)
+    lora_flags = p.add_argument_group("LoRA")
+    lora_flags.add_argument("--lora_target_modules", default=LORA_TARGETS)
+    lora_flags.add_argument("--lora_rank", type=int, default=32)
+    lora_flags.add_argument("--lora_alpha", type=float, help="default: the rank (scale 1)")
+    lora_flags.add_argument("--lora_checkpoint", help="a LoRA file to continue training")
+    lora_flags.add_argument("--lora_layout", default="diffusers", choices=LAYOUTS, help="key layout of the saved LoRA files")
+    lora_flags.add_argument("--preset_lora_path", help="a LoRA merged into the base before training (differential LoRA)")
+    output = p.add_argument_group("output")
+    output.add_argument("--output_path", default="outputs/flux_lora")
+    output.add_argument("--save_steps", type=int, help="default: once per epoch")
+    output.add_argument("--checkpoint_steps", type=int, help="resumable state every N steps (default: --save_steps)")
+    output.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output_path")
+    return p
+
+
+def check_flags(args) -> None:
+    if args.task != "sft:train" and args.dataset_metadata_path is None:
+        raise ValueError(f"--task {args.task} reads a dataset folder: pass --dataset_metadata_path")
+    if (args.height is None) != (args.width is None):
+        raise ValueError(f"pass both --height and --width or neither (got {args.height}, {args.width})")
+    unknown = [c for c in args.fp8_models.split(",") if c and c not in FP8_COMPONENTS]
+    if unknown:
+        raise ValueError(f"--fp8_models takes components of {FP8_COMPONENTS}, got {unknown}")
+    if args.trainable_models and args.lora_checkpoint:
+        raise ValueError("--lora_checkpoint continues a LoRA, but --trainable_models dit trains the whole DiT; drop one")
+
+
+def model_files(args) -> list:
+    """Local paths of the model files: --model_paths, then the downloads of --model_id_with_origin_paths."""
+    try:
+        listed = json.loads(args.model_paths) if args.model_paths else []
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--model_paths must be a JSON list such as '[\"a.safetensors\"]': {error}") from None
+    files = [resolve(entry) for entry in listed]
+    files += [resolve(ModelSource(model_id=model_id, pattern=pattern)) for model_id, pattern in model_ids(args)]
+    if not files:
+        raise ValueError(f"no model files: pass {MODEL_FLAGS}")
+    return files
+
+
+def model_ids(args) -> list[tuple[str, str]]:
+    pairs = [entry.strip().partition(":") for entry in (args.model_id_with_origin_paths or "").split(",") if entry.strip()]
+    wrong = [model_id + colon + pattern for model_id, colon, pattern in pairs if not (model_id and colon and pattern)]
+    if wrong:
+        raise ValueError(f"--model_id_with_origin_paths takes model_id:pattern entries, got {wrong}")
+    return [(model_id, pattern) for model_id, _, pattern in pairs]
+
+
+def tokenizer_folders(args) -> list:
+    if args.tokenizer_paths:
+        return args.tokenizer_paths.split(",")
+    repo = next((model_id for model_id, _ in model_ids(args)), DEFAULT_TOKENIZER_REPO)
+    return resolve(ModelSource(model_id=repo, pattern=["tokenizer/", "tokenizer_2/"]))
+
+
+def load_components(files: dict, needed, args, dtype, device) -> tuple[dict, dict]:
+    """``(models, params)`` of the components the task needs."""
+    models, params = {}, {}
+    if "dit" in needed:
+        models["dit"], params["dit"] = load_dit(files["dit"], dtype=dtype, device=device)
+    if "vae" in needed:
+        models["vae"], params["vae"] = load_vae(files["vae"], dtype=dtype, device=device)
+    if "clip" in needed:
+        tokenizers = recognize_tokenizers(tokenizer_folders(args))
+        models["clip"] = load_clip(files["clip"], tokenizers["clip"], dtype=dtype, device=device)
+        models["t5"] = load_t5(files["t5"], tokenizers["t5"], dtype=dtype, device=device, max_length=args.max_sequence_length)
+        params["clip"], params["t5"] = models["clip"].params, models["t5"].params
+    return models, params
+
+
+def storage_and_block_transforms(args, compute_dtype) -> dsf.Transform:
+    """Full fine-tuning's marker, fp8 storage of the frozen components, gradient checkpointing."""
+    stack = [trainable(r"^dit/")] if args.trainable_models else []
+    fp8_models = [c for c in args.fp8_models.split(",") if c]
+    if fp8_models:
+        stack.append(fp8(where=rf"^({'|'.join(fp8_models)})/", compute_dtype=compute_dtype))
+    if args.use_gradient_checkpointing or args.use_gradient_checkpointing_offload:
+        stack.append(checkpoint(offload_activations=args.use_gradient_checkpointing_offload))
+    return dsf.chain(*stack)
+
+
+def save_lora_file(layout: str):
+    return lambda path, params: save_lora(params["dit"], path, layout, name=TRAINED)
+
+
+def save_dit_file(path, params) -> None:
+    save_safetensors(path, dsf.tree.flatten_dict(dense_tree(params["dit"])))
+
+
+def main(argv: list[str]):
+    """Run the task; returns the trained params (the cache folder for sft:data_process)."""
+    args = parser().parse_args(argv)
+    check_flags(args)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    lora_key, init_key, data_key, train_key = dsf.random.split(dsf.random.key(args.seed), 4)
+
+    # 1. The model files, recognized by their keys; only the components the task needs are loaded.
+    needed = NEEDED[args.task]
+    files = recognize_model_files(model_files(args))
+    require_components(files, needed, MODEL_FLAGS)
+    models, params = load_components(files, needed, args, dtype, device)
+
+    # 2. The data: images and prompts, or the encoded samples of a data-processing run.
+    image_size = (args.height, args.width) if args.height else None
+    if args.task == "sft:train":
+        dataset = CachedDataset(args.dataset_base_path, repeat=args.dataset_repeat)
+    else:
+        dataset = FolderDataset(
+            args.dataset_base_path, args.dataset_metadata_path,
+            repeat=1 if args.task == "sft:data_process" else args.dataset_repeat,
+            data_file_keys=args.data_file_keys.split(","), image_size=image_size,
+            max_pixels=None if image_size else args.max_pixels,
+        )
+    if args.task == "direct_distill":
+        check_native_resolution([paths["image"] for paths in dataset.data_file_paths], image_size, args.max_pixels)
+
+    # 3. The transforms: a preset LoRA merged into the base, then full fine-tuning's marker, fp8, checkpointing.
+    if args.preset_lora_path and "dit" in params:
+        params["dit"] = merge_lora(load_lora(params["dit"], args.preset_lora_path))
+    stack = storage_and_block_transforms(args, dtype)
+    params = stack.init(params, init_key)
+    encode = None if args.task == "sft:train" else stack(
+        SampleEncoder(models["vae"], models["clip"], models["t5"], args.max_sequence_length)
+    )
+
+    # 4. Split training, stage 1: encode every sample once, cache, and stop.
+    if args.task == "sft:data_process":
+        samples = (encode(params, dataset[i]) for i in tqdm(range(len(dataset)), desc="encoding samples"))
+        index = write_cache(args.output_path, samples)
+        print(f"cached {len(dataset)} encoded samples: {index}")
+        return index.parent
+
+    # 5. What trains: the whole DiT, a LoRA continued from a file, or a new LoRA.
+    if args.trainable_models:
+        where = r"^dit/"
+    elif args.lora_checkpoint:
+        params["dit"], where = load_lora(params["dit"], args.lora_checkpoint, name=TRAINED), lora_trainable
+    else:
+        adapter = lora(args.lora_rank, args.lora_alpha, targets=args.lora_target_modules)
+        params["dit"], where = adapter.init(params["dit"], lora_key), lora_trainable
+
+    # 6. The loss, and the data stream (samples are encoded as they are drawn, unless they come from the cache).
+    if args.task == "direct_distill":
+        pipe = FluxPipeline(models["dit"], params["dit"], models["vae"], params["vae"], models["clip"], models["t5"],
+                            max_sequence_length=args.max_sequence_length)
+        loss = direct_distill_loss(pipe)
+    else:
+        loss = sft_loss(models["dit"])
+
+    def encoded_batch(items):
+        return collate([encode(params, item) for item in items])
+
+    def data(start):
+        collate_fn = collate if encode is None else encoded_batch
+        return batches(dataset, args.batch_size, data_key, start=start, collate_fn=collate_fn)
+
+    # 7. Train: AdamW on the LoRA factors (or the DiT), saving the LoRA in --lora_layout (or the DiT).
+    steps_per_epoch = max(1, len(dataset) // (args.batch_size * args.gradient_accumulation_steps))
+    save_steps = args.save_steps or steps_per_epoch
+    config = TrainConfig(
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        max_steps=args.max_steps or args.num_epochs * steps_per_epoch,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        output_path=args.output_path,
+        save_steps=save_steps,
+        checkpoint_steps=args.checkpoint_steps or save_steps,
+        resume=args.resume,
+    )
+    save = save_dit_file if args.trainable_models else save_lora_file(args.lora_layout)
+    trained = train(stack(loss), params, data, config, where=where, key=train_key, save=save)
+    print(f"trained {config.max_steps} steps; the last file is {args.output_path}/step-{config.max_steps}.safetensors")
+    return trained
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
