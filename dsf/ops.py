@@ -67,15 +67,13 @@ def layer_norm(x, weight=None, bias=None, eps: float = 1e-6) -> torch.Tensor:
 
 
 def rms_norm(x, weight=None, eps: float = 1e-6) -> torch.Tensor:
-    """Root-mean-square norm over the last dimension, computed in float32, cast back to ``x``'s dtype.
+    """Root-mean-square norm over the last dimension (torch's fused kernel; statistics in float32).
 
     >>> rms_norm(torch.tensor([[3.0, 4.0]]), eps=0.0).mul(25 ** 0.5 / 2 ** 0.5).round().tolist()
     [[3.0, 4.0]]
     """
-    x32 = x.float()
-    normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     weight = dense(weight)
-    return normed if weight is None else normed * weight
+    return F.rms_norm(x, x.shape[-1:], None if weight is None else weight.to(x.dtype), eps)
 
 
 def group_norm(x, groups: int, weight=None, bias=None, eps: float = 1e-6) -> torch.Tensor:
@@ -144,14 +142,16 @@ def attention(q, k, v, heads: int | None = None, mask=None, layout: str = "b s (
     return rearrange(out, "b h s d -> b s (h d)")  # (B, S, H·D)
 
 
-def rope_frequencies(positions: torch.Tensor, axes_dims: Sequence[int], theta: float = 10000.0):
-    """Multi-axis rotary angles: positions (..., S, n_axes) -> (cos, sin), each (..., S, sum(axes_dims)/2).
+def rope_frequencies(positions: torch.Tensor, axes_dims: Sequence[int], theta: float = 10000.0, interleaved: bool = True):
+    """Multi-axis rotary angles: positions (..., S, n_axes) -> (cos, sin), each (..., S, sum(axes_dims)).
 
-    Axis ``i`` uses ``axes_dims[i]/2`` frequencies ``theta^(-2j/axes_dims[i])``; axes are concatenated.
+    Axis ``i`` uses ``axes_dims[i]/2`` frequencies ``theta^(-2j/axes_dims[i])``; axes are
+    concatenated. Each angle covers the two channels it rotates: adjacent pairs when
+    ``interleaved`` (FLUX, Wan), the two halves otherwise (the "rotate_half" convention).
 
     >>> cos, sin = rope_frequencies(torch.zeros(5, 3), (4, 2, 2))
     >>> cos.shape, bool((cos == 1).all())
-    (torch.Size([5, 4]), True)
+    (torch.Size([5, 8]), True)
     """
     if positions.shape[-1] != len(axes_dims):
         raise ValueError(f"positions have {positions.shape[-1]} axes but axes_dims has {len(axes_dims)}: {tuple(axes_dims)}")
@@ -162,24 +162,25 @@ def rope_frequencies(positions: torch.Tensor, axes_dims: Sequence[int], theta: f
         freqs = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim)
         angles.append(positions[..., axis : axis + 1].double() * freqs)
     angle = torch.cat(angles, dim=-1)
+    angle = angle.repeat_interleave(2, dim=-1) if interleaved else torch.cat([angle, angle], dim=-1)
     return angle.cos().float(), angle.sin().float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
-    """Rotate the last dimension of x (..., S, D) by angles (S, D/2) or broadcastable.
+    """Rotate the last dimension of x (..., S, D) by :func:`rope_frequencies` angles (S, D), in float32.
 
     ``interleaved=True`` rotates pairs (x0, x1), (x2, x3), ... (FLUX, Wan); ``False`` rotates the
-    two halves (x_i, x_{i+D/2}) (the "rotate_half" convention). Computed in float32.
+    two halves (x_i, x_{i+D/2}); use the same flag as for the frequencies.
 
     >>> x = torch.tensor([[1.0, 0.0]])
-    >>> apply_rope(x, torch.tensor([[0.0]]), torch.tensor([[1.0]])).tolist()
+    >>> apply_rope(x, torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, 1.0]])).tolist()
     [[0.0, 1.0]]
     """
     x32 = x.float()
     if interleaved:
-        pairs = rearrange(x32, "... (d two) -> ... d two", two=2)  # (..., D/2, 2)
-        first, second = pairs[..., 0], pairs[..., 1]
-        rotated = torch.stack([first * cos - second * sin, first * sin + second * cos], dim=-1)
-        return rearrange(rotated, "... d two -> ... (d two)").to(x.dtype)  # (..., D)
-    first, second = x32.chunk(2, dim=-1)
-    return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1).to(x.dtype)
+        even, odd = x32.unflatten(-1, (-1, 2)).unbind(-1)  # (..., D/2) each
+        rotated = torch.stack([-odd, even], dim=-1).flatten(-2)  # (..., D)
+    else:
+        first, second = x32.chunk(2, dim=-1)
+        rotated = torch.cat([-second, first], dim=-1)
+    return (x32 * cos + rotated * sin).to(x.dtype)

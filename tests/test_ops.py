@@ -62,7 +62,7 @@ def test_attention_errors_name_the_fix():
 @pytest.mark.parametrize("interleaved", [True, False])
 def test_rope_matches_diffusers(interleaved):
     positions = torch.arange(6, dtype=torch.float32)
-    cos, sin = ops.rope_frequencies(positions[:, None], (8,), theta=10000.0)
+    cos, sin = ops.rope_frequencies(positions[:, None], (8,), theta=10000.0, interleaved=interleaved)
     x = torch.randn(1, 2, 6, 8)
     ref_cos, ref_sin = get_1d_rotary_pos_embed(8, positions, theta=10000.0, use_real=True, repeat_interleave_real=interleaved)
     ref = apply_rotary_emb(x, (ref_cos, ref_sin), use_real=True, use_real_unbind_dim=-1 if interleaved else -2)

@@ -179,19 +179,24 @@ def _feed_forward(p: dict, x: torch.Tensor) -> torch.Tensor:
 
 
 def _heads(attn: dict, x: torch.Tensor, names: tuple[str, str, str, str, str], heads: int):
-    """Projected q, k, v (B, H, S, D) of one stream, q and k RMS-normed per head."""
+    """Projected q, k, v (B, S, H, D) of one stream, q and k RMS-normed per head.
+
+    Heads stay a view of the projection (no transpose) until attention, so the norms and the
+    rotation run on contiguous memory."""
     q_proj, k_proj, v_proj, q_norm, k_norm = names
     q, k, v = (
-        rearrange(ops.linear(x, **attn[name]), "b s (h d) -> b h s d", h=heads)  # (B, H, S, D)
+        rearrange(ops.linear(x, **attn[name]), "b s (h d) -> b s h d", h=heads)  # (B, S, H, D)
         for name in (q_proj, k_proj, v_proj)
     )
     return ops.rms_norm(q, attn[q_norm]["weight"], NORM_EPS), ops.rms_norm(k, attn[k_norm]["weight"], NORM_EPS), v
 
 
 def _attend(q, k, v, rope) -> torch.Tensor:
-    cos, sin = rope
-    out = ops.attention(ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin), v, layout="b h s d")
-    return rearrange(out, "b h s d -> b s (h d)")  # (B, S, H·D)
+    """Joint attention over (B, S, H, D) heads with the rotation ``rope`` = (cos, sin), each (S, D)."""
+    cos, sin = (angles[:, None] for angles in rope)  # (S, 1, D): broadcast over heads
+    q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
+    q, k, v = (rearrange(t, "b s h d -> b h s d") for t in (q, k, v))  # (B, H, S, D)
+    return rearrange(ops.attention(q, k, v, layout="b h s d"), "b h s d -> b s (h d)")  # (B, S, H·D)
 
 
 IMAGE_STREAM = ("to_q", "to_k", "to_v", "norm_q", "norm_k")
@@ -210,7 +215,7 @@ def _double_block(p: dict, carry, vec, rope, *, heads: int):
     txt_mod = _modulation(p["norm1_context"]["linear"], vec, 6)
     img_q, img_k, img_v = _heads(p["attn"], _modulate(img, *img_mod[:2]), IMAGE_STREAM, heads)
     txt_q, txt_k, txt_v = _heads(p["attn"], _modulate(txt, *txt_mod[:2]), TEXT_STREAM, heads)
-    joint = _attend(torch.cat([txt_q, img_q], 2), torch.cat([txt_k, img_k], 2), torch.cat([txt_v, img_v], 2), rope)
+    joint = _attend(torch.cat([txt_q, img_q], 1), torch.cat([txt_k, img_k], 1), torch.cat([txt_v, img_v], 1), rope)
     txt_attn, img_attn = joint[:, : txt.shape[1]], joint[:, txt.shape[1] :]
     img = _stream_residuals(p["attn"]["to_out"][0], p["ff"], img, img_attn, *img_mod[2:])
     txt = _stream_residuals(p["attn"]["to_add_out"], p["ff_context"], txt, txt_attn, *txt_mod[2:])
