@@ -30,18 +30,30 @@ Written under --output_path: ``step-N.safetensors`` every --save_steps steps (de
 epoch) and at the end (the LoRA in --lora_layout, or the whole DiT in the diffusers layout),
 ``log.csv``, and the resumable state in ``checkpoints/`` (every --checkpoint_steps, default
 --save_steps) that --resume continues from.
+
+Several GPUs: the same command under ``torchrun --nproc_per_node N recipes/flux_lora.py ...``.
+Each process trains on its share of the batches (N processes with --gradient_accumulation_steps a
+make the updates of one with N·a, and an epoch takes 1/N of the steps); ``--shard`` also splits the
+DiT's weights (and, with --trainable_models dit, its optimizer state) over the processes (the text
+encoders and the VAE stay whole). The processes download the model files in turn (never two into
+one folder at once); process 0 prints and writes the files; sft:data_process encodes in process 0 alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import functools
 import json
 import sys
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import dsf
+from dsf import distributed
 from dsf.cache import CachedDataset, write_cache
 from dsf.checkpoint import save_safetensors
 from dsf.data import FolderDataset, batches, collate
@@ -62,6 +74,7 @@ from dsf.train import TrainConfig, train
 from dsf.transforms import checkpoint, fp8, load_lora, lora, lora_trainable, merge_lora, save_lora, trainable
 from dsf.transforms.lora import TRAINED
 from dsf.transforms.lora_layouts import LAYOUTS
+from dsf.transforms.shard import shard, unshard
 from dsf.weight import dense_tree
 
 TASKS = ("sft", "sft:data_process", "sft:train", "direct_distill")
@@ -93,7 +106,8 @@ def parser() -> argparse.ArgumentParser:
     models.add_argument("--tokenizer_paths", help="comma list of the CLIP and T5 tokenizer folders (any order)")
     models.add_argument("--fp8_models", default="", help=f"comma list of frozen components stored in fp8: {FP8_COMPONENTS}")
     models.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on CUDA, float32 on the CPU")
-    models.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    models.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="under torchrun: cpu trains over gloo, otherwise each process takes the GPU of its local rank")
     training = p.add_argument_group("training")
     training.add_argument("--task", default="sft", choices=TASKS)
     training.add_argument("--trainable_models", choices=("dit",), help="dit: full fine-tuning of the DiT instead of a LoRA")
@@ -105,6 +119,7 @@ def parser() -> argparse.ArgumentParser:
     training.add_argument("--gradient_accumulation_steps", type=int, default=1)
     training.add_argument("--use_gradient_checkpointing", action="store_true")
     training.add_argument("--use_gradient_checkpointing_offload", action="store_true", help="also keep activations on the CPU")
+    training.add_argument("--shard", action="store_true", help="under torchrun: split the DiT's weights over the processes")
     training.add_argument("--seed", type=int, default=0)
     lora_flags = p.add_argument_group("LoRA")
     lora_flags.add_argument("--lora_target_modules", default=LORA_TARGETS)
@@ -161,6 +176,36 @@ def tokenizer_folders(args) -> list:
     return resolve(ModelSource(model_id=repo, pattern=["tokenizer/", "tokenizer_2/"]))
 
 
+PATIENCE = datetime.timedelta(days=1)  # how long a rank waits for another's download or encoding
+
+
+@functools.cache
+def _patient_group(job_group) -> dist.ProcessGroup:
+    return dist.new_group(backend="gloo", timeout=PATIENCE)
+
+
+def wait_for_every_rank() -> None:
+    """A barrier that outwaits one rank's long work alone (a download, the encoding of a dataset); the
+    job's own collectives time out after minutes (NCCL's default: 10)."""
+    if distributed.world().size > 1:
+        dist.barrier(group=_patient_group(dist.group.WORLD))
+
+
+def fetch_in_turn(fetch):
+    """``fetch()`` (which downloads what is missing) on rank 0, then on the first rank of each other node
+    (finding the files on a shared filesystem, downloading them otherwise), then on the other ranks:
+    ranks downloading into one folder at once would race."""
+    world = distributed.world()
+    if world.size == 1:
+        return fetch()
+    fetched = fetch() if world.rank == 0 else None
+    wait_for_every_rank()
+    if world.local_rank == 0 and world.rank != 0:
+        fetched = fetch()
+    wait_for_every_rank()
+    return fetched if world.local_rank == 0 else fetch()
+
+
 def load_components(files: dict, needed, args, dtype, device) -> tuple[dict, dict]:
     """``(models, params)`` of the components the task needs."""
     models, params = {}, {}
@@ -169,7 +214,7 @@ def load_components(files: dict, needed, args, dtype, device) -> tuple[dict, dic
     if "vae" in needed:
         models["vae"], params["vae"] = load_vae(files["vae"], dtype=dtype, device=device)
     if "clip" in needed:
-        tokenizers = recognize_tokenizers(tokenizer_folders(args))
+        tokenizers = recognize_tokenizers(fetch_in_turn(lambda: tokenizer_folders(args)))
         models["clip"] = load_clip(files["clip"], tokenizers["clip"], dtype=dtype, device=device)
         models["t5"] = load_t5(files["t5"], tokenizers["t5"], dtype=dtype, device=device, max_length=args.max_sequence_length)
         params["clip"], params["t5"] = models["clip"].params, models["t5"].params
@@ -177,13 +222,15 @@ def load_components(files: dict, needed, args, dtype, device) -> tuple[dict, dic
 
 
 def storage_and_block_transforms(args, compute_dtype) -> dsf.Transform:
-    """Full fine-tuning's marker, fp8 storage of the frozen components, gradient checkpointing."""
+    """Full fine-tuning's marker, fp8 storage of the frozen components, gradient checkpointing, the DiT's shards."""
     stack = [trainable(r"^dit/")] if args.trainable_models else []
     fp8_models = [c for c in args.fp8_models.split(",") if c]
     if fp8_models:
         stack.append(fp8(where=rf"^({'|'.join(fp8_models)})/", compute_dtype=compute_dtype))
     if args.use_gradient_checkpointing or args.use_gradient_checkpointing_offload:
         stack.append(checkpoint(offload_activations=args.use_gradient_checkpointing_offload))
+    if args.shard:  # after fp8, whose bytes it splits; a single process has nothing to split
+        stack.append(shard(where=r"^dit/"))
     return dsf.chain(*stack)
 
 
@@ -199,13 +246,14 @@ def main(argv: list[str]):
     """Run the task; returns the trained params (the cache folder for sft:data_process)."""
     args = parser().parse_args(argv)
     check_flags(args)
-    device = torch.device(args.device)
+    world = distributed.init(backend="gloo" if torch.device(args.device).type == "cpu" else None)  # under torchrun
+    device = world.device if world.size > 1 else torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     lora_key, init_key, data_key, train_key = dsf.random.split(dsf.random.key(args.seed), 4)
 
     # 1. The model files, recognized by their keys; only the components the task needs are loaded.
     needed = NEEDED[args.task]
-    files = recognize_model_files(model_files(args))
+    files = recognize_model_files(fetch_in_turn(lambda: model_files(args)))
     require_components(files, needed, MODEL_FLAGS)
     models, params = load_components(files, needed, args, dtype, device)
 
@@ -234,10 +282,12 @@ def main(argv: list[str]):
 
     # 4. Split training, stage 1: encode every sample once, cache, and stop.
     if args.task == "sft:data_process":
-        samples = (encode(params, dataset[i]) for i in tqdm(range(len(dataset)), desc="encoding samples"))
-        index = write_cache(args.output_path, samples)
-        print(f"cached {len(dataset)} encoded samples: {index}")
-        return index.parent
+        if world.rank == 0:  # one process encodes and writes the cache
+            samples = (encode(params, dataset[i]) for i in tqdm(range(len(dataset)), desc="encoding samples"))
+            index = write_cache(args.output_path, samples)
+            print(f"cached {len(dataset)} encoded samples: {index}")
+        wait_for_every_rank()
+        return Path(args.output_path)
 
     # 5. What trains: the whole DiT, a LoRA continued from a file, or a new LoRA.
     if args.trainable_models:
@@ -264,7 +314,7 @@ def main(argv: list[str]):
         return batches(dataset, args.batch_size, data_key, start=start, collate_fn=collate_fn)
 
     # 7. Train: AdamW on the LoRA factors (or the DiT), saving the LoRA in --lora_layout (or the DiT).
-    steps_per_epoch = max(1, len(dataset) // (args.batch_size * args.gradient_accumulation_steps))
+    steps_per_epoch = max(1, len(dataset) // (args.batch_size * args.gradient_accumulation_steps * world.size))
     save_steps = args.save_steps or steps_per_epoch
     config = TrainConfig(
         learning_rate=args.learning_rate,
@@ -277,8 +327,9 @@ def main(argv: list[str]):
         resume=args.resume,
     )
     save = save_dit_file if args.trainable_models else save_lora_file(args.lora_layout)
-    trained = train(stack(loss), params, data, config, where=where, key=train_key, save=save)
-    print(f"trained {config.max_steps} steps; the last file is {args.output_path}/step-{config.max_steps}.safetensors")
+    trained = unshard(train(stack(loss), params, data, config, where=where, key=train_key, save=save))  # on every rank
+    if world.rank == 0:
+        print(f"trained {config.max_steps} steps; the last file is {args.output_path}/step-{config.max_steps}.safetensors")
     return trained
 
 

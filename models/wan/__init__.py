@@ -51,6 +51,7 @@ from dsf.models.wan.vae import (
     vae_params_meta,
 )
 from dsf.models.wan.vae_keys import load_vae, original_vae_to_ours, ours_to_original_vae
+from dsf.models.wan.pipeline import DEFAULT_NEGATIVE_PROMPT, WanPipeline, load_pipeline
 from dsf.models.wan.model import (
     TwoExpertDiT,
     WanDiT,
@@ -111,4 +112,7 @@ __all__ = [
     "ours_to_original_vae",
     "vae_param_shapes",
     "vae_params_meta",
+    "DEFAULT_NEGATIVE_PROMPT",
+    "WanPipeline",
+    "load_pipeline",
 ]

@@ -1,0 +1,207 @@
+"""Train a LoRA on a Wan DiT from a folder of videos and images, with DiffSynth-Studio's training flags.
+
+    python recipes/wan_lora.py --dataset_base_path data/cats --dataset_metadata_path data/cats/metadata.csv \\
+        --model_path /path/to/Wan2.1-T2V-1.3B-Diffusers --height 480 --width 832 --num_frames 81 \\
+        --learning_rate 1e-4 --num_epochs 5 --lora_rank 32 --use_gradient_checkpointing --output_path outputs/cats
+
+The metadata (csv, json or jsonl) has a ``prompt`` column and, per row, a ``video`` or an ``image``
+column (paths inside --dataset_base_path). Videos give their first --num_frames frames (fewer when
+shorter: the most of the form 1 + 4k), images one frame; every frame is resized to cover
+--height × --width and center-cropped. Rows of different lengths batch only with --batch_size 1.
+
+The model is a diffusers Wan pipeline folder (--model_path) or hub repo (--model_id); --dit takes
+other DiT files. For an image-to-video model the first frame of each video is the conditioning
+image. A Wan2.2 A14B model trains one expert at a time: --expert high_noise (or low_noise) loads
+that expert alone and draws σ only from its range of the training grid (derived from the folder's
+boundary_ratio, or set by --min_timestep_boundary/--max_timestep_boundary).
+
+Written under --output_path: ``step-N.safetensors`` (the LoRA in --lora_layout) every --save_steps
+steps (default: once per epoch) and at the end, ``log.csv``, and the resumable state in
+``checkpoints/`` (every --checkpoint_steps, default --save_steps) that --resume continues from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+import dsf
+from dsf.data import batches, collate
+from dsf.hub import ModelSource, local_source
+from dsf.models.wan.pipeline import EXPERTS, holds_two_experts, load_pipeline
+from dsf.models.wan.training import LORA_TARGETS, SampleEncoder, VideoDataset, expert_timestep_boundaries, sft_loss
+from dsf.train import TrainConfig, train
+from dsf.transforms import checkpoint, fp8, load_lora, lora, lora_trainable, save_lora
+from dsf.transforms.lora import TRAINED
+
+FP8_COMPONENTS = ("dit", "t5", "clip")
+LORA_LAYOUTS = ("diffusers", "dsf")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train a LoRA on a Wan DiT with DiffSynth-Studio's flags.")
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset_base_path", required=True, help="the dataset folder")
+    data.add_argument("--dataset_metadata_path", required=True, help="csv, json or jsonl with video or image, and prompt")
+    data.add_argument("--dataset_repeat", type=int, default=1)
+    data.add_argument("--height", type=int, default=480)
+    data.add_argument("--width", type=int, default=832)
+    data.add_argument("--num_frames", type=int, default=81, help="frames per video, 1 + 4k")
+    data.add_argument("--max_sequence_length", type=int, default=512, help="umT5 tokens per prompt")
+    models = p.add_argument_group("models")
+    models.add_argument("--model_path", help="a diffusers Wan pipeline folder")
+    models.add_argument("--model_id", help="a hub repo, e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+    models.add_argument("--dit", help="a DiT file or folder instead of the pipeline's")
+    models.add_argument("--expert", choices=EXPERTS, help="the expert of a Wan2.2 A14B model to train")
+    models.add_argument("--fp8_models", default="", help=f"comma list of frozen components stored in fp8: {FP8_COMPONENTS}")
+    models.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on CUDA, float32 on the CPU")
+    models.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    training = p.add_argument_group("training")
+    training.add_argument("--learning_rate", type=float, default=1e-4)
+    training.add_argument("--weight_decay", type=float, default=0.01)
+    training.add_argument("--num_epochs", type=int, default=1)
+    training.add_argument("--max_steps", type=int, help="optimizer steps (default: --num_epochs over the dataset)")
+    training.add_argument("--batch_size", type=int, default=1)
+    training.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    training.add_argument("--min_timestep_boundary", type=float, help="fraction of the training grid (0: σ = 1)")
+    training.add_argument("--max_timestep_boundary", type=float, help="fraction of the training grid (1: σ = 0)")
+    training.add_argument("--use_gradient_checkpointing", action="store_true")
+    training.add_argument("--use_gradient_checkpointing_offload", action="store_true", help="also keep activations on the CPU")
+    training.add_argument("--seed", type=int, default=0)
+    lora_flags = p.add_argument_group("LoRA")
+    lora_flags.add_argument("--lora_target_modules", default=LORA_TARGETS)
+    lora_flags.add_argument("--lora_rank", type=int, default=32)
+    lora_flags.add_argument("--lora_alpha", type=float, help="default: the rank (scale 1)")
+    lora_flags.add_argument("--lora_checkpoint", help="a LoRA file to continue training")
+    lora_flags.add_argument("--lora_layout", default="diffusers", choices=LORA_LAYOUTS, help="key layout of the saved files")
+    output = p.add_argument_group("output")
+    output.add_argument("--output_path", default="outputs/wan_lora")
+    output.add_argument("--save_steps", type=int, help="default: once per epoch")
+    output.add_argument("--checkpoint_steps", type=int, help="resumable state every N steps (default: --save_steps)")
+    output.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output_path")
+    return p
+
+
+def check_flags(args) -> None:
+    """Refuse flags that cannot work together, naming the fix.
+
+    >>> check_flags(parser().parse_args(["--dataset_base_path", "d", "--dataset_metadata_path", "m.csv"]))
+    Traceback (most recent call last):
+    ...
+    ValueError: pass --model_path (a diffusers Wan pipeline folder) or --model_id (a hub repo)
+    """
+    if args.model_path is None and args.model_id is None:
+        raise ValueError("pass --model_path (a diffusers Wan pipeline folder) or --model_id (a hub repo)")
+    unknown = [c for c in args.fp8_models.split(",") if c and c not in FP8_COMPONENTS]
+    if unknown:
+        raise ValueError(f"--fp8_models takes components of {FP8_COMPONENTS}, got {unknown}")
+
+
+def check_expert(args, dit_source) -> None:
+    """Refuse to train both experts of an A14B model at once.
+
+    >>> check_expert(parser().parse_args(["--dataset_base_path", "d", "--dataset_metadata_path", "m.csv"]), "/nonexistent")
+    """
+    if holds_two_experts(dit_source) and args.expert is None:
+        raise ValueError(
+            f"{dit_source} is a Wan2.2 A14B model with two experts: train one at a time with --expert high_noise "
+            "(σ above the boundary) or --expert low_noise"
+        )
+
+
+def timestep_boundaries(args, dit_source, config) -> dict[str, float]:
+    """The expert's range of the training grid, overridden by --min/--max_timestep_boundary.
+
+    >>> from dsf.models.wan.config import WanConfig
+    >>> flags = ["--dataset_base_path", "d", "--dataset_metadata_path", "m.csv", "--expert", "low_noise"]
+    >>> timestep_boundaries(parser().parse_args(flags + ["--max_timestep_boundary", "0.9"]), "/nonexistent", WanConfig())
+    {'min_timestep_boundary': 0.417, 'max_timestep_boundary': 0.9}
+    """
+    chosen = {"min_timestep_boundary": 0.0, "max_timestep_boundary": 1.0}
+    if args.expert:
+        chosen = expert_timestep_boundaries(dit_source, args.expert, config)
+    given = {"min_timestep_boundary": args.min_timestep_boundary, "max_timestep_boundary": args.max_timestep_boundary}
+    return chosen | {name: value for name, value in given.items() if value is not None}
+
+
+def storage_and_block_transforms(args, compute_dtype) -> dsf.Transform:
+    """fp8 storage of the frozen components, gradient checkpointing.
+
+    >>> flags = ["--dataset_base_path", "d", "--dataset_metadata_path", "m.csv", "--use_gradient_checkpointing"]
+    >>> storage_and_block_transforms(parser().parse_args(flags), torch.float32).name
+    'chain(checkpoint(offload_activations=False))'
+    """
+    stack = []
+    fp8_models = [c for c in args.fp8_models.split(",") if c]
+    if fp8_models:
+        stack.append(fp8(where=rf"^({'|'.join(fp8_models)})/", compute_dtype=compute_dtype))
+    if args.use_gradient_checkpointing or args.use_gradient_checkpointing_offload:
+        stack.append(checkpoint(offload_activations=args.use_gradient_checkpointing_offload))
+    return dsf.chain(*stack)
+
+
+def main(argv: list[str]):
+    """Train; returns the trained params."""
+    args = parser().parse_args(argv)
+    check_flags(args)
+    source = args.model_path or (ModelSource(model_id=args.model_id) if args.model_id else None)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    lora_key, init_key, data_key, train_key = dsf.random.split(dsf.random.key(args.seed), 4)
+
+    # 1. The pipeline: the DiT (one expert of an A14B model), the VAE, umT5 and (Wan2.1 I2V) CLIP.
+    dit_source = local_source(args.dit or source)
+    check_expert(args, dit_source)
+    pipe = load_pipeline(source, dit=args.dit, expert=args.expert, dtype=dtype, device=device,
+                         max_sequence_length=args.max_sequence_length)
+    params = pipe.params
+    boundaries = timestep_boundaries(args, dit_source, pipe.dit_config)
+
+    # 2. The data: videos and images with their prompts, frames resized and cropped.
+    dataset = VideoDataset(args.dataset_base_path, args.dataset_metadata_path, num_frames=args.num_frames,
+                           height=args.height, width=args.width, repeat=args.dataset_repeat)
+
+    # 3. The transforms: fp8 storage of frozen components, gradient checkpointing.
+    stack = storage_and_block_transforms(args, dtype)
+    params = stack.init(params, init_key)
+    encode = stack(SampleEncoder(pipe))
+
+    # 4. What trains: a LoRA continued from a file, or a new LoRA.
+    if args.lora_checkpoint:
+        params["dit"] = load_lora(params["dit"], args.lora_checkpoint, name=TRAINED)
+    else:
+        params["dit"] = lora(args.lora_rank, args.lora_alpha, targets=args.lora_target_modules).init(params["dit"], lora_key)
+
+    # 5. The loss (flow matching within the expert's σ range), and the data stream, encoded as drawn.
+    loss = sft_loss(pipe, **boundaries)
+
+    def data(start):
+        return batches(dataset, args.batch_size, data_key, start=start,
+                       collate_fn=lambda items: collate([encode(params, item) for item in items]))
+
+    # 6. Train: AdamW on the LoRA factors, saving the LoRA in --lora_layout.
+    steps_per_epoch = max(1, len(dataset) // (args.batch_size * args.gradient_accumulation_steps))
+    save_steps = args.save_steps or steps_per_epoch
+    config = TrainConfig(
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        max_steps=args.max_steps or args.num_epochs * steps_per_epoch,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        output_path=args.output_path,
+        save_steps=save_steps,
+        checkpoint_steps=args.checkpoint_steps or save_steps,
+        resume=args.resume,
+    )
+
+    def save(path, trained):
+        save_lora(trained["dit"], path, args.lora_layout, name=TRAINED)
+
+    trained = train(stack(loss), params, data, config, where=lora_trainable, key=train_key, save=save)
+    print(f"trained {config.max_steps} steps; the last file is {args.output_path}/step-{config.max_steps}.safetensors")
+    return trained
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

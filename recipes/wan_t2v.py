@@ -1,0 +1,117 @@
+"""Wan 2.1 / 2.2 text-to-video and image-to-video from the command line, with low-memory transforms.
+
+    python recipes/wan_t2v.py --model_path /path/to/Wan2.1-T2V-1.3B-Diffusers --prompt "a cat surfing" --out cat.mp4
+    python recipes/wan_t2v.py --model_id Wan-AI/Wan2.2-I2V-A14B-Diffusers --image cat.png --prompt "the cat jumps" \\
+        --device cuda --dtype bfloat16 --fp8 dit,t5 --offload block --vram_limit 8 --out cat.mp4
+
+``--model_id`` downloads into $DSF_MODEL_BASE_PATH (ModelScope, or the Hugging Face Hub with
+DSF_DOWNLOAD_SOURCE=huggingface). The folder is a diffusers Wan pipeline: T2V, I2V (``--image``
+required), TI2V-5B (``--image`` optional) or a two-expert A14B model; ``--dit``/``--vae`` take
+other files (Wan's original or ComfyUI layout) instead of the folder's. The transforms wrap the
+whole pipeline call: fp8 storage of the named components, offload of the weights to the CPU (per
+component or per block, keeping ``--vram_limit`` GiB of blocks resident), and LoRA files attached
+unfused (on an A14B model, to both experts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from PIL import Image
+
+import dsf
+from dsf.hub import ModelSource
+from dsf.models.wan.model import TwoExpertDiT
+from dsf.models.wan.pipeline import DEFAULT_NEGATIVE_PROMPT, FPS, load_pipeline
+from dsf.transforms import fp8, load_lora, offload
+from dsf.video import write_mp4
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Wan text-to-video and image-to-video.")
+    p.add_argument("--model_path", help="a diffusers Wan pipeline folder")
+    p.add_argument("--model_id", help="a hub repo, e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+    p.add_argument("--dit", help="a DiT file or folder (diffusers, Wan original or ComfyUI layout; A14B: its folder)")
+    p.add_argument("--vae", help="a VAE file or folder (diffusers or Wan original layout)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT)
+    p.add_argument("--image", help="image-to-video: the first frame")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_frames", type=int, default=81, help="1 + 4k")
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--num_inference_steps", type=int, default=50)
+    p.add_argument("--cfg_scale", type=float, default=5.0)
+    p.add_argument("--sigma_shift", type=float, default=5.0)
+    p.add_argument("--no_tiling", action="store_true", help="encode and decode with the VAE in one piece")
+    p.add_argument("--max_sequence_length", type=int, default=512, help="umT5 tokens per prompt")
+    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--fp8", default="", help="components stored in float8, e.g. dit,t5")
+    p.add_argument("--offload", default="none", choices=("none", "component", "block"))
+    p.add_argument("--vram_limit", type=float, default=0.0, help="GiB of blocks kept resident with --offload block")
+    p.add_argument("--lora", action="append", default=[], help="a LoRA file (dsf or diffusers layout); repeatable")
+    p.add_argument("--lora_scale", type=float, action="append", default=[])
+    p.add_argument("--fps", type=int, default=FPS)
+    p.add_argument("--out", default="wan.mp4")
+    return p
+
+
+def transforms(args) -> dsf.Transform:
+    """fp8 storage of the --fp8 components and --offload of the weights, chained.
+
+    >>> transforms(parser().parse_args(["--prompt", "x", "--fp8", "dit,t5"])).name
+    'chain(fp8(granularity=tensor, compute_dtype=bfloat16))'
+    """
+    compute_dtype = getattr(torch, args.dtype)
+    stack = []
+    components = [c for c in args.fp8.split(",") if c]
+    if components:
+        stack.append(fp8(where=rf"^({'|'.join(components)})/", compute_dtype=compute_dtype))
+    if args.offload != "none":
+        stack.append(offload(device=args.device, level=args.offload, vram_limit=args.vram_limit))
+    return dsf.chain(*stack)
+
+
+def with_loras(pipe, dit_params, files: list[str], scales: list[float]):
+    """``dit_params`` with each LoRA file attached (to every expert of an A14B model).
+
+    >>> from dsf.models.wan.tiny import tiny_pipeline
+    >>> pipe = tiny_pipeline("t2v-a14b")
+    >>> with_loras(pipe, pipe.dit_params, [], []) is pipe.dit_params
+    True
+    """
+    scales = scales + [1.0] * (len(files) - len(scales))
+    for path, scale in zip(files, scales):
+        if isinstance(pipe.dit, TwoExpertDiT):
+            dit_params = {expert: load_lora(tree, path, scale=scale) for expert, tree in dit_params.items()}
+        else:
+            dit_params = load_lora(dit_params, path, scale=scale)
+    return dit_params
+
+
+def main(argv: list[str]) -> None:
+    args = parser().parse_args(argv)
+    source = args.model_path or (ModelSource(model_id=args.model_id) if args.model_id else None)
+    storage_device = "cpu" if args.offload != "none" else args.device
+    pipe = load_pipeline(source, dit=args.dit, vae=args.vae, dtype=getattr(torch, args.dtype), device=storage_device,
+                         max_sequence_length=args.max_sequence_length)
+
+    params = {**pipe.params, "dit": with_loras(pipe, pipe.dit_params, args.lora, args.lora_scale)}
+    stack = transforms(args)
+    params = stack.init(params, dsf.random.key(args.seed))
+
+    frames = stack(pipe.generate)(
+        params, args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+        image=Image.open(args.image) if args.image else None, num_frames=args.num_frames, height=args.height,
+        width=args.width, num_inference_steps=args.num_inference_steps, cfg_scale=args.cfg_scale,
+        sigma_shift=args.sigma_shift, tiled=not args.no_tiling,
+    )
+    write_mp4(frames, args.out, fps=args.fps)
+    print(f"wrote {args.out} ({len(frames)} frames, {args.width}x{args.height}, {args.fps} fps)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
