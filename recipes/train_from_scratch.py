@@ -27,8 +27,9 @@ from PIL import Image
 import dsf
 from dsf import distributed
 from dsf.models.digits import DigitsConfig, generate, load_model, new_model, prompt_for, save_model
+from dsf.models.digits.paradigms import fit, from_scratch
 from dsf.models.digits.training import data_stream, digits_loss, load_training_set, write_digits_folder
-from dsf.train import TrainConfig, train
+from dsf.train import TrainConfig
 from dsf.transforms import checkpoint
 from dsf.transforms.shard import shard, unshard
 
@@ -93,11 +94,10 @@ def run_training(args) -> Path:
     config = DigitsConfig(image_size=args.image_size, dim=args.dim, depth=args.depth)
     model = new_model(config, model_key)
 
-    transforms = dsf.chain(
+    paradigm = from_scratch(
         *([checkpoint()] if args.use_gradient_checkpointing else []),
         *([shard(where=r"^dit/")] if args.shard else []),
     )
-    loss = transforms(digits_loss(model))
     train_config = TrainConfig(
         learning_rate=args.learning_rate,
         weight_decay=0.0,
@@ -110,8 +110,8 @@ def run_training(args) -> Path:
         resume=args.resume,
     )
     started = time.perf_counter()
-    params = train(loss, transforms.init(model.params), data_stream(items, args.batch_size, data_key), train_config,
-                   where=r"^dit/", key=train_key)
+    params = fit(paradigm, digits_loss(model), model.params, data_stream(items, args.batch_size, data_key), train_config,
+                 key=train_key)
     trained = dataclasses.replace(model, params=unshard(params))
     if world.rank != 0:
         return output / "model"
