@@ -130,7 +130,8 @@ def _in_storage(param, pin: bool):
         if not isinstance(leaf, torch.Tensor):
             return leaf
         leaf = leaf.to("cpu")
-        return leaf.pin_memory() if pin and not leaf.is_pinned() else leaf
+        pinnable = type(leaf) is torch.Tensor  # a DTensor shard (shard transform) cannot be pinned
+        return leaf.pin_memory() if pin and pinnable and not leaf.is_pinned() else leaf
 
     return optree.tree_map(place, param, namespace=NAMESPACE)
 
