@@ -21,23 +21,21 @@ Example:
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping
 
 import torch
 
+from dsf import loading
 from dsf.hub import local_source
-from dsf.io import Source, load_state_dict, read_json
+from dsf.io import Source, load_state_dict
 from dsf.models.flux.config import FluxConfig, resolve_config
 from dsf.models.flux.model import FluxDiT, param_shapes
 from dsf.tree import flatten_dict, unflatten_dict
 
 COMFY_PREFIX = "model.diffusion_model."
 SHIFT_SCALE_SWAPPED = "final_layer.adaLN_modulation.1"  # BFL (shift, scale) halves = diffusers norm_out (scale, shift)
-EXAMPLES = 5  # keys shown per kind of mismatch in errors
 
 
 def _module_renames(modules: Mapping[str, str]) -> dict[str, str]:
@@ -233,45 +231,13 @@ def check_keys(shapes: Mapping[str, tuple], config: FluxConfig, layout: str = "d
     ...
     ValueError: checkpoint (diffusers layout) does not fit ... 1 unexpected keys, e.g. ['bogus.weight']...
     """
-    expected = param_shapes(config)
-    missing = [k for k in expected if k not in shapes]
-    unexpected = [k for k in shapes if k not in expected]
-    wrong = [f"{k}: {tuple(shapes[k])} != {expected[k]}" for k in expected if k in shapes and tuple(shapes[k]) != expected[k]]
-    if not (missing or unexpected or wrong):
-        return
-    problems = [
-        f"{len(found)} {kind}, e.g. {found[:EXAMPLES]}"
-        for kind, found in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatches (checkpoint != config)", wrong),
-        )
-        if found
-    ]
-    raise ValueError(
-        f"checkpoint ({layout} layout) does not fit a FLUX.1 DiT with {config}: " + "; ".join(problems) + ". "
+    loading.check_keys(
+        param_shapes(config),
+        shapes,
+        f"checkpoint ({layout} layout) does not fit a FLUX.1 DiT with {config}",
         "Known layouts: diffusers (x_embedder.weight, transformer_blocks.N...), BFL (img_in.weight, double_blocks.N...), "
         f"BFL with ComfyUI's {COMFY_PREFIX!r} prefix. If the sizes differ, pass config= (diffusers config keys)."
     )
-
-
-def _transformer_folder(source: Source) -> Source:
-    """A diffusers pipeline folder stands for its ``transformer/`` subfolder."""
-    if isinstance(source, (str, os.PathLike)) and (Path(source) / "transformer").is_dir():
-        return Path(source) / "transformer"
-    return source
-
-
-def _config_json(source: Source) -> dict | None:
-    """The diffusers ``config.json`` of a FLUX transformer beside the weights, if there is one."""
-    if isinstance(source, Mapping):
-        return None
-    first = Path(source) if isinstance(source, (str, os.PathLike)) else Path(list(source)[0])
-    path = (first if first.is_dir() else first.parent) / "config.json"
-    if not path.is_file():
-        return None
-    found = read_json(path)
-    return found if found.get("_class_name", "FluxTransformer2DModel") == "FluxTransformer2DModel" else None
 
 
 def load_dit(source: Source, config: Mapping | FluxConfig | None = None, *, dtype: torch.dtype | None = None, device="cpu"):
@@ -289,10 +255,11 @@ def load_dit(source: Source, config: Mapping | FluxConfig | None = None, *, dtyp
     >>> dit.config.guidance_embeds, len(params["single_transformer_blocks"])
     (False, 1)
     """
-    source = _transformer_folder(local_source(source))
+    source = loading.pipeline_subfolder(local_source(source), "transformer")
     loaded = load_state_dict(source, dtype=dtype, device=device)
     flat = to_ours(loaded)
     shapes = {key: tuple(tensor.shape) for key, tensor in flat.items()}
-    resolved = resolve_config(shapes, _config_json(source), config)
+    config_json = loading.config_of_kind(source, "_class_name", "FluxTransformer2DModel", absent_ok=True)
+    resolved = resolve_config(shapes, config_json, config)
     check_keys(shapes, resolved, detect_layout(loaded))
     return FluxDiT(resolved), unflatten_dict(flat)

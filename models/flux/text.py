@@ -23,17 +23,15 @@ Example:
 
 from __future__ import annotations
 
-import os
-import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Union
 
 import torch
 
-from dsf.hub import ModelSource, local_source, resolve
-from dsf.io import Source, load_state_dict, read_json
+from dsf import loading
+from dsf.hub import ModelSource, local_source
+from dsf.io import Source, load_state_dict
 from dsf.modules import pure_module
+from dsf.text_encoder import Prompts, TextEncoder
 from dsf.tree import flatten_dict, unflatten_dict
 from dsf.weight import materialize_tree
 
@@ -84,7 +82,7 @@ T5_XXL_CONFIG = {
 }
 
 T5_MAX_TOKENS = 512
-CLIP_NAME, T5_NAME = "CLIP-L", "T5-XXL"
+FAMILY, CLIP_NAME, T5_NAME = "FLUX.1", "CLIP-L", "T5-XXL"
 CLIP_MARKER = "embeddings.token_embedding.weight"
 CLIP_PARTS = ("embeddings.", "encoder.", "final_layer_norm.")
 CLIP_LEGACY_BUFFER = "embeddings.position_ids"
@@ -92,63 +90,10 @@ CLIP_EMBEDDING = "text_model.embeddings.token_embedding.weight"
 T5_MARKER = "block.0.layer.0.SelfAttention.q.weight"
 T5_PARTS = ("block.", "final_layer_norm.", "embed_tokens.")
 T5_EMBEDDING, T5_STACK_EMBEDDING = "shared.weight", "encoder.embed_tokens.weight"
-PROMPT_SHOWN = 80  # characters of a prompt quoted in the truncation warning
-EXAMPLES = 5  # keys shown per kind of mismatch in errors
+TOKENIZER_FOLDERS = "FLUX.1-dev's tokenizer/ for CLIP, tokenizer_2/ for T5"
 
-Prompts = Union[str, Sequence[str]]
 ConfigLike = Any  # a dict of transformers config keys, a transformers config, or None
 SourceLike = Union[ModelSource, Source]
-
-
-@dataclass(frozen=True)
-class TextEncoder:
-    """A text encoder as data: its ``params``, its tokenizer, and the pure map from token ids to embeddings.
-
-    ``encode_ids(params, input_ids (B, L)) -> embeddings``; ``max_length`` is the most tokens it takes.
-
-    >>> from transformers import T5TokenizerFast
-    >>> tokenizer = T5TokenizerFast(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁a", -1.0)], extra_ids=0)
-    >>> count = TextEncoder("counter", {}, tokenizer, 4, lambda params, ids: (ids > 0).sum(-1))
-    >>> count.tokenize(["a a"]).tolist(), count.encode({}, ["a", "a a"]).tolist()
-    ([[3, 3, 1, 0]], [2, 3])
-    """
-
-    name: str
-    params: dict = field(repr=False)
-    tokenizer: Any = field(repr=False)
-    max_length: int
-    encode_ids: Callable[[dict, torch.Tensor], torch.Tensor] = field(repr=False)
-
-    def tokenize(self, prompts: Prompts, max_length: int | None = None) -> torch.Tensor:
-        """Token ids (B, max_length) padded to ``max_length``; a longer prompt is cut, with a warning naming it."""
-        length = self._length(max_length)
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        for prompt in prompts:
-            count = len(self.tokenizer(prompt, verbose=False)["input_ids"])
-            if count > length:
-                shown = repr(prompt[:PROMPT_SHOWN]) + ("..." if len(prompt) > PROMPT_SHOWN else "")
-                warnings.warn(
-                    f"prompt {shown} has {count} {self.name} tokens; the encoder takes {length}, the rest is dropped",
-                    stacklevel=2,
-                )
-        batch = self.tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-        return batch["input_ids"]
-
-    def encode(self, params, prompts: Prompts | torch.Tensor, max_length: int | None = None) -> torch.Tensor:
-        """The embeddings of prompts (tokenized here) or of token ids (B, L) with ``params``."""
-        if not isinstance(prompts, torch.Tensor):
-            return self.encode_ids(params, self.tokenize(prompts, max_length))
-        length = self._length(max_length)
-        if prompts.ndim != 2 or prompts.shape[1] > length:
-            raise ValueError(f"{self.name} takes token ids of shape (batch, at most {length}), got {tuple(prompts.shape)}")
-        return self.encode_ids(params, prompts)
-
-    def _length(self, max_length: int | None) -> int:
-        if max_length is None:
-            return self.max_length
-        if not 1 <= max_length <= self.max_length:
-            raise ValueError(f"{self.name} takes 1 to {self.max_length} tokens, got max_length={max_length}")
-        return max_length
 
 
 def encode_prompt(clip: TextEncoder, t5: TextEncoder, prompts: Prompts, max_sequence_length: int = T5_MAX_TOKENS):
@@ -190,12 +135,13 @@ def load_clip(
     from transformers import CLIPTextConfig, CLIPTokenizer
 
     root = local_source(source)
-    weights = _component(root, "text_encoder", CLIP_NAME)
-    tokenizer = _tokenizer(tokenizer, _pipeline_part(root, "text_encoder", "tokenizer"), CLIPTokenizer, CLIP_NAME)
-    cfg = CLIPTextConfig.from_dict(_merged(CLIP_L_CONFIG, _clip_config_beside(weights), config))
+    weights = loading.pipeline_component(root, "text_encoder", CLIP_NAME)
+    tokenizer_folder = loading.pipeline_part(root, "text_encoder", "tokenizer")
+    tokenizer = loading.load_tokenizer(tokenizer, tokenizer_folder, CLIPTokenizer, CLIP_NAME, TOKENIZER_FOLDERS)
+    cfg = CLIPTextConfig.from_dict(loading.merged_config(CLIP_L_CONFIG, _clip_config_beside(weights), config))
     module = _clip_module(cfg)
     params = clip_to_ours(load_state_dict(weights, dtype=dtype, device=device))
-    _check_keys(CLIP_NAME, _clip_shapes(module), params, weights)
+    loading.check_encoder_keys(FAMILY, CLIP_NAME, _clip_shapes(module), params, weights)
     return TextEncoder(
         name=CLIP_NAME,
         params=unflatten_dict(params),
@@ -230,12 +176,13 @@ def load_t5(
     from transformers import T5Config, T5TokenizerFast
 
     root = local_source(source)
-    weights = _component(root, "text_encoder_2", T5_NAME)
-    tokenizer = _tokenizer(tokenizer, _pipeline_part(root, "text_encoder_2", "tokenizer_2"), T5TokenizerFast, T5_NAME)
-    cfg = T5Config.from_dict(_merged(T5_XXL_CONFIG, _t5_config_beside(weights), config))
+    weights = loading.pipeline_component(root, "text_encoder_2", T5_NAME)
+    tokenizer_folder = loading.pipeline_part(root, "text_encoder_2", "tokenizer_2")
+    tokenizer = loading.load_tokenizer(tokenizer, tokenizer_folder, T5TokenizerFast, T5_NAME, TOKENIZER_FOLDERS)
+    cfg = T5Config.from_dict(loading.merged_config(T5_XXL_CONFIG, loading.config_of_kind(weights, "model_type", "t5"), config))
     module = _t5_module(cfg)
     params = t5_to_ours(load_state_dict(weights, dtype=dtype, device=device))
-    _check_keys(T5_NAME, _t5_shapes(module), params, weights)
+    loading.check_encoder_keys(FAMILY, T5_NAME, _t5_shapes(module), params, weights)
     return TextEncoder(
         name=T5_NAME,
         params=unflatten_dict(params),
@@ -256,7 +203,7 @@ def clip_to_ours(flat: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     >>> sorted(clip_to_ours({"embeddings.token_embedding.weight": w, "text_projection.weight": w}))
     ['text_model.embeddings.token_embedding.weight']
     """
-    prefix = _encoder_prefix(flat, CLIP_MARKER, CLIP_NAME)
+    prefix = loading.encoder_prefix(flat, CLIP_MARKER, CLIP_NAME)
     ours = {}
     for key, tensor in flat.items():
         local = key[len(prefix) :]
@@ -276,7 +223,7 @@ def t5_to_ours(flat: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     >>> sorted(t5_to_ours({"block.0.layer.0.SelfAttention.q.weight": w, "embed_tokens.weight": w}))
     ['encoder.block.0.layer.0.SelfAttention.q.weight', 'shared.weight']
     """
-    prefix = _encoder_prefix(flat, T5_MARKER, T5_NAME, skip="decoder.")
+    prefix = loading.encoder_prefix(flat, T5_MARKER, T5_NAME, skip="decoder.")
     ours = {
         "encoder." + key[len(prefix) :]: tensor
         for key, tensor in flat.items()
@@ -296,7 +243,7 @@ def clip_param_shapes(config: ConfigLike = None) -> dict[str, tuple[int, ...]]:
     """
     from transformers import CLIPTextConfig
 
-    return _clip_shapes(_clip_module(CLIPTextConfig.from_dict(_merged(CLIP_L_CONFIG, None, config))))
+    return _clip_shapes(_clip_module(CLIPTextConfig.from_dict(loading.merged_config(CLIP_L_CONFIG, None, config))))
 
 
 def t5_param_shapes(config: ConfigLike = None) -> dict[str, tuple[int, ...]]:
@@ -307,7 +254,7 @@ def t5_param_shapes(config: ConfigLike = None) -> dict[str, tuple[int, ...]]:
     """
     from transformers import T5Config
 
-    return _t5_shapes(_t5_module(T5Config.from_dict(_merged(T5_XXL_CONFIG, None, config))))
+    return _t5_shapes(_t5_module(T5Config.from_dict(loading.merged_config(T5_XXL_CONFIG, None, config))))
 
 
 def _clip_module(config):
@@ -367,108 +314,9 @@ def _t5_hidden_fn(module) -> Callable[[dict, torch.Tensor], torch.Tensor]:
     return hidden
 
 
-def _encoder_prefix(flat: Mapping[str, Any], marker: str, name: str, skip: str = "") -> str:
-    """The one prefix (``""`` or ending in ``.``) before ``marker`` in the keys, except prefixes ending in ``skip``."""
-    prefixes = sorted(
-        prefix
-        for key in flat
-        if key.endswith(marker)
-        and ((prefix := key[: -len(marker)]) == "" or prefix.endswith("."))
-        and not (skip and prefix.endswith(skip))
-    )
-    if not prefixes:
-        examples = sorted(flat)[:EXAMPLES]
-        raise ValueError(f"no {name} weights in the checkpoint: no key ends in {marker!r}; its keys look like {examples}")
-    if len(prefixes) > 1:
-        raise ValueError(f"the checkpoint holds several {name} encoders, under {prefixes}; pass a state dict holding one")
-    return prefixes[0]
-
-
-def _check_keys(name: str, expected: Mapping[str, tuple], found: Mapping[str, torch.Tensor], weights) -> None:
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    wrong = [
-        f"{k}: {tuple(found[k].shape)} != {expected[k]}"
-        for k in expected
-        if k in found and tuple(found[k].shape) != expected[k]
-    ]
-    if not (missing or unexpected or wrong):
-        return
-    kinds = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches (checkpoint != config)", wrong))
-    problems = [f"{len(keys)} {kind}, e.g. {keys[:EXAMPLES]}" for kind, keys in kinds if keys]
-    where = "the state dict" if isinstance(weights, Mapping) else str(weights)
-    raise ValueError(
-        f"{where} does not fit FLUX.1's {name} encoder: " + "; ".join(problems) + ". "
-        "If its sizes differ, put its config.json beside the weights or pass config= (transformers config keys)."
-    )
-
-
-def _merged(defaults: Mapping, found: Mapping | None, override: ConfigLike) -> dict:
-    override = override.to_dict() if hasattr(override, "to_dict") else dict(override or {})
-    return {**defaults, **(found or {}), **override}
-
-
-def _config_json(weights) -> dict | None:
-    """The ``config.json`` in the weights' folder (or beside the first weights file), if any."""
-    if isinstance(weights, Mapping):
-        return None
-    first = Path(weights) if isinstance(weights, (str, os.PathLike)) else Path(list(weights)[0])
-    path = (first if first.is_dir() else first.parent) / "config.json"
-    return read_json(path) if path.is_file() else None
-
-
 def _clip_config_beside(weights) -> dict | None:
     """A CLIP text config beside the weights; a full CLIP model's config gives its ``text_config``."""
-    found = _config_json(weights) or {}
+    found = loading.config_json_beside(weights) or {}
     if found.get("model_type") == "clip":
         return found.get("text_config", {}) | {"model_type": "clip_text_model"}
     return found if found.get("model_type") == "clip_text_model" else None
-
-
-def _t5_config_beside(weights) -> dict | None:
-    found = _config_json(weights) or {}
-    return found if found.get("model_type") == "t5" else None
-
-
-def _is_pipeline(root, encoder_folder: str) -> bool:
-    return isinstance(root, Path) and ((root / encoder_folder).is_dir() or (root / "model_index.json").is_file())
-
-
-def _component(root, encoder_folder: str, name: str):
-    """A diffusers pipeline folder stands for its encoder subfolder; other sources for themselves."""
-    if not _is_pipeline(root, encoder_folder):
-        return root
-    folder = root / encoder_folder
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"{root} is a diffusers pipeline folder (it has model_index.json) but has no {encoder_folder}/ with "
-            f"the {name} encoder; download {encoder_folder}/ into it, or pass the encoder's own files"
-        )
-    return folder
-
-
-def _pipeline_part(root, encoder_folder: str, part: str) -> Path | None:
-    """``root/part`` when ``root`` is a diffusers pipeline folder, else ``None``."""
-    return root / part if _is_pipeline(root, encoder_folder) else None
-
-
-def _tokenizer(tokenizer, pipeline_tokenizer: Path | None, tokenizer_class, name: str):
-    """A tokenizer object as is; otherwise the tokenizer in a local folder (the pipeline's by default)."""
-    from transformers import PreTrainedTokenizerBase
-
-    if isinstance(tokenizer, PreTrainedTokenizerBase):
-        return tokenizer
-    if tokenizer is None:
-        if pipeline_tokenizer is None:
-            raise ValueError(
-                f"pass tokenizer= for the {name} encoder: a local folder holding its tokenizer files "
-                "(FLUX.1-dev's tokenizer/ for CLIP, tokenizer_2/ for T5), a ModelSource, or a tokenizer object"
-            )
-        tokenizer = pipeline_tokenizer
-    folder = Path(resolve(tokenizer)) if isinstance(tokenizer, ModelSource) else Path(tokenizer)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no {name} tokenizer folder at {folder}; pass tokenizer= a local folder holding its files")
-    wanted = sorted(tokenizer_class.vocab_files_names.values())
-    if not any((folder / file).is_file() for file in wanted):
-        raise FileNotFoundError(f"{folder} holds none of the {name} tokenizer files {wanted}")
-    return tokenizer_class.from_pretrained(str(folder), local_files_only=True)

@@ -25,21 +25,19 @@ Example:
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import fields
-from pathlib import Path
 from typing import Mapping
 
 import torch
 
+from dsf import loading
 from dsf.hub import local_source
-from dsf.io import Source, load_state_dict, read_json
+from dsf.io import Source, load_state_dict
 from dsf.models.flux.vae import FluxVAE, FluxVAEConfig, vae_param_shapes
 from dsf.tree import flatten_dict, unflatten_dict
 
 LDM_PREFIXES = ("first_stage_model.", "vae.")  # a VAE inside a whole-pipeline LDM / ComfyUI file
-EXAMPLES = 5  # keys shown per kind of mismatch in errors
 
 # (our key prefix, LDM key prefix), first match wins. {part}: encoder or decoder; {i}, {j}: indices;
 # {r}: the LDM number of our decoder level i, levels − 1 − i.
@@ -262,46 +260,14 @@ def check_keys(shapes: Mapping[str, tuple], config: FluxVAEConfig, layout: str =
     ...
     ValueError: checkpoint (diffusers layout) does not fit a FLUX VAE with ... 1 unexpected keys, e.g. ['bogus.weight']...
     """
-    expected = vae_param_shapes(config)
-    missing = [k for k in expected if k not in shapes]
-    unexpected = [k for k in shapes if k not in expected]
-    wrong = [f"{k}: {tuple(shapes[k])} != {expected[k]}" for k in expected if k in shapes and tuple(shapes[k]) != expected[k]]
-    if not (missing or unexpected or wrong):
-        return
-    problems = [
-        f"{len(found)} {kind}, e.g. {found[:EXAMPLES]}"
-        for kind, found in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatches (checkpoint != config)", wrong),
-        )
-        if found
-    ]
-    raise ValueError(
-        f"checkpoint ({layout} layout) does not fit a FLUX VAE with {config}: " + "; ".join(problems) + ". "
+    loading.check_keys(
+        vae_param_shapes(config),
+        shapes,
+        f"checkpoint ({layout} layout) does not fit a FLUX VAE with {config}",
         "Known layouts: diffusers AutoencoderKL (encoder.down_blocks.N.resnets.M...), LDM/BFL ae.safetensors "
         f"(encoder.down.N.block.M..., optionally prefixed {' or '.join(map(repr, LDM_PREFIXES))}). "
         "If the sizes differ, pass config= (AutoencoderKL config keys)."
     )
-
-
-def _vae_folder(source: Source) -> Source:
-    """A diffusers pipeline folder stands for its ``vae/`` subfolder."""
-    if isinstance(source, (str, os.PathLike)) and (Path(source) / "vae").is_dir():
-        return Path(source) / "vae"
-    return source
-
-
-def _config_json(source: Source) -> dict | None:
-    """The diffusers ``config.json`` of an ``AutoencoderKL`` beside the weights, if there is one."""
-    if isinstance(source, Mapping):
-        return None
-    first = Path(source) if isinstance(source, (str, os.PathLike)) else Path(list(source)[0])
-    path = (first if first.is_dir() else first.parent) / "config.json"
-    if not path.is_file():
-        return None
-    found = read_json(path)
-    return found if found.get("_class_name", "AutoencoderKL") == "AutoencoderKL" else None
 
 
 def load_vae(source: Source, config: Mapping | FluxVAEConfig | None = None, *, dtype: torch.dtype | None = None, device="cpu"):
@@ -318,10 +284,11 @@ def load_vae(source: Source, config: Mapping | FluxVAEConfig | None = None, *, d
     >>> vae.config == cfg, len(vparams["decoder"]["up_blocks"][0]["resnets"])
     (True, 2)
     """
-    source = _vae_folder(local_source(source))
+    source = loading.pipeline_subfolder(local_source(source), "vae")
     loaded = load_state_dict(source, dtype=dtype, device=device)
     flat, layout = to_ours(loaded)
     shapes = {key: tuple(tensor.shape) for key, tensor in flat.items()}
-    resolved = resolve_vae_config(shapes, _config_json(source), config)
+    config_json = loading.config_of_kind(source, "_class_name", "AutoencoderKL", absent_ok=True)
+    resolved = resolve_vae_config(shapes, config_json, config)
     check_keys(shapes, resolved, layout)
     return FluxVAE(resolved), unflatten_dict(flat)

@@ -28,6 +28,7 @@ from typing import Mapping
 
 import torch
 
+from dsf import loading
 from dsf.hub import local_source
 from dsf.io import Source, load_state_dict, read_json
 from dsf.models.wan.config import WanConfig, resolve_config
@@ -37,7 +38,6 @@ from dsf.tree import flatten_dict, unflatten_dict
 COMFY_PREFIX = "model.diffusion_model."
 UNUSED_DIFFUSERS_KEY = re.compile(r"blocks\.\d+\.attn2\.norm_added_q\.weight")  # in early diffusers I2V files; diffusers skips it
 EXPERT_FOLDERS = (("transformer", "transformer_2"), ("high_noise_model", "low_noise_model"))  # (high, low): diffusers, Wan-AI
-EXAMPLES = 5  # keys shown per kind of mismatch in errors
 
 
 def _module_renames(modules: Mapping[str, str]) -> dict[str, str]:
@@ -172,23 +172,10 @@ def check_keys(shapes: Mapping[str, tuple], config: WanConfig, layout: str = "di
     ...
     ValueError: checkpoint (diffusers layout) does not fit a Wan DiT with ... 1 unexpected keys, e.g. ['bogus.weight']...
     """
-    expected = param_shapes(config)
-    missing = [k for k in expected if k not in shapes]
-    unexpected = [k for k in shapes if k not in expected]
-    wrong = [f"{k}: {tuple(shapes[k])} != {expected[k]}" for k in expected if k in shapes and tuple(shapes[k]) != expected[k]]
-    if not (missing or unexpected or wrong):
-        return
-    problems = [
-        f"{len(found)} {kind}, e.g. {found[:EXAMPLES]}"
-        for kind, found in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatches (checkpoint != config)", wrong),
-        )
-        if found
-    ]
-    raise ValueError(
-        f"checkpoint ({layout} layout) does not fit a Wan DiT with {config}: " + "; ".join(problems) + ". "
+    loading.check_keys(
+        param_shapes(config),
+        shapes,
+        f"checkpoint ({layout} layout) does not fit a Wan DiT with {config}",
         "Known layouts: diffusers (condition_embedder.*, blocks.N.attn1...), original Wan (text_embedding.*, "
         f"blocks.N.self_attn...), original with ComfyUI's {COMFY_PREFIX!r} prefix. If the sizes differ, pass config= "
         "(diffusers config keys)."
@@ -207,19 +194,7 @@ def _transformer_folder(source: Source) -> Source:
             f"{root} holds the two experts of a Wan2.2 A14B model ({high}/ for high noise, {low}/ for low noise): "
             f"load both with load_two_expert_dit({str(root)!r}), or one with load_dit on its folder"
         )
-    return root / "transformer" if (root / "transformer").is_dir() else source
-
-
-def _config_json(source: Source) -> dict | None:
-    """The diffusers ``config.json`` of a Wan transformer beside the weights, if there is one."""
-    if isinstance(source, Mapping):
-        return None
-    first = Path(source) if isinstance(source, (str, os.PathLike)) else Path(list(source)[0])
-    path = (first if first.is_dir() else first.parent) / "config.json"
-    if not path.is_file():
-        return None
-    found = read_json(path)
-    return found if found.get("_class_name", "WanTransformer3DModel") == "WanTransformer3DModel" else None
+    return loading.pipeline_subfolder(root, "transformer")
 
 
 def load_dit(source: Source, config: Mapping | WanConfig | None = None, *, dtype: torch.dtype | None = None, device="cpu"):
@@ -241,7 +216,8 @@ def load_dit(source: Source, config: Mapping | WanConfig | None = None, *, dtype
     loaded = load_state_dict(source, dtype=dtype, device=device)
     flat = to_ours(loaded)
     shapes = {key: tuple(tensor.shape) for key, tensor in flat.items()}
-    resolved = resolve_config(shapes, _config_json(source), config)
+    config_json = loading.config_of_kind(source, "_class_name", "WanTransformer3DModel", absent_ok=True)
+    resolved = resolve_config(shapes, config_json, config)
     check_keys(shapes, resolved, detect_layout(loaded))
     return WanDiT(resolved), unflatten_dict(flat)
 

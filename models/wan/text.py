@@ -35,15 +35,15 @@ from __future__ import annotations
 import html
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Union
 
 import torch
 
-from dsf.hub import ModelSource, local_source, resolve
-from dsf.io import Source, load_state_dict, read_json
+from dsf import loading, text_encoder
+from dsf.hub import ModelSource, local_source
+from dsf.io import Source, load_state_dict
 from dsf.modules import pure_module
 from dsf.tree import flatten_dict, unflatten_dict
 from dsf.weight import materialize_tree
@@ -92,7 +92,7 @@ CLIP_VIT_H_CONFIG = {
 }
 
 UMT5_MAX_TOKENS = 512
-UMT5_NAME, CLIP_NAME = "umT5-XXL", "CLIP ViT-H/14"
+FAMILY, UMT5_NAME, CLIP_NAME = "Wan", "umT5-XXL", "CLIP ViT-H/14"
 UMT5_MARKER = "block.0.layer.0.SelfAttention.q.weight"
 UMT5_PARTS = ("block.", "final_layer_norm.", "embed_tokens.")
 UMT5_EMBEDDING, UMT5_STACK_EMBEDDING = "shared.weight", "encoder.embed_tokens.weight"
@@ -114,10 +114,8 @@ CLIP_MARKER = "embeddings.patch_embedding.weight"
 CLIP_PARTS = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
 CLIP_POSITION_IDS = "embeddings.position_ids"  # a buffer, not a weight: rebuilt at each call
 PENULTIMATE = -2
-PROMPT_SHOWN = 80  # characters of a prompt quoted in the truncation warning
-EXAMPLES = 5  # keys shown per kind of mismatch in errors
+TOKENIZER_FOLDERS = "a Wan diffusers pipeline's tokenizer/, Wan-AI's google/umt5-xxl/"
 
-Prompts = Union[str, Sequence[str]]
 ConfigLike = Any  # a dict of transformers config keys, a transformers config, or None
 SourceLike = Union[ModelSource, Source]
 
@@ -138,11 +136,11 @@ def clean_prompt(prompt: str) -> str:
 
 
 @dataclass(frozen=True)
-class TextEncoder:
+class TextEncoder(text_encoder.TextEncoder):
     """The umT5 encoder as data: ``params``, the tokenizer, and the pure map from token ids to states.
 
     ``encode_ids(params, input_ids (B, L)) -> (B, L, d_model)``, zero at padding; ``max_length``
-    is the number of tokens prompts are padded to.
+    is the number of tokens prompts are padded to; prompts are cleaned with :func:`clean_prompt`.
 
     >>> from transformers import T5TokenizerFast
     >>> tokenizer = T5TokenizerFast(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁a", -1.0)], extra_ids=0)
@@ -151,42 +149,7 @@ class TextEncoder:
     ([[3, 3, 1, 0]], [2, 3])
     """
 
-    name: str
-    params: dict = field(repr=False)
-    tokenizer: Any = field(repr=False)
-    max_length: int
-    encode_ids: Callable[[dict, torch.Tensor], torch.Tensor] = field(repr=False)
-
-    def tokenize(self, prompts: Prompts, max_length: int | None = None) -> torch.Tensor:
-        """Token ids (B, max_length) of the cleaned prompts; a longer prompt is cut, with a warning naming it."""
-        length = self._length(max_length)
-        prompts = [clean_prompt(p) for p in ([prompts] if isinstance(prompts, str) else prompts)]
-        for prompt in prompts:
-            count = len(self.tokenizer(prompt, verbose=False)["input_ids"])
-            if count > length:
-                shown = repr(prompt[:PROMPT_SHOWN]) + ("..." if len(prompt) > PROMPT_SHOWN else "")
-                warnings.warn(
-                    f"prompt {shown} has {count} {self.name} tokens; the encoder takes {length}, the rest is dropped",
-                    stacklevel=2,
-                )
-        batch = self.tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-        return batch["input_ids"]
-
-    def encode(self, params, prompts: Prompts | torch.Tensor, max_length: int | None = None) -> torch.Tensor:
-        """The states of prompts (tokenized here) or of token ids (B, L) with ``params``."""
-        if not isinstance(prompts, torch.Tensor):
-            return self.encode_ids(params, self.tokenize(prompts, max_length))
-        length = self._length(max_length)
-        if prompts.ndim != 2 or prompts.shape[1] > length:
-            raise ValueError(f"{self.name} takes token ids of shape (batch, at most {length}), got {tuple(prompts.shape)}")
-        return self.encode_ids(params, prompts)
-
-    def _length(self, max_length: int | None) -> int:
-        if max_length is None:
-            return self.max_length
-        if not 1 <= max_length <= self.max_length:
-            raise ValueError(f"{self.name} takes 1 to {self.max_length} tokens, got max_length={max_length}")
-        return max_length
+    clean: Callable[[str], str] = field(default=clean_prompt, repr=False)
 
 
 @dataclass(frozen=True)
@@ -248,12 +211,13 @@ def load_umt5(
     from transformers import T5TokenizerFast, UMT5Config
 
     root = local_source(source)
-    weights = _component(root, "text_encoder", UMT5_NAME)
-    tokenizer = _tokenizer(tokenizer, _default_tokenizer_folder(root), T5TokenizerFast)
-    cfg = UMT5Config.from_dict(_merged(UMT5_XXL_CONFIG, _config_beside(weights, "umt5"), config))
+    weights = loading.pipeline_component(root, "text_encoder", UMT5_NAME)
+    tokenizer_folder = _default_tokenizer_folder(root)
+    tokenizer = loading.load_tokenizer(tokenizer, tokenizer_folder, T5TokenizerFast, UMT5_NAME, TOKENIZER_FOLDERS)
+    cfg = UMT5Config.from_dict(loading.merged_config(UMT5_XXL_CONFIG, loading.config_of_kind(weights, "model_type", "umt5"), config))
     module = _umt5_module(cfg)
     params = umt5_to_ours(load_state_dict(weights, dtype=dtype, device=device))
-    _check_keys(UMT5_NAME, _umt5_shapes(module), params, weights)
+    loading.check_encoder_keys(FAMILY, UMT5_NAME, _umt5_shapes(module), params, weights)
     return TextEncoder(
         name=UMT5_NAME,
         params=unflatten_dict(params),
@@ -288,12 +252,12 @@ def load_clip_vision(
     from transformers import CLIPImageProcessor, CLIPVisionConfig
 
     root = local_source(source)
-    weights = _component(root, "image_encoder", CLIP_NAME)
-    processor = _image_processor(image_processor, _pipeline_part(root, "image_encoder", "image_processor"), CLIPImageProcessor)
-    cfg = CLIPVisionConfig.from_dict(_merged(CLIP_VIT_H_CONFIG, _config_beside(weights, "clip_vision_model"), config))
+    weights = loading.pipeline_component(root, "image_encoder", CLIP_NAME)
+    processor = _image_processor(image_processor, loading.pipeline_part(root, "image_encoder", "image_processor"), CLIPImageProcessor)
+    cfg = CLIPVisionConfig.from_dict(loading.merged_config(CLIP_VIT_H_CONFIG, loading.config_of_kind(weights, "model_type", "clip_vision_model"), config))
     module = _clip_module(cfg)
     params = clip_vision_to_ours(load_state_dict(weights, dtype=dtype, device=device))
-    _check_keys(CLIP_NAME, _clip_shapes(module), params, weights)
+    loading.check_encoder_keys(FAMILY, CLIP_NAME, _clip_shapes(module), params, weights)
     return ImageEncoder(
         name=CLIP_NAME,
         params=unflatten_dict(params),
@@ -319,7 +283,7 @@ def umt5_to_ours(flat: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """
     if WAN_T5_MARKER in flat:
         return {_wan_t5_name(key) or key: tensor for key, tensor in flat.items()}
-    prefix = _encoder_prefix(flat, UMT5_MARKER, UMT5_NAME, skip="decoder.")
+    prefix = loading.encoder_prefix(flat, UMT5_MARKER, UMT5_NAME, skip="decoder.")
     ours = {
         "encoder." + key[len(prefix) :]: tensor
         for key, tensor in flat.items()
@@ -341,7 +305,7 @@ def clip_vision_to_ours(flat: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     >>> sorted(clip_vision_to_ours({"embeddings.patch_embedding.weight": w, "visual_projection.weight": w}))
     ['vision_model.embeddings.patch_embedding.weight']
     """
-    prefix = _encoder_prefix(flat, CLIP_MARKER, CLIP_NAME)
+    prefix = loading.encoder_prefix(flat, CLIP_MARKER, CLIP_NAME)
     return {
         "vision_model." + key[len(prefix) :]: tensor
         for key, tensor in flat.items()
@@ -358,7 +322,7 @@ def umt5_param_shapes(config: ConfigLike = None) -> dict[str, tuple[int, ...]]:
     """
     from transformers import UMT5Config
 
-    return _umt5_shapes(_umt5_module(UMT5Config.from_dict(_merged(UMT5_XXL_CONFIG, None, config))))
+    return _umt5_shapes(_umt5_module(UMT5Config.from_dict(loading.merged_config(UMT5_XXL_CONFIG, None, config))))
 
 
 def clip_vision_param_shapes(config: ConfigLike = None) -> dict[str, tuple[int, ...]]:
@@ -369,7 +333,7 @@ def clip_vision_param_shapes(config: ConfigLike = None) -> dict[str, tuple[int, 
     """
     from transformers import CLIPVisionConfig
 
-    return _clip_shapes(_clip_module(CLIPVisionConfig.from_dict(_merged(CLIP_VIT_H_CONFIG, None, config))))
+    return _clip_shapes(_clip_module(CLIPVisionConfig.from_dict(loading.merged_config(CLIP_VIT_H_CONFIG, None, config))))
 
 
 def _wan_t5_name(key: str) -> str | None:
@@ -445,111 +409,11 @@ def _clip_penultimate_fn(module) -> Callable[[dict, torch.Tensor], torch.Tensor]
     return features
 
 
-def _encoder_prefix(flat: Mapping[str, Any], marker: str, name: str, skip: str = "") -> str:
-    """The one prefix (``""`` or ending in ``.``) before ``marker`` in the keys, except prefixes ending in ``skip``."""
-    prefixes = sorted(
-        prefix
-        for key in flat
-        if key.endswith(marker)
-        and ((prefix := key[: -len(marker)]) == "" or prefix.endswith("."))
-        and not (skip and prefix.endswith(skip))
-    )
-    if not prefixes:
-        examples = sorted(flat)[:EXAMPLES]
-        raise ValueError(f"no {name} weights in the checkpoint: no key ends in {marker!r}; its keys look like {examples}")
-    if len(prefixes) > 1:
-        raise ValueError(f"the checkpoint holds several {name} encoders, under {prefixes}; pass a state dict holding one")
-    return prefixes[0]
-
-
-def _check_keys(name: str, expected: Mapping[str, tuple], found: Mapping[str, torch.Tensor], weights) -> None:
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    wrong = [
-        f"{k}: {tuple(found[k].shape)} != {expected[k]}"
-        for k in expected
-        if k in found and tuple(found[k].shape) != expected[k]
-    ]
-    if not (missing or unexpected or wrong):
-        return
-    kinds = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches (checkpoint != config)", wrong))
-    problems = [f"{len(keys)} {kind}, e.g. {keys[:EXAMPLES]}" for kind, keys in kinds if keys]
-    where = "the state dict" if isinstance(weights, Mapping) else str(weights)
-    raise ValueError(
-        f"{where} does not fit Wan's {name} encoder: " + "; ".join(problems) + ". "
-        "If its sizes differ, put its config.json beside the weights or pass config= (transformers config keys)."
-    )
-
-
-def _merged(defaults: Mapping, found: Mapping | None, override: ConfigLike) -> dict:
-    override = override.to_dict() if hasattr(override, "to_dict") else dict(override or {})
-    return {**defaults, **(found or {}), **override}
-
-
-def _config_beside(weights, model_type: str) -> dict | None:
-    """The ``config.json`` of ``model_type`` in the weights' folder (or beside the first weights file), if any."""
-    if isinstance(weights, Mapping):
-        return None
-    first = Path(weights) if isinstance(weights, (str, os.PathLike)) else Path(list(weights)[0])
-    path = (first if first.is_dir() else first.parent) / "config.json"
-    found = read_json(path) if path.is_file() else {}
-    return found if found.get("model_type") == model_type else None
-
-
-def _is_pipeline(root, encoder_folder: str) -> bool:
-    return isinstance(root, Path) and ((root / encoder_folder).is_dir() or (root / "model_index.json").is_file())
-
-
-def _component(root, encoder_folder: str, name: str):
-    """A diffusers pipeline folder stands for its encoder subfolder; other sources for themselves."""
-    if not _is_pipeline(root, encoder_folder):
-        return root
-    folder = root / encoder_folder
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"{root} is a diffusers pipeline folder (it has model_index.json) but has no {encoder_folder}/ with "
-            f"the {name} encoder; download {encoder_folder}/ into it, or pass the encoder's own files"
-        )
-    return folder
-
-
-def _pipeline_part(root, encoder_folder: str, part: str) -> Path | None:
-    """``root/part`` when ``root`` is a diffusers pipeline folder, else ``None``."""
-    return root / part if _is_pipeline(root, encoder_folder) else None
-
-
 def _default_tokenizer_folder(root) -> Path | None:
     """The pipeline's ``tokenizer/``, or the ``google/umt5-xxl/`` of a Wan-AI model folder."""
     if isinstance(root, Path) and (root / "google" / "umt5-xxl").is_dir():
         return root / "google" / "umt5-xxl"
-    return _pipeline_part(root, "text_encoder", "tokenizer")
-
-
-def _local_folder(source, what: str) -> Path:
-    folder = Path(resolve(source)) if isinstance(source, ModelSource) else Path(source)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no {what} folder at {folder}; pass a local folder holding its files")
-    return folder
-
-
-def _tokenizer(tokenizer, default_folder: Path | None, tokenizer_class):
-    """A tokenizer object as is; otherwise the tokenizer in a local folder (the pipeline's by default)."""
-    from transformers import PreTrainedTokenizerBase
-
-    if isinstance(tokenizer, PreTrainedTokenizerBase):
-        return tokenizer
-    if tokenizer is None:
-        if default_folder is None:
-            raise ValueError(
-                f"pass tokenizer= for the {UMT5_NAME} encoder: a local folder holding its tokenizer files (a Wan "
-                "diffusers pipeline's tokenizer/, Wan-AI's google/umt5-xxl/), a ModelSource, or a tokenizer object"
-            )
-        tokenizer = default_folder
-    folder = _local_folder(tokenizer, f"{UMT5_NAME} tokenizer")
-    wanted = sorted(tokenizer_class.vocab_files_names.values())
-    if not any((folder / file).is_file() for file in wanted):
-        raise FileNotFoundError(f"{folder} holds none of the {UMT5_NAME} tokenizer files {wanted}")
-    return tokenizer_class.from_pretrained(str(folder), local_files_only=True)
+    return loading.pipeline_part(root, "text_encoder", "tokenizer")
 
 
 def _image_processor(processor, pipeline_folder: Path | None, processor_class):
@@ -559,6 +423,6 @@ def _image_processor(processor, pipeline_folder: Path | None, processor_class):
     if processor is None:
         return processor_class()
     if isinstance(processor, (ModelSource, str, os.PathLike)):
-        folder = _local_folder(processor, f"{CLIP_NAME} image processor")
+        folder = loading.local_folder(processor, f"{CLIP_NAME} image processor")
         return processor_class.from_pretrained(str(folder), local_files_only=True)
     return processor

@@ -39,9 +39,9 @@ from einops import rearrange
 import dsf
 from dsf import ops
 from dsf.init import xavier_uniform
-from dsf.models.flux.vae import check_tiling, tiled_apply
 from dsf.models.wan.vae22 import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD, avg_down, dup_up, patchify, unpatchify
 from dsf.random import Key, normal, split
+from dsf.tiling import check_tiling, tiled_apply
 from dsf.weight import dense
 
 WAN21_LATENTS_MEAN = (

@@ -31,21 +31,19 @@ Example:
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import fields
-from pathlib import Path
 
 import torch
 
+from dsf import loading
 from dsf.hub import local_source
-from dsf.io import Source, load_state_dict, read_json
+from dsf.io import Source, load_state_dict
 from dsf.models.wan.vae import WAN21_VAE_CONFIG, WAN22_VAE_CONFIG, WanVAE, WanVAEConfig, vae_param_shapes
 from dsf.tree import flatten_dict, unflatten_dict
 
 ORIGINAL_PREFIXES = ("model.",)  # DiffSynth's WanVideoVAE wraps the original module as .model
-EXAMPLES = 5  # keys shown per kind of mismatch in errors
 _RESIDUAL_PARTS = (  # (ours, original) inside a residual block
     ("norm1.", "residual.0."),
     ("conv1.", "residual.2."),
@@ -323,47 +321,15 @@ def check_keys(shapes: Mapping[str, tuple], config: WanVAEConfig, layout: str = 
     ...
     ValueError: checkpoint (diffusers layout) does not fit a Wan VAE with ... 1 unexpected keys, e.g. ['bogus.weight']...
     """
-    expected = vae_param_shapes(config)
-    missing = [k for k in expected if k not in shapes]
-    unexpected = [k for k in shapes if k not in expected]
-    wrong = [f"{k}: {tuple(shapes[k])} != {expected[k]}" for k in expected if k in shapes and tuple(shapes[k]) != expected[k]]
-    if not (missing or unexpected or wrong):
-        return
-    problems = [
-        f"{len(found)} {kind}, e.g. {found[:EXAMPLES]}"
-        for kind, found in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatches (checkpoint != config)", wrong),
-        )
-        if found
-    ]
-    raise ValueError(
-        f"checkpoint ({layout} layout) does not fit a Wan VAE with {config}: " + "; ".join(problems) + ". "
+    loading.check_keys(
+        vae_param_shapes(config),
+        shapes,
+        f"checkpoint ({layout} layout) does not fit a Wan VAE with {config}",
         "Known layouts: diffusers AutoencoderKLWan (encoder.conv_in, encoder.down_blocks.N..., decoder.up_blocks.N.resnets.M...), "
         "original Wan2.1_VAE.pth / Wan2.2_VAE.pth converted to safetensors (encoder.conv1, encoder.downsamples.N..., "
         f"optionally prefixed {' or '.join(map(repr, ORIGINAL_PREFIXES))}). "
         "If the sizes differ, pass config= (AutoencoderKLWan config keys)."
     )
-
-
-def _vae_folder(source: Source) -> Source:
-    """A diffusers pipeline folder stands for its ``vae/`` subfolder."""
-    if isinstance(source, (str, os.PathLike)) and (Path(source) / "vae").is_dir():
-        return Path(source) / "vae"
-    return source
-
-
-def _config_json(source: Source) -> dict | None:
-    """The diffusers ``config.json`` of an ``AutoencoderKLWan`` beside the weights, if there is one."""
-    if isinstance(source, Mapping):
-        return None
-    first = Path(source) if isinstance(source, (str, os.PathLike)) else Path(next(iter(source)))
-    path = (first if first.is_dir() else first.parent) / "config.json"
-    if not path.is_file():
-        return None
-    found = read_json(path)
-    return found if found.get("_class_name", "AutoencoderKLWan") == "AutoencoderKLWan" else None
 
 
 def load_vae(source: Source, config: Mapping | WanVAEConfig | None = None, *, dtype: torch.dtype | None = None, device="cpu"):
@@ -380,10 +346,11 @@ def load_vae(source: Source, config: Mapping | WanVAEConfig | None = None, *, dt
     >>> vae.config == cfg, len(vparams["decoder"]["up_blocks"][0]["resnets"])
     (True, 3)
     """
-    source = _vae_folder(local_source(source))
+    source = loading.pipeline_subfolder(local_source(source), "vae")
     loaded = load_state_dict(source, dtype=dtype, device=device)
     flat, layout = to_ours(loaded)
     shapes = {key: tuple(tensor.shape) for key, tensor in flat.items()}
-    resolved = resolve_vae_config(shapes, _config_json(source), config)
+    config_json = loading.config_of_kind(source, "_class_name", "AutoencoderKLWan", absent_ok=True)
+    resolved = resolve_vae_config(shapes, config_json, config)
     check_keys(shapes, resolved, layout)
     return WanVAE(resolved), unflatten_dict(flat)

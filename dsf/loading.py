@@ -1,0 +1,217 @@
+"""Checkpoint-loading helpers shared by the model families: key checks, configs, pipeline folders, tokenizers.
+
+Nothing here knows a model: each family passes its names, expected shapes, config classes and the
+hint its errors end with.
+
+Example:
+    >>> merged_config({"width": 8, "depth": 2}, {"depth": 4}, {"width": 16})
+    {'width': 16, 'depth': 4}
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from dsf.hub import ModelSource, resolve
+from dsf.io import Source, read_json
+
+EXAMPLES = 5  # keys shown per kind of mismatch in errors
+ENCODER_HINT = "If its sizes differ, put its config.json beside the weights or pass config= (transformers config keys)."
+
+
+def key_problems(expected: Mapping[str, tuple], shapes: Mapping[str, tuple]) -> list[str]:
+    """The missing, unexpected and wrongly shaped keys of ``shapes`` against ``expected``: a count and examples per kind.
+
+    >>> key_problems({"a": (2,), "b": (3,)}, {"a": (4,), "c": (1,)})  # doctest: +NORMALIZE_WHITESPACE
+    ["1 missing keys, e.g. ['b']", "1 unexpected keys, e.g. ['c']",
+     "1 shape mismatches (checkpoint != config), e.g. ['a: (4,) != (2,)']"]
+    """
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
+    wrong = [f"{k}: {tuple(shapes[k])} != {expected[k]}" for k in expected if k in shapes and tuple(shapes[k]) != expected[k]]
+    kinds = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches (checkpoint != config)", wrong))
+    return [f"{len(keys)} {kind}, e.g. {keys[:EXAMPLES]}" for kind, keys in kinds if keys]
+
+
+def check_keys(expected: Mapping[str, tuple], shapes: Mapping[str, tuple], subject: str, hint: str) -> None:
+    """Raise ``ValueError("{subject}: {problems}. {hint}")`` unless ``shapes`` has exactly the ``expected`` keys and shapes.
+
+    >>> check_keys({"a": (2,)}, {"a": (2,), "b": (1,)}, "checkpoint does not fit a toy", "Pass config=.")
+    Traceback (most recent call last):
+    ...
+    ValueError: checkpoint does not fit a toy: 1 unexpected keys, e.g. ['b']. Pass config=.
+    """
+    problems = key_problems(expected, shapes)
+    if problems:
+        raise ValueError(f"{subject}: " + "; ".join(problems) + ". " + hint)
+
+
+def check_encoder_keys(family: str, name: str, expected: Mapping[str, tuple], found: Mapping[str, torch.Tensor], weights) -> None:
+    """:func:`check_keys` of a text or image encoder's tensors read from ``weights`` (a state dict or files).
+
+    >>> check_encoder_keys("Toy", "T5", {"a": (2,)}, {"a": torch.zeros(3)}, {})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: the state dict does not fit Toy's T5 encoder: 1 shape mismatches ... ['a: (3,) != (2,)']. If its sizes differ, ...
+    """
+    where = "the state dict" if isinstance(weights, Mapping) else str(weights)
+    shapes = {key: tuple(tensor.shape) for key, tensor in found.items()}
+    check_keys(expected, shapes, f"{where} does not fit {family}'s {name} encoder", ENCODER_HINT)
+
+
+def encoder_prefix(flat: Mapping[str, Any], marker: str, name: str, skip: str = "") -> str:
+    """The one prefix (``""`` or ending in ``.``) before ``marker`` in the keys, except prefixes ending in ``skip``.
+
+    >>> encoder_prefix({"text.block.0.q": 0, "decoder.block.0.q": 0}, "block.0.q", "T5", skip="decoder.")
+    'text.'
+    """
+    prefixes = sorted(
+        prefix
+        for key in flat
+        if key.endswith(marker)
+        and ((prefix := key[: -len(marker)]) == "" or prefix.endswith("."))
+        and not (skip and prefix.endswith(skip))
+    )
+    if not prefixes:
+        examples = sorted(flat)[:EXAMPLES]
+        raise ValueError(f"no {name} weights in the checkpoint: no key ends in {marker!r}; its keys look like {examples}")
+    if len(prefixes) > 1:
+        raise ValueError(f"the checkpoint holds several {name} encoders, under {prefixes}; pass a state dict holding one")
+    return prefixes[0]
+
+
+def merged_config(defaults: Mapping, found: Mapping | None, override: Any) -> dict:
+    """``defaults`` < ``found`` < ``override`` (a mapping, an object with ``to_dict()``, or None).
+
+    >>> merged_config({"a": 1, "b": 1}, None, {"b": 2})
+    {'a': 1, 'b': 2}
+    """
+    override = override.to_dict() if hasattr(override, "to_dict") else dict(override or {})
+    return {**defaults, **(found or {}), **override}
+
+
+def config_json_beside(weights: Source) -> dict | None:
+    """The ``config.json`` in the weights' folder (or beside the first weights file), if any; None for a state dict.
+
+    >>> config_json_beside({"w": torch.zeros(1)}) is None
+    True
+    """
+    if isinstance(weights, Mapping):
+        return None
+    first = Path(weights) if isinstance(weights, (str, os.PathLike)) else Path(next(iter(weights)))
+    path = (first if first.is_dir() else first.parent) / "config.json"
+    return read_json(path) if path.is_file() else None
+
+
+def config_of_kind(weights: Source, key: str, kind: str, *, absent_ok: bool = False) -> dict | None:
+    """The ``config.json`` beside the weights when its ``key`` is ``kind`` (or absent, with ``absent_ok``), else None.
+
+    >>> import json, tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> _ = (folder / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 8}))
+    >>> config_of_kind(folder, "model_type", "t5"), config_of_kind(folder, "model_type", "umt5")
+    ({'model_type': 't5', 'd_model': 8}, None)
+    """
+    found = config_json_beside(weights)
+    return found if found is not None and found.get(key, kind if absent_ok else None) == kind else None
+
+
+def pipeline_subfolder(source: Source, name: str) -> Source:
+    """A diffusers pipeline folder stands for its ``name/`` subfolder; other sources for themselves.
+
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> (folder / "vae").mkdir()
+    >>> pipeline_subfolder(folder, "vae") == folder / "vae", pipeline_subfolder(folder, "transformer") == folder
+    (True, True)
+    """
+    if isinstance(source, (str, os.PathLike)) and (Path(source) / name).is_dir():
+        return Path(source) / name
+    return source
+
+
+def is_pipeline(root, encoder_folder: str) -> bool:
+    """Whether ``root`` is a diffusers pipeline folder: it has ``encoder_folder/`` or ``model_index.json``.
+
+    >>> is_pipeline({"w": torch.zeros(1)}, "text_encoder")
+    False
+    """
+    return isinstance(root, Path) and ((root / encoder_folder).is_dir() or (root / "model_index.json").is_file())
+
+
+def pipeline_component(root, encoder_folder: str, name: str):
+    """A diffusers pipeline folder stands for its encoder subfolder (an error if it lacks one); other sources for themselves.
+
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> _ = (folder / "model_index.json").write_text("{}")
+    >>> pipeline_component(folder, "text_encoder", "T5")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: ... is a diffusers pipeline folder (it has model_index.json) but has no text_encoder/ with the T5 encoder; ...
+    """
+    if not is_pipeline(root, encoder_folder):
+        return root
+    folder = root / encoder_folder
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{root} is a diffusers pipeline folder (it has model_index.json) but has no {encoder_folder}/ with "
+            f"the {name} encoder; download {encoder_folder}/ into it, or pass the encoder's own files"
+        )
+    return folder
+
+
+def pipeline_part(root, encoder_folder: str, part: str) -> Path | None:
+    """``root/part`` when ``root`` is a diffusers pipeline folder, else ``None``.
+
+    >>> pipeline_part({}, "text_encoder", "tokenizer") is None
+    True
+    """
+    return root / part if is_pipeline(root, encoder_folder) else None
+
+
+def local_folder(source, what: str) -> Path:
+    """The local folder of a path or a :class:`ModelSource`; an error naming ``what`` if there is none.
+
+    >>> local_folder("/no/such/folder", "T5 tokenizer")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: no T5 tokenizer folder at /no/such/folder; pass a local folder holding its files
+    """
+    folder = Path(resolve(source)) if isinstance(source, ModelSource) else Path(source)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no {what} folder at {folder}; pass a local folder holding its files")
+    return folder
+
+
+def load_tokenizer(tokenizer, default_folder: Path | None, tokenizer_class, name: str, where: str):
+    """A tokenizer object as is; otherwise ``tokenizer_class`` from a local folder (``default_folder`` if None).
+
+    ``where`` says where the ``name`` encoder's tokenizer files are found, for the error when there is no folder.
+
+    >>> from transformers import T5TokenizerFast
+    >>> load_tokenizer(None, None, T5TokenizerFast, "T5", "the pipeline's tokenizer/")
+    Traceback (most recent call last):
+    ...
+    ValueError: pass tokenizer= for the T5 encoder: a local folder holding its tokenizer files (the pipeline's tokenizer/), a ModelSource, or a tokenizer object
+    """
+    from transformers import PreTrainedTokenizerBase
+
+    if isinstance(tokenizer, PreTrainedTokenizerBase):
+        return tokenizer
+    if tokenizer is None:
+        if default_folder is None:
+            raise ValueError(
+                f"pass tokenizer= for the {name} encoder: a local folder holding its tokenizer files ({where}), "
+                "a ModelSource, or a tokenizer object"
+            )
+        tokenizer = default_folder
+    folder = local_folder(tokenizer, f"{name} tokenizer")
+    wanted = sorted(tokenizer_class.vocab_files_names.values())
+    if not any((folder / file).is_file() for file in wanted):
+        raise FileNotFoundError(f"{folder} holds none of the {name} tokenizer files {wanted}")
+    return tokenizer_class.from_pretrained(str(folder), local_files_only=True)
