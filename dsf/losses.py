@@ -77,13 +77,15 @@ def flow_matching_loss(
     min_timestep_boundary: float = 0.0,
     max_timestep_boundary: float = 1.0,
     weighted: bool = True,
+    scored: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Mean over the batch of ``w(σ_i)·MSE(model_fn(params, x_t, σ, **cond), target)`` (float32 scalar).
 
     Per sample: an index into ``schedule.training_sigmas()`` (see :func:`timestep_indices`), noise
     ε ~ N(0, 1) drawn in float32 and cast to ``x0``'s dtype, ``x_t = add_noise(x0, ε, σ)``. ``w`` is
     :func:`dsf.schedules.training_weights` (all 1 when ``weighted=False``). The key is split into an
-    index key and a noise key.
+    index key and a noise key. ``scored`` picks the part of prediction and target the error is taken
+over (e.g. ``lambda t: t[:, :, 1:]`` leaves out a conditioning first frame); all of it when None.
 
     >>> import torch, dsf
     >>> def model(params, x, sigma):
@@ -105,6 +107,8 @@ def flow_matching_loss(
         raise ValueError(
             f"model_fn returned shape {tuple(pred.shape)}, expected the latent shape {tuple(target.shape)}"
         )
+    if scored is not None:
+        pred, target = scored(pred), scored(target)
     per_sample = (pred.float() - target.float()).square().reshape(x0.shape[0], -1).mean(dim=1)
     if not weighted:
         return per_sample.mean()

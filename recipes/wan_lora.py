@@ -11,7 +11,8 @@ shorter: the most of the form 1 + 4k), images one frame; every frame is resized 
 
 The model is a diffusers Wan pipeline folder (--model_path) or hub repo (--model_id); --dit takes
 other DiT files. For an image-to-video model the first frame of each video is the conditioning
-image. A Wan2.2 A14B model trains one expert at a time: --expert high_noise (or low_noise) loads
+image; Wan2.2-TI2V-5B sees that frame's latents clean, at σ 0, and is scored on the other frames
+(--without_first_frame trains it as text-to-video). A Wan2.2 A14B model trains one expert at a time: --expert high_noise (or low_noise) loads
 that expert alone and draws σ only from its range of the training grid (derived from the folder's
 boundary_ratio, or set by --min_timestep_boundary/--max_timestep_boundary).
 
@@ -55,6 +56,8 @@ def parser() -> argparse.ArgumentParser:
     models.add_argument("--model_id", help="a hub repo, e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
     models.add_argument("--dit", help="a DiT file or folder instead of the pipeline's")
     models.add_argument("--expert", choices=EXPERTS, help="the expert of a Wan2.2 A14B model to train")
+    models.add_argument("--without_first_frame", action="store_true",
+                        help="Wan2.2-TI2V-5B: train as text-to-video, without the clean first frame")
     models.add_argument("--fp8_models", default="", help=f"comma list of frozen components stored in fp8: {FP8_COMPONENTS}")
     models.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on CUDA, float32 on the CPU")
     models.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -166,7 +169,7 @@ def main(argv: list[str]):
     # 3. The transforms: fp8 storage of frozen components, gradient checkpointing.
     stack = storage_and_block_transforms(args, dtype)
     params = stack.init(params, init_key)
-    encode = stack(SampleEncoder(pipe))
+    encode = stack(SampleEncoder(pipe, first_frame_conditioning=not args.without_first_frame))
 
     # 4. What trains: a LoRA continued from a file, or a new LoRA.
     if args.lora_checkpoint:

@@ -131,6 +131,24 @@ def test_one_expert_trains_only_on_its_sigma_range(folders, dataset, tmp_path, m
     assert load_lora(high.dit_params, tmp_path / "step-1.safetensors")["blocks"][1]["ffn"]["net"]["2"]["weight"].stages
 
 
+@pytest.mark.parametrize("flags, first_frame_clean", [((), True), (("--without_first_frame",), False)])
+def test_ti2v_trains_videos_on_a_clean_first_frame_unless_told_not_to(folders, dataset, tmp_path, monkeypatch, flags,
+                                                                      first_frame_clean):
+    timesteps = []
+    call = WanDiT.__call__
+
+    def recording(self, params, latents, timestep, *args, **kwargs):
+        timesteps.append(timestep.tolist())
+        return call(self, params, latents, timestep, *args, **kwargs)
+
+    monkeypatch.setattr(WanDiT, "__call__", recording)
+    lora_run(folders("ti2v"), dataset, tmp_path, "--max_steps", "1", "--gradient_accumulation_steps", "2", *flags)
+    video_steps = [t[0] for t in timesteps if isinstance(t[0], list)]  # per-frame σ: a video seen with its first frame
+    assert len(timesteps) == 2 and (tmp_path / "step-1.safetensors").is_file()
+    assert len(video_steps) == first_frame_clean
+    assert all(steps[0] == 0.0 and min(steps[1:]) > 0 for steps in video_steps)
+
+
 def test_t2v_with_the_trained_lora_writes_an_mp4(folders, trained_lora, tmp_path):
     out = tmp_path / "cat.mp4"
     wan_t2v.main(["--model_path", str(folders("t2v")), "--prompt", "a cat", "--negative_prompt", "blurry",

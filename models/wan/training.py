@@ -2,7 +2,8 @@
 
 Training splits into the gradient-free steps, run once per sample by :class:`SampleEncoder` (VAE
 latents of the video, umT5 states of the prompt, and for image-to-video models the conditioning
-from the video's first frame), and :func:`sft_loss`, flow matching of the DiT on what they
+from the video's first frame: for Wan2.2-TI2V-5B that frame's clean latents, which the DiT sees at
+σ 0 while the loss leaves them out), and :func:`sft_loss`, flow matching of the DiT on what they
 produce, on Wan's training schedule (shift 5), optionally on one index range of it: the σ range
 of one Wan2.2 A14B expert (:func:`expert_timestep_boundaries`).
 
@@ -31,7 +32,7 @@ from dsf.losses import flow_matching_loss
 from dsf.models.flux.pipeline import device_of, dtype_of, to_pil
 from dsf.models.wan.config import WanConfig
 from dsf.models.wan.model import default_boundary, expert_timestep_ranges
-from dsf.models.wan.pipeline import IMAGE_TO_VIDEO, WanPipeline
+from dsf.models.wan.pipeline import IMAGE_TO_VIDEO, TEXT_IMAGE_TO_VIDEO, WanPipeline
 from dsf.schedules import WAN
 from dsf.video import read_video
 
@@ -119,7 +120,11 @@ class SampleEncoder:
     ``encoder(params, item)`` takes an item with a ``video`` (3, T, H, W) in [-1, 1] and a
     ``prompt`` and returns the other columns plus ``latents`` (C, T', H', W', the VAE posterior
     mean, normalized) and ``text_embeds`` (L, 4096); for an image-to-video model also the
-    conditioning of the video's first frame, ``image_latents`` and (Wan2.1) ``image_embeds``.
+    conditioning of the video's first frame, ``image_latents`` and (Wan2.1) ``image_embeds``; for
+    Wan2.2-TI2V-5B ``first_frame`` (C, 1, H', W'), the first latent frame (the causal VAE encodes
+    frame 0 alone, so it equals the image's latents), unless ``first_frame_conditioning`` is off and
+    the model trains as text-to-video (DiffSynth trains TI2V with it on, ``--extra_inputs input_image``),
+    or the item is a single image (its one frame is what the model learns).
 
     >>> from dsf.models.wan.tiny import tiny_pipeline
     >>> pipe = tiny_pipeline("i2v")
@@ -130,6 +135,7 @@ class SampleEncoder:
 
     pipe: WanPipeline
     tiled: bool = True
+    first_frame_conditioning: bool = True
 
     def __call__(self, params, item: Mapping[str, Any]) -> dict[str, Any]:
         missing = [key for key in (VIDEO_KEY, PROMPT_KEY) if key not in item]
@@ -146,6 +152,8 @@ class SampleEncoder:
             if first is not None:
                 cond = self.pipe.image_conditioning(params, first, frames, height, width, 1, self.tiled)
                 encoded |= {key: value[0] for key, value in cond.items()}
+            if self.pipe.task == TEXT_IMAGE_TO_VIDEO and self.first_frame_conditioning and latents.shape[2] > 1:
+                encoded["first_frame"] = latents[0, :, :1]
         columns = {key: value for key, value in item.items() if key != VIDEO_KEY}
         return {**columns, **encoded}
 
@@ -156,7 +164,8 @@ def sft_loss(pipe: WanPipeline, min_timestep_boundary: float = 0.0, max_timestep
     σ is drawn from Wan's 1000-step training grid (shift 5) with its loss weights, within
     ``[min, max)_timestep_boundary`` of the grid (fractions; 0 is σ = 1). The batch holds
     ``latents`` (B, C, T', H', W') and ``text_embeds``, plus ``image_latents``/``image_embeds``
-    for image-to-video models.
+    for image-to-video models. With ``first_frame`` (Wan2.2-TI2V-5B) the DiT sees those clean
+    latents at σ 0 in place of latent frame 0, and the error is taken over the other frames only.
 
     >>> import dsf
     >>> from dsf.models.wan.tiny import tiny_pipeline
@@ -165,16 +174,26 @@ def sft_loss(pipe: WanPipeline, min_timestep_boundary: float = 0.0, max_timestep
     >>> float(sft_loss(pipe)(pipe.params, batch, dsf.random.key(0))) > 0
     True
     """
-    conditioning = ("text_embeds", "image_latents", "image_embeds")
+    conditioning = ("text_embeds", "image_latents", "image_embeds", "first_frame")
 
     def loss(params, batch, key):
         device, dtype = device_of(params["dit"]), dtype_of(params["dit"])
         cond = {name: batch[name].to(device, dtype) for name in conditioning if name in batch}
         return flow_matching_loss(pipe.velocity, params, batch["latents"].to(device, dtype), key, cond,
                                   schedule=WAN, min_timestep_boundary=min_timestep_boundary,
-                                  max_timestep_boundary=max_timestep_boundary)
+                                  max_timestep_boundary=max_timestep_boundary,
+                                  scored=after_first_frame if "first_frame" in cond else None)
 
     return loss
+
+
+def after_first_frame(latents: torch.Tensor) -> torch.Tensor:
+    """Latents (B, C, T, H, W) without latent frame 0: the part of a TI2V prediction that is scored.
+
+    >>> after_first_frame(torch.zeros(1, 48, 3, 2, 2)).shape
+    torch.Size([1, 48, 2, 2, 2])
+    """
+    return latents[:, :, 1:]
 
 
 def expert_timestep_boundaries(folder, expert: str, config: WanConfig, boundary: float | None = None) -> dict[str, float]:
