@@ -50,6 +50,15 @@ def test_params_are_not_modified():
     assert not params["a"]["w"].requires_grad and params["a"]["w"].grad is None
 
 
+def test_only_selected_leaves_get_gradients_and_no_tensor_keeps_a_grad():
+    params = make_params()
+    params["a"]["w"].requires_grad_(True)  # requires grad but not selected
+    outside = torch.ones(2, requires_grad=True)  # captured by the loss
+    grads = dsf.grad(lambda p, x: loss(p, x * outside), where="^b/")(params, torch.randn(1, 2))
+    assert grads["a"]["w"] is None and params["a"]["w"].grad is None and outside.grad is None
+    assert grads["b"]["w"].data.grad is None and grads["b"]["w"].data.abs().sum() > 0
+
+
 def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="selects no tensor"):
         dsf.grad(loss, where="nothing")(make_params(), torch.randn(1, 2))

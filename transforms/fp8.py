@@ -14,11 +14,11 @@ leaves of the adapt stage, run after decode.
 Example:
     >>> import torch, dsf
     >>> from dsf.transforms.fp8 import fp8
-    >>> params = {"w": torch.randn(4, 8), "b": torch.zeros(4)}
+    >>> params = {"w": torch.randn(4, 8, generator=torch.Generator().manual_seed(0)), "b": torch.zeros(4)}
     >>> stored = fp8(compute_dtype=torch.float32).init(params)
     >>> stored["w"].data.dtype, stored["b"].dtype
     (torch.float8_e4m3fn, torch.float32)
-    >>> bool((dsf.materialize(stored["w"]) - params["w"]).abs().max() < 0.1)
+    >>> bool((dsf.materialize(stored["w"]) - params["w"]).abs().max() <= params["w"].abs().max() / 16)  # 3 mantissa bits
     True
 """
 
