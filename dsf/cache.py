@@ -36,12 +36,28 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from tqdm.auto import tqdm
+
 from dsf.data import resolve_data_path
 
 INDEX_NAME = "index.json"
 FORMAT, VERSION = "dsf-cache", 1
 DEFAULT_SHARD_SIZE = 1 << 30  # bytes of tensor data per shard
 FIELD_TYPES = (str, int, float, bool, type(None))
+
+
+def encode_into_cache(folder: str | os.PathLike, dataset, encode, progress: bool = True) -> Path:
+    """Stage 1 of split training: ``encode(dataset[i])`` for every item, written by :func:`write_cache`
+    one sample at a time, with a progress bar; returns the index path.
+
+    >>> import tempfile, torch
+    >>> folder = Path(tempfile.mkdtemp()) / "cache"
+    >>> _ = encode_into_cache(folder, [torch.ones(2)] * 3, lambda x: {"doubled": 2 * x}, progress=False)
+    >>> CachedDataset(folder)[2]["doubled"].tolist()
+    [2.0, 2.0]
+    """
+    items = tqdm(range(len(dataset)), desc="encoding samples", disable=not progress)
+    return write_cache(folder, (encode(dataset[i]) for i in items))
 
 
 def write_cache(folder: str | os.PathLike, samples: Iterable[Mapping[str, Any]], shard_size: int = DEFAULT_SHARD_SIZE) -> Path:

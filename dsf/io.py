@@ -3,7 +3,9 @@
 A *source* is a ``.safetensors`` file, a folder (the shards named by its
 ``*.safetensors.index.json``, or else every ``*.safetensors`` in it), a list of shard files, or a
 flat ``{key: tensor}`` dict already in memory. Files are memory-mapped and read tensor by tensor,
-each cast to the target dtype as it is read, so a checkpoint is never held twice.
+each cast to the target dtype as it is read, so a checkpoint is never held twice. On the ``meta``
+device only the headers are read: tensors with shapes and dtypes and no data, for a component a
+task needs the shapes of but never runs (e.g. the DiT while encoding a dataset for split training).
 
 Example:
     >>> import tempfile, torch
@@ -26,6 +28,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
 
 Source = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]], Mapping[str, torch.Tensor]]
 
@@ -74,23 +82,40 @@ def load_state_dict(
 ) -> dict[str, torch.Tensor]:
     """The flat ``{key: tensor}`` of a checkpoint source, floating tensors cast to ``dtype`` while read.
 
-    Integer and boolean tensors keep their dtype. A key found in two shards is an error.
+    Integer and boolean tensors keep their dtype. A key found in two shards is an error. With
+    ``device="meta"`` no tensor data is read, only the files' headers.
 
     >>> load_state_dict({"w": torch.ones(1, dtype=torch.float64), "i": torch.ones(1, dtype=torch.int64)}, torch.float16)
     {'w': tensor([1.], dtype=torch.float16), 'i': tensor([1])}
+    >>> import tempfile
+    >>> from safetensors.torch import save_file
+    >>> file = Path(tempfile.mkdtemp()) / "model.safetensors"
+    >>> save_file({"w": torch.ones(3, 2)}, file)
+    >>> load_state_dict(file, torch.bfloat16, device="meta")["w"]
+    tensor(..., device='meta', size=(3, 2), dtype=torch.bfloat16)
     """
     if isinstance(source, Mapping):
         return {key: _cast(tensor, dtype, device) for key, tensor in source.items()}
     state: dict[str, torch.Tensor] = {}
     owner: dict[str, Path] = {}
+    headers_only = torch.device(device).type == "meta"
     for file in safetensors_files(source):
-        with _open(file, device) as shard:
+        with _open(file, "cpu" if headers_only else device) as shard:
             for key in shard.keys():
                 if key in owner:
                     raise ValueError(f"checkpoint key {key!r} appears in two shards: {owner[key]} and {file}")
                 owner[key] = file
-                state[key] = _cast(shard.get_tensor(key), dtype, device)
+                state[key] = _header_tensor(shard, key, dtype) if headers_only else _cast(shard.get_tensor(key), dtype, device)
     return state
+
+
+def _header_tensor(shard, key: str, dtype: torch.dtype | None) -> torch.Tensor:
+    """A ``meta`` tensor with the shape and (cast) dtype the file's header gives ``key``; no data is read."""
+    header = shard.get_slice(key)
+    stored = SAFETENSORS_DTYPES.get(header.get_dtype())
+    if stored is None:
+        raise ValueError(f"checkpoint key {key!r} has dtype {header.get_dtype()}, which dsf does not read")
+    return _cast(torch.empty(header.get_shape(), dtype=stored, device="meta"), dtype, "meta")
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype | None, device) -> torch.Tensor:

@@ -50,11 +50,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 import dsf
 from dsf import distributed
-from dsf.cache import CachedDataset, write_cache
+from dsf.cache import CachedDataset, encode_into_cache
 from dsf.checkpoint import save_safetensors
 from dsf.data import FolderDataset, batches, collate
 from dsf.hub import ModelSource, resolve
@@ -283,8 +282,7 @@ def main(argv: list[str]):
     # 4. Split training, stage 1: encode every sample once, cache, and stop.
     if args.task == "sft:data_process":
         if world.rank == 0:  # one process encodes and writes the cache
-            samples = (encode(params, dataset[i]) for i in tqdm(range(len(dataset)), desc="encoding samples"))
-            index = write_cache(args.output_path, samples)
+            index = encode_into_cache(args.output_path, dataset, functools.partial(encode, params))
             print(f"cached {len(dataset)} encoded samples: {index}")
         wait_for_every_rank()
         return Path(args.output_path)

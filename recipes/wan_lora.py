@@ -16,6 +16,13 @@ image; Wan2.2-TI2V-5B sees that frame's latents clean, at σ 0, and is scored on
 that expert alone and draws σ only from its range of the training grid (derived from the folder's
 boundary_ratio, or set by --min_timestep_boundary/--max_timestep_boundary).
 
+--task:
+  sft                 train on the dataset (default)
+  sft:data_process    encode every sample once (VAE, umT5, CLIP) into a cache folder, --output_path;
+                      the DiT is built from its checkpoint's headers alone, never read
+  sft:train           train from that cache (--dataset_base_path CACHE); the VAE and the text and
+                      image encoders are built from their headers alone, never read
+
 Written under --output_path: ``step-N.safetensors`` (the LoRA in --lora_layout) every --save_steps
 steps (default: once per epoch) and at the end, ``log.csv``, and the resumable state in
 ``checkpoints/`` (every --checkpoint_steps, default --save_steps) that --resume continues from.
@@ -24,11 +31,14 @@ steps (default: once per epoch) and at the end, ``log.csv``, and the resumable s
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+from pathlib import Path
 
 import torch
 
 import dsf
+from dsf.cache import CachedDataset, encode_into_cache
 from dsf.data import batches, collate
 from dsf.hub import ModelSource, local_source
 from dsf.models.wan.pipeline import EXPERTS, holds_two_experts, load_pipeline
@@ -39,13 +49,15 @@ from dsf.transforms.lora import TRAINED
 
 FP8_COMPONENTS = ("dit", "t5", "clip")
 LORA_LAYOUTS = ("diffusers", "dsf")
+TASKS = ("sft", "sft:data_process", "sft:train")
+NOT_RUN = {"sft": (), "sft:data_process": ("dit",), "sft:train": ("vae", "t5", "clip")}  # components kept on meta
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train a LoRA on a Wan DiT with DiffSynth-Studio's flags.")
     data = p.add_argument_group("data")
-    data.add_argument("--dataset_base_path", required=True, help="the dataset folder")
-    data.add_argument("--dataset_metadata_path", required=True, help="csv, json or jsonl with video or image, and prompt")
+    data.add_argument("--dataset_base_path", required=True, help="the dataset folder (sft:train: the cache folder)")
+    data.add_argument("--dataset_metadata_path", help="csv, json or jsonl with video or image, and prompt")
     data.add_argument("--dataset_repeat", type=int, default=1)
     data.add_argument("--height", type=int, default=480)
     data.add_argument("--width", type=int, default=832)
@@ -62,6 +74,7 @@ def parser() -> argparse.ArgumentParser:
     models.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on CUDA, float32 on the CPU")
     models.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     training = p.add_argument_group("training")
+    training.add_argument("--task", default="sft", choices=TASKS)
     training.add_argument("--learning_rate", type=float, default=1e-4)
     training.add_argument("--weight_decay", type=float, default=0.01)
     training.add_argument("--num_epochs", type=int, default=1)
@@ -97,6 +110,8 @@ def check_flags(args) -> None:
     """
     if args.model_path is None and args.model_id is None:
         raise ValueError("pass --model_path (a diffusers Wan pipeline folder) or --model_id (a hub repo)")
+    if args.task != "sft:train" and args.dataset_metadata_path is None:
+        raise ValueError(f"--task {args.task} reads a dataset folder: pass --dataset_metadata_path")
     unknown = [c for c in args.fp8_models.split(",") if c and c not in FP8_COMPONENTS]
     if unknown:
         raise ValueError(f"--fp8_models takes components of {FP8_COMPONENTS}, got {unknown}")
@@ -146,7 +161,7 @@ def storage_and_block_transforms(args, compute_dtype) -> dsf.Transform:
 
 
 def main(argv: list[str]):
-    """Train; returns the trained params."""
+    """Run the task; returns the trained params (the cache folder for sft:data_process)."""
     args = parser().parse_args(argv)
     check_flags(args)
     source = args.model_path or (ModelSource(model_id=args.model_id) if args.model_id else None)
@@ -154,22 +169,37 @@ def main(argv: list[str]):
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     lora_key, init_key, data_key, train_key = dsf.random.split(dsf.random.key(args.seed), 4)
 
-    # 1. The pipeline: the DiT (one expert of an A14B model), the VAE, umT5 and (Wan2.1 I2V) CLIP.
+    # 1. The pipeline: the DiT (one expert of an A14B model), the VAE, umT5 and (Wan2.1 I2V) CLIP;
+    #    what the task never runs is built on the meta device from its checkpoint's headers.
     dit_source = local_source(args.dit or source)
-    check_expert(args, dit_source)
-    pipe = load_pipeline(source, dit=args.dit, expert=args.expert, dtype=dtype, device=device,
+    if args.task != "sft:data_process":
+        check_expert(args, dit_source)
+    devices = {name: "meta" if name in NOT_RUN[args.task] else device for name in ("dit", "vae", "t5", "clip")}
+    pipe = load_pipeline(source, dit=args.dit, expert=args.expert, dtype=dtype, device=devices,
                          max_sequence_length=args.max_sequence_length)
     params = pipe.params
     boundaries = timestep_boundaries(args, dit_source, pipe.dit_config)
 
-    # 2. The data: videos and images with their prompts, frames resized and cropped.
-    dataset = VideoDataset(args.dataset_base_path, args.dataset_metadata_path, num_frames=args.num_frames,
-                           height=args.height, width=args.width, repeat=args.dataset_repeat)
+    # 2. The data: videos and images with their prompts (frames resized and cropped), or the cache.
+    if args.task == "sft:train":
+        dataset = CachedDataset(args.dataset_base_path, repeat=args.dataset_repeat)
+    else:
+        dataset = VideoDataset(args.dataset_base_path, args.dataset_metadata_path, num_frames=args.num_frames,
+                               height=args.height, width=args.width,
+                               repeat=1 if args.task == "sft:data_process" else args.dataset_repeat)
 
     # 3. The transforms: fp8 storage of frozen components, gradient checkpointing.
     stack = storage_and_block_transforms(args, dtype)
     params = stack.init(params, init_key)
-    encode = stack(SampleEncoder(pipe, first_frame_conditioning=not args.without_first_frame))
+    encode = None if args.task == "sft:train" else stack(
+        SampleEncoder(pipe, first_frame_conditioning=not args.without_first_frame)
+    )
+
+    # Split training, stage 1: encode every sample once, cache, and stop.
+    if args.task == "sft:data_process":
+        index = encode_into_cache(args.output_path, dataset, functools.partial(encode, params))
+        print(f"cached {len(dataset)} encoded samples: {index}")
+        return Path(args.output_path)
 
     # 4. What trains: a LoRA continued from a file, or a new LoRA.
     if args.lora_checkpoint:
@@ -177,12 +207,15 @@ def main(argv: list[str]):
     else:
         params["dit"] = lora(args.lora_rank, args.lora_alpha, targets=args.lora_target_modules).init(params["dit"], lora_key)
 
-    # 5. The loss (flow matching within the expert's σ range), and the data stream, encoded as drawn.
+    # 5. The loss (flow matching within the expert's σ range), and the data stream (samples are
+    #    encoded as they are drawn, unless they come from the cache).
     loss = sft_loss(pipe, **boundaries)
 
+    def encoded_batch(items):
+        return collate([encode(params, item) for item in items])
+
     def data(start):
-        return batches(dataset, args.batch_size, data_key, start=start,
-                       collate_fn=lambda items: collate([encode(params, item) for item in items]))
+        return batches(dataset, args.batch_size, data_key, start=start, collate_fn=collate if encode is None else encoded_batch)
 
     # 6. Train: AdamW on the LoRA factors, saving the LoRA in --lora_layout.
     steps_per_epoch = max(1, len(dataset) // (args.batch_size * args.gradient_accumulation_steps))

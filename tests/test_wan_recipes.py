@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+import dsf
+from dsf.cache import CachedDataset
 from dsf.models.wan.model import WanDiT
 from dsf.models.wan.pipeline import load_pipeline
 from dsf.transforms import load_lora
@@ -129,6 +131,26 @@ def test_one_expert_trains_only_on_its_sigma_range(folders, dataset, tmp_path, m
     assert len(sigmas) == 8 and min(sigmas) >= BOUNDARY
     high = load_pipeline(model, max_sequence_length=TOKENS, expert="high_noise")
     assert load_lora(high.dit_params, tmp_path / "step-1.safetensors")["blocks"][1]["ffn"]["net"]["2"]["weight"].stages
+
+
+def test_split_training_gives_the_unsplit_losses_without_reading_the_encoders(folders, dataset, trained_lora, tmp_path):
+    cache = lora_run(folders("t2v"), dataset, tmp_path / "cache", "--task", "sft:data_process")
+    assert sorted(p.name for p in cache.iterdir()) == ["index.json", "shard-00000.safetensors"]
+    trained = wan_lora.main([
+        "--task", "sft:train", "--dataset_base_path", str(cache), "--model_path", str(folders("t2v")),
+        "--max_sequence_length", str(TOKENS), "--learning_rate", "1e-2", "--lora_rank", "4", "--max_steps", "2",
+        "--lora_layout", "diffusers", "--output_path", str(tmp_path / "train"),
+    ])
+    split, unsplit = log_rows(tmp_path / "train"), log_rows(trained_lora)
+    assert [(r["loss"], r["grad_norm"]) for r in split] == [(r["loss"], r["grad_norm"]) for r in unsplit]
+    assert (tmp_path / "train" / "step-2.safetensors").read_bytes() == (trained_lora / "step-2.safetensors").read_bytes()
+    assert {t.device.type for t in dsf.tree.tensors(trained["vae"]) + dsf.tree.tensors(trained["t5"])} == {"meta"}
+
+
+def test_ti2v_cache_holds_the_first_frame(folders, dataset, tmp_path):
+    cache = lora_run(folders("ti2v"), dataset, tmp_path / "cache", "--task", "sft:data_process")
+    samples = [CachedDataset(cache)[i] for i in range(2)]
+    assert sorted("first_frame" in sample for sample in samples) == [False, True]  # the image row has one frame
 
 
 @pytest.mark.parametrize("flags, first_frame_clean", [((), True), (("--without_first_frame",), False)])

@@ -195,8 +195,9 @@ class WanPipeline:
                 "image-to-video model (Wan2.1-I2V, Wan2.2-I2V-A14B, Wan2.2-TI2V-5B)"
             )
 
-    def encode_prompts(self, params, prompts: Sequence[str]) -> torch.Tensor:
-        """umT5 states (B, L, 4096) of prompts, zero past each prompt, on the DiT's device and dtype.
+    def encode_prompts(self, params, prompts: Sequence[str], device=None) -> torch.Tensor:
+        """umT5 states (B, L, 4096) of prompts, zero past each prompt, in the DiT's dtype, on ``device``
+        (default: the DiT's).
 
         >>> from dsf.models.wan.tiny import tiny_pipeline
         >>> pipe = tiny_pipeline()
@@ -204,7 +205,7 @@ class WanPipeline:
         torch.Size([2, 16, 16])
         """
         text = self.t5.encode(params["t5"], list(prompts), max_length=self.max_sequence_length)
-        return text.to(device_of(params["dit"]), dtype_of(params["dit"]))
+        return text.to(device or device_of(params["dit"]), dtype_of(params["dit"]))
 
     def noise(self, seed: int, batch: int, num_frames: int, height: int, width: int, params) -> torch.Tensor:
         """Initial noise (B, C, T', H', W'), float32, drawn on the CPU from ``seed`` (video i: ``fold_in(key, i)``).
@@ -220,8 +221,9 @@ class WanPipeline:
         return torch.stack(draws).to(device_of(params["dit"]))
 
     def image_conditioning(self, params, image: Image.Image, num_frames: int, height: int, width: int, batch: int,
-                           tiled: bool = True) -> dict:
-        """What the DiT gets from the image, resized and center-cropped to height × width, for each of ``batch`` videos.
+                           tiled: bool = True, device=None) -> dict:
+        """What the DiT gets from the image, resized and center-cropped to height × width, for each of ``batch`` videos,
+        on ``device`` (default: the DiT's).
 
         image-to-video: ``image_latents`` (B, 4 + C, T', H', W'), the mask then the VAE latents of
         the image followed by black frames, and (Wan2.1) ``image_embeds``, the CLIP features;
@@ -235,7 +237,7 @@ class WanPipeline:
         """
         frame = resize_and_crop(to_rgb(image), height, width)
         pixels = image_to_tensor(frame)[None, :, None]  # (1, 3, 1, H, W)
-        device, dtype = device_of(params["dit"]), dtype_of(params["dit"])
+        device, dtype = device or device_of(params["dit"]), dtype_of(params["dit"])
         if self.task == TEXT_IMAGE_TO_VIDEO:
             latents = self.vae.encode(params["vae"], pixels.to(device_of(params["vae"]), dtype_of(params["vae"])), tiled=tiled)
             return {"first_frame": latents.to(device, torch.float32).repeat(batch, 1, 1, 1, 1)}
@@ -328,8 +330,8 @@ class WanPipeline:
         return self.generate(self.params, prompt, **kwargs)
 
 
-def _per_component(value, name: str):
-    return value.get(name) if isinstance(value, dict) else value
+def _per_component(value, name: str, default=None):
+    return value.get(name, default) if isinstance(value, dict) else value
 
 
 def holds_two_experts(source) -> bool:
@@ -385,7 +387,9 @@ def load_pipeline(
     ``image_processor/``. Component sources (``dit``, ``vae``, ``text_encoder`` (umT5),
     ``image_encoder`` (CLIP)) win over ``source``; each may be a file, folder, shard list, state
     dict or :class:`dsf.hub.ModelSource` (Wan's original and ComfyUI layouts included). ``dtype``
-    and ``device`` are one value or a dict per component (keys ``dit, vae, t5, clip``).
+    and ``device`` are one value or a dict per component (keys ``dit, vae, t5, clip``; a component
+    a dict leaves out gets its checkpoint's dtype, on the CPU); on the ``meta`` device a component
+    is built from its checkpoint's headers alone, for a task that never runs it.
     ``expert`` (``high_noise``/``low_noise``) loads one expert of an A14B model as the only DiT,
     for training it. The CLIP encoder is loaded only for a DiT that attends to image features.
 
@@ -406,7 +410,7 @@ def load_pipeline(
         return root
 
     def options(name):
-        return {"dtype": _per_component(dtype, name), "device": _per_component(device, name)}
+        return {"dtype": _per_component(dtype, name), "device": _per_component(device, name, "cpu")}
 
     def beside_root(given, folder: str):
         return given if given is not None or root is None or not (root / folder).is_dir() else root / folder

@@ -118,7 +118,8 @@ class SampleEncoder:
     """The gradient-free steps of Wan training, run once per sample.
 
     ``encoder(params, item)`` takes an item with a ``video`` (3, T, H, W) in [-1, 1] and a
-    ``prompt`` and returns the other columns plus ``latents`` (C, T', H', W', the VAE posterior
+    ``prompt`` and returns, on the VAE's device (the DiT's may be ``meta`` while a dataset is
+    encoded for split training), the other columns plus ``latents`` (C, T', H', W', the VAE posterior
     mean, normalized) and ``text_embeds`` (L, 4096); for an image-to-video model also the
     conditioning of the video's first frame, ``image_latents`` and (Wan2.1) ``image_embeds``; for
     Wan2.2-TI2V-5B ``first_frame`` (C, 1, H', W'), the first latent frame (the causal VAE encodes
@@ -146,11 +147,11 @@ class SampleEncoder:
         first = to_pil(video[None, :, 0])[0] if self.pipe.task == IMAGE_TO_VIDEO else None
         self.pipe.check_request(frames, height, width, first)
         with torch.no_grad():
-            pixels = video[None].to(device_of(params["vae"]), dtype_of(params["vae"]))
-            latents = self.pipe.vae.encode(params["vae"], pixels, tiled=self.tiled)
-            encoded = {"latents": latents[0], "text_embeds": self.pipe.encode_prompts(params, [item[PROMPT_KEY]])[0]}
+            device = device_of(params["vae"])
+            latents = self.pipe.vae.encode(params["vae"], video[None].to(device, dtype_of(params["vae"])), tiled=self.tiled)
+            encoded = {"latents": latents[0], "text_embeds": self.pipe.encode_prompts(params, [item[PROMPT_KEY]], device)[0]}
             if first is not None:
-                cond = self.pipe.image_conditioning(params, first, frames, height, width, 1, self.tiled)
+                cond = self.pipe.image_conditioning(params, first, frames, height, width, 1, self.tiled, device)
                 encoded |= {key: value[0] for key, value in cond.items()}
             if self.pipe.task == TEXT_IMAGE_TO_VIDEO and self.first_frame_conditioning and latents.shape[2] > 1:
                 encoded["first_frame"] = latents[0, :, :1]
