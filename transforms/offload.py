@@ -44,7 +44,8 @@ import optree
 import torch
 
 from dsf.disk import DiskTensor
-from dsf.transform import OFFLOAD_RANK, BlockHook, BlockSite, FunctionWrap, Transform
+from dsf.lookahead import look_ahead
+from dsf.transform import OFFLOAD_RANK, FunctionWrap, Transform
 from dsf.tree import NAMESPACE, Where, as_predicate, map_with_path, tensors
 from dsf.weight import Stage, Weight, as_weight, stage
 
@@ -242,39 +243,6 @@ class _Prefetcher:
         return fetched
 
 
-_prefetcher: contextvars.ContextVar[_Prefetcher | None] = contextvars.ContextVar("dsf_offload_prefetcher", default=None)
-
-
-def _in_backward() -> bool:
-    """Whether autograd is running a backward pass (the test torch.utils.checkpoint itself makes)."""
-    return torch._C._current_graph_task_id() != -1
-
-
-def _prefetching(call: Callable, site: BlockSite) -> Callable:
-    prefetcher = _prefetcher.get()
-
-    def run(block_params, carry, *args, **kwargs):
-        fetched = prefetcher.take(site.blocks, site.index, block_params)
-        neighbor = site.index - 1 if _in_backward() else site.index + 1
-        if 0 <= neighbor < len(site.blocks):
-            prefetcher.start(site.blocks, neighbor)
-        return call(fetched, carry, *args, **kwargs)
-
-    return run
-
-
-def _with_prefetcher(f: Callable, device: torch.device) -> Callable:
-    @functools.wraps(f)
-    def call(params, *args, **kwargs):
-        token = _prefetcher.set(_Prefetcher(device))
-        try:
-            return f(params, *args, **kwargs)
-        finally:
-            _prefetcher.reset(token)
-
-    return call
-
-
 def _component_call(f: Callable, device: torch.device, keep) -> Callable:
     @functools.wraps(f)
     def call(params, *args, **kwargs):
@@ -326,9 +294,10 @@ def offload(
             ),
             wraps=(FunctionWrap(OFFLOAD_RANK, lambda f: _component_call(f, device, keep), "offload"),),
         )
+    prefetch, per_call = look_ahead("offload", OFFLOAD_RANK, lambda: _Prefetcher(device))
     return Transform(
         name=name,
         init_fn=lambda params, key=None: _block_init(params, device, vram_limit, keep),
-        hooks=(BlockHook(OFFLOAD_RANK, _prefetching, "offload"),),
-        wraps=(FunctionWrap(OFFLOAD_RANK, lambda f: _with_prefetcher(f, device), "offload"),),
+        hooks=(prefetch,),
+        wraps=(per_call,),
     )

@@ -32,15 +32,15 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Iterator
 
 import optree
 import torch
 
 from dsf import distributed
-from dsf.transform import GATHER_RANK, BlockHook, BlockSite, FunctionWrap, Transform
+from dsf.lookahead import look_ahead
+from dsf.transform import GATHER_RANK, Transform
 from dsf.tree import NAMESPACE, Where, as_predicate, map_with_path
 from dsf.weight import Stage, Weight, as_weight, map_weights, stage
 
@@ -130,39 +130,6 @@ class _Gatherer:
         return self.ahead.pop((id(blocks), index), block)
 
 
-_gatherer: contextvars.ContextVar[_Gatherer | None] = contextvars.ContextVar("dsf_shard_gatherer", default=None)
-
-
-def _in_backward() -> bool:
-    """Whether autograd is running a backward pass (where checkpointed blocks recompute in reverse)."""
-    return torch._C._current_graph_task_id() != -1
-
-
-def _prefetching(call: Callable, site: BlockSite) -> Callable:
-    gatherer = _gatherer.get()
-
-    def run(block_params, carry, *args, **kwargs):
-        block = gatherer.take(site.blocks, site.index, block_params)
-        neighbor = site.index - 1 if _in_backward() else site.index + 1
-        if 0 <= neighbor < len(site.blocks):
-            gatherer.start(site.blocks, neighbor)
-        return call(block, carry, *args, **kwargs)
-
-    return run
-
-
-def _with_gatherer(f: Callable) -> Callable:
-    @functools.wraps(f)
-    def call(params, *args, **kwargs):
-        token = _gatherer.set(_Gatherer())
-        try:
-            return f(params, *args, **kwargs)
-        finally:
-            _gatherer.reset(token)
-
-    return call
-
-
 def _is_float(param) -> bool:
     dtype = getattr(as_weight(param).data, "dtype", None)
     return dtype is not None and dtype.is_floating_point
@@ -196,12 +163,8 @@ def shard(where: Where = None) -> Transform:
             where=lambda path, param: keep(path, param) and _is_float(param),
         )
 
-    return Transform(
-        name=f"shard(where={where!r})",
-        init_fn=init,
-        hooks=(BlockHook(GATHER_RANK, _prefetching, "shard"),),
-        wraps=(FunctionWrap(GATHER_RANK, _with_gatherer, "shard"),),
-    )
+    gather_ahead, per_call = look_ahead("shard", GATHER_RANK, _Gatherer)
+    return Transform(name=f"shard(where={where!r})", init_fn=init, hooks=(gather_ahead,), wraps=(per_call,))
 
 
 def unshard(params):
