@@ -1,4 +1,4 @@
-"""Checkpoint-loading helpers shared by the model families: key checks, configs, pipeline folders, tokenizers.
+"""Checkpoint-loading helpers shared by the model families: encoder tensors, key checks, configs, pipeline folders, tokenizers.
 
 Nothing here knows a model: each family passes its names, expected shapes, config classes and the
 hint its errors end with.
@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import torch
 
 from dsf.hub import ModelSource, resolve
-from dsf.io import Source, read_json
+from dsf.io import Source, load_state_dict, read_json
+from dsf.tree import unflatten_dict
 
 EXAMPLES = 5  # keys shown per kind of mismatch in errors
 ENCODER_HINT = "If its sizes differ, put its config.json beside the weights or pass config= (transformers config keys)."
@@ -82,6 +83,42 @@ def encoder_prefix(flat: Mapping[str, Any], marker: str, name: str, skip: str = 
     if len(prefixes) > 1:
         raise ValueError(f"the checkpoint holds several {name} encoders, under {prefixes}; pass a state dict holding one")
     return prefixes[0]
+
+
+def encoder_tensors(
+    flat: Mapping[str, Any], prefix: str, parts: tuple[str, ...], renamed: str, dropped: Collection[str] = ()
+) -> dict[str, Any]:
+    """The tensors under ``prefix`` whose names within it start with one of ``parts``, are not ``dropped``, and
+    are renamed ``renamed + name``.
+
+    >>> encoder_tensors({"m.text.layers.0": 1, "m.text.ids": 2, "m.head": 3}, "m.text.", ("layers.", "ids"), "t.", {"ids"})
+    {'t.layers.0': 1}
+    """
+    return {
+        renamed + key[len(prefix) :]: tensor
+        for key, tensor in flat.items()
+        if key.startswith(prefix) and key[len(prefix) :].startswith(parts) and key[len(prefix) :] not in dropped
+    }
+
+
+def encoder_params(
+    family: str,
+    name: str,
+    weights: Source,
+    to_ours: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]],
+    expected: Mapping[str, tuple],
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """The params tree of an encoder: ``weights`` read (cast to ``dtype``, on ``device``), renamed by ``to_ours``,
+    checked against the ``expected`` shapes (:func:`check_encoder_keys`).
+
+    >>> encoder_params("Toy", "T5", {"w": torch.zeros(2)}, lambda flat: {"enc.w": flat["w"]}, {"enc.w": (2,)}, torch.half)
+    {'enc': {'w': tensor([0., 0.], dtype=torch.float16)}}
+    """
+    params = to_ours(load_state_dict(weights, dtype=dtype, device=device))
+    check_encoder_keys(family, name, expected, params, weights)
+    return unflatten_dict(params)
 
 
 def merged_config(defaults: Mapping, found: Mapping | None, override: Any) -> dict:

@@ -27,12 +27,12 @@ from typing import Any, Callable, Mapping, Union
 
 import torch
 
-from dsf import loading
+from dsf import loading, t5_encoder
 from dsf.hub import ModelSource, local_source
-from dsf.io import Source, load_state_dict
-from dsf.modules import pure_module
+from dsf.io import Source
+from dsf.modules import meta_module, module_names, pure_module, state_shapes
 from dsf.text_encoder import Prompts, TextEncoder
-from dsf.tree import flatten_dict, unflatten_dict
+from dsf.tree import flatten_dict
 from dsf.weight import materialize_tree
 
 # FLUX.1-dev's text_encoder/config.json (openai/clip-vit-large-patch14's text tower).
@@ -57,39 +57,16 @@ CLIP_L_CONFIG = {
 }
 
 # FLUX.1-dev's text_encoder_2/config.json (google/t5-v1_1-xxl).
-T5_XXL_CONFIG = {
-    "model_type": "t5",
-    "vocab_size": 32128,
-    "d_model": 4096,
-    "d_kv": 64,
-    "d_ff": 10240,
-    "num_layers": 24,
-    "num_decoder_layers": 24,
-    "num_heads": 64,
-    "relative_attention_num_buckets": 32,
-    "relative_attention_max_distance": 128,
-    "dropout_rate": 0.1,
-    "layer_norm_epsilon": 1e-06,
-    "initializer_factor": 1.0,
-    "feed_forward_proj": "gated-gelu",
-    "dense_act_fn": "gelu_new",
-    "is_gated_act": True,
-    "is_encoder_decoder": True,
-    "tie_word_embeddings": False,
-    "decoder_start_token_id": 0,
-    "eos_token_id": 1,
-    "pad_token_id": 0,
-}
+T5_XXL_CONFIG = {"model_type": "t5", "vocab_size": 32128, **t5_encoder.XXL_CONFIG}
 
 T5_MAX_TOKENS = 512
 FAMILY, CLIP_NAME, T5_NAME = "FLUX.1", "CLIP-L", "T5-XXL"
 CLIP_MARKER = "embeddings.token_embedding.weight"
 CLIP_PARTS = ("embeddings.", "encoder.", "final_layer_norm.")
 CLIP_LEGACY_BUFFER = "embeddings.position_ids"
+CLIP_TOWER = "text_model"  # CLIPTextModel's attribute on transformers 4; the checkpoints' key prefix
 CLIP_EMBEDDING = "text_model.embeddings.token_embedding.weight"
-T5_MARKER = "block.0.layer.0.SelfAttention.q.weight"
-T5_PARTS = ("block.", "final_layer_norm.", "embed_tokens.")
-T5_EMBEDDING, T5_STACK_EMBEDDING = "shared.weight", "encoder.embed_tokens.weight"
+T5_MARKER = t5_encoder.MARKER
 TOKENIZER_FOLDERS = "FLUX.1-dev's tokenizer/ for CLIP, tokenizer_2/ for T5"
 
 ConfigLike = Any  # a dict of transformers config keys, a transformers config, or None
@@ -132,21 +109,18 @@ def load_clip(
     >>> clip.encode(clip.params, ["a b", "b"]).shape
     torch.Size([2, 8])
     """
-    from transformers import CLIPTextConfig, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     root = local_source(source)
     weights = loading.pipeline_component(root, "text_encoder", CLIP_NAME)
     tokenizer_folder = loading.pipeline_part(root, "text_encoder", "tokenizer")
     tokenizer = loading.load_tokenizer(tokenizer, tokenizer_folder, CLIPTokenizer, CLIP_NAME, TOKENIZER_FOLDERS)
-    cfg = CLIPTextConfig.from_dict(loading.merged_config(CLIP_L_CONFIG, _clip_config_beside(weights), config))
-    module = _clip_module(cfg)
-    params = clip_to_ours(load_state_dict(weights, dtype=dtype, device=device))
-    loading.check_encoder_keys(FAMILY, CLIP_NAME, _clip_shapes(module), params, weights)
+    module = _clip_module(config, _clip_config_beside(weights))
     return TextEncoder(
         name=CLIP_NAME,
-        params=unflatten_dict(params),
+        params=loading.encoder_params(FAMILY, CLIP_NAME, weights, clip_to_ours, _clip_shapes(module), dtype, device),
         tokenizer=tokenizer,
-        max_length=cfg.max_position_embeddings,
+        max_length=module.config.max_position_embeddings,
         encode_ids=_clip_pooled_fn(module),
     )
 
@@ -173,22 +147,19 @@ def load_t5(
     >>> t5.encode(t5.params, ["a"]).shape
     torch.Size([1, 16, 8])
     """
-    from transformers import T5Config, T5TokenizerFast
+    from transformers import T5TokenizerFast
 
     root = local_source(source)
     weights = loading.pipeline_component(root, "text_encoder_2", T5_NAME)
     tokenizer_folder = loading.pipeline_part(root, "text_encoder_2", "tokenizer_2")
     tokenizer = loading.load_tokenizer(tokenizer, tokenizer_folder, T5TokenizerFast, T5_NAME, TOKENIZER_FOLDERS)
-    cfg = T5Config.from_dict(loading.merged_config(T5_XXL_CONFIG, loading.config_of_kind(weights, "model_type", "t5"), config))
-    module = _t5_module(cfg)
-    params = t5_to_ours(load_state_dict(weights, dtype=dtype, device=device))
-    loading.check_encoder_keys(FAMILY, T5_NAME, _t5_shapes(module), params, weights)
+    module = _t5_module(config, loading.config_of_kind(weights, "model_type", "t5"))
     return TextEncoder(
         name=T5_NAME,
-        params=unflatten_dict(params),
+        params=loading.encoder_params(FAMILY, T5_NAME, weights, t5_to_ours, t5_encoder.encoder_shapes(module), dtype, device),
         tokenizer=tokenizer,
         max_length=max_length,
-        encode_ids=_t5_hidden_fn(module),
+        encode_ids=t5_encoder.last_hidden_fn(module),
     )
 
 
@@ -204,12 +175,7 @@ def clip_to_ours(flat: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     ['text_model.embeddings.token_embedding.weight']
     """
     prefix = loading.encoder_prefix(flat, CLIP_MARKER, CLIP_NAME)
-    ours = {}
-    for key, tensor in flat.items():
-        local = key[len(prefix) :]
-        if key.startswith(prefix) and local.startswith(CLIP_PARTS) and local != CLIP_LEGACY_BUFFER:
-            ours["text_model." + local] = tensor
-    return ours
+    return loading.encoder_tensors(flat, prefix, CLIP_PARTS, CLIP_TOWER + ".", {CLIP_LEGACY_BUFFER})
 
 
 def t5_to_ours(flat: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -223,15 +189,7 @@ def t5_to_ours(flat: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     >>> sorted(t5_to_ours({"block.0.layer.0.SelfAttention.q.weight": w, "embed_tokens.weight": w}))
     ['encoder.block.0.layer.0.SelfAttention.q.weight', 'shared.weight']
     """
-    prefix = loading.encoder_prefix(flat, T5_MARKER, T5_NAME, skip="decoder.")
-    ours = {
-        "encoder." + key[len(prefix) :]: tensor
-        for key, tensor in flat.items()
-        if key.startswith(prefix) and key[len(prefix) :].startswith(T5_PARTS)
-    }
-    stack_embedding = ours.pop(T5_STACK_EMBEDDING, None)
-    embedding = flat.get(prefix.removesuffix("encoder.") + T5_EMBEDDING, stack_embedding)
-    return ours if embedding is None else {T5_EMBEDDING: embedding, **ours}
+    return t5_encoder.encoder_to_ours(flat, T5_NAME)
 
 
 def clip_param_shapes(config: ConfigLike = None) -> dict[str, tuple[int, ...]]:
@@ -241,9 +199,7 @@ def clip_param_shapes(config: ConfigLike = None) -> dict[str, tuple[int, ...]]:
     >>> shapes[CLIP_EMBEDDING], len(shapes)
     ((49408, 768), 196)
     """
-    from transformers import CLIPTextConfig
-
-    return _clip_shapes(_clip_module(CLIPTextConfig.from_dict(loading.merged_config(CLIP_L_CONFIG, None, config))))
+    return _clip_shapes(_clip_module(config))
 
 
 def t5_param_shapes(config: ConfigLike = None) -> dict[str, tuple[int, ...]]:
@@ -252,66 +208,40 @@ def t5_param_shapes(config: ConfigLike = None) -> dict[str, tuple[int, ...]]:
     >>> t5_param_shapes({"num_layers": 1})["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"]
     (10240, 4096)
     """
-    from transformers import T5Config
-
-    return _t5_shapes(_t5_module(T5Config.from_dict(loading.merged_config(T5_XXL_CONFIG, None, config))))
+    return t5_encoder.encoder_shapes(_t5_module(config))
 
 
-def _clip_module(config):
-    from transformers import CLIPTextModel
+def _clip_module(config: ConfigLike, found: dict | None = None):
+    """FLUX.1's CLIP text encoder on the meta device: :data:`CLIP_L_CONFIG` < ``found`` < ``config``."""
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    with torch.device("meta"):
-        return CLIPTextModel(config)
-
-
-def _t5_module(config):
-    from transformers import T5EncoderModel
-
-    with torch.device("meta"):
-        return T5EncoderModel(config)
+    return meta_module(CLIPTextModel, CLIPTextConfig.from_dict(loading.merged_config(CLIP_L_CONFIG, found, config)))
 
 
-def _clip_module_prefix(module) -> str:
-    """``"text_model."`` on transformers 4 (``CLIPTextModel.text_model``), ``""`` on 5."""
-    return "text_model." if hasattr(module, "text_model") else ""
+def _t5_module(config: ConfigLike, found: dict | None = None):
+    """FLUX.1's T5 encoder on the meta device: :data:`T5_XXL_CONFIG` < ``found`` < ``config``."""
+    from transformers import T5Config, T5EncoderModel
+
+    return meta_module(T5EncoderModel, T5Config.from_dict(loading.merged_config(T5_XXL_CONFIG, found, config)))
 
 
 def _clip_shapes(module) -> dict[str, tuple[int, ...]]:
-    prefix = _clip_module_prefix(module)
-    return {"text_model." + k[len(prefix) :]: tuple(t.shape) for k, t in module.state_dict().items()}
-
-
-def _t5_shapes(module) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(t.shape) for k, t in module.state_dict().items() if k != T5_STACK_EMBEDDING}
+    return state_shapes(module, CLIP_TOWER)
 
 
 def _clip_pooled_fn(module) -> Callable[[dict, torch.Tensor], torch.Tensor]:
     """``pooled(params, input_ids) -> (B, hidden)``: CLIP's final-norm state at the end-of-text token."""
     apply, _ = pure_module(module)
-    prefix = _clip_module_prefix(module)
     unread_buffers = dict(module.named_buffers())  # position_ids, on meta; positions are passed explicitly
 
     def pooled(params, input_ids: torch.Tensor) -> torch.Tensor:
         ours = flatten_dict(materialize_tree(params))
         ids = input_ids.to(ours[CLIP_EMBEDDING].device)
-        tensors = unread_buffers | {prefix + k.removeprefix("text_model."): v for k, v in ours.items()}
+        tensors = unread_buffers | module_names(ours, module, CLIP_TOWER)
         positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
         return apply(tensors, input_ids=ids, position_ids=positions).pooler_output
 
     return pooled
-
-
-def _t5_hidden_fn(module) -> Callable[[dict, torch.Tensor], torch.Tensor]:
-    """``hidden(params, input_ids) -> (B, L, d_model)``: T5's last hidden state; ``shared`` embeds the tokens."""
-    apply, _ = pure_module(module)
-
-    def hidden(params, input_ids: torch.Tensor) -> torch.Tensor:
-        ours = flatten_dict(materialize_tree(params))
-        ids = input_ids.to(ours[T5_EMBEDDING].device)
-        tensors = ours | {T5_STACK_EMBEDDING: ours[T5_EMBEDDING]}
-        return apply(tensors, input_ids=ids).last_hidden_state
-
-    return hidden
 
 
 def _clip_config_beside(weights) -> dict | None:

@@ -41,37 +41,15 @@ from typing import Any, Callable, Mapping, Union
 
 import torch
 
-from dsf import loading, text_encoder
+from dsf import loading, t5_encoder, text_encoder
 from dsf.hub import ModelSource, local_source
-from dsf.io import Source, load_state_dict
-from dsf.modules import pure_module
-from dsf.tree import flatten_dict, unflatten_dict
+from dsf.io import Source
+from dsf.modules import meta_module, module_names, pure_module, state_shapes
+from dsf.tree import flatten_dict
 from dsf.weight import materialize_tree
 
 # google/umt5-xxl's encoder, as in Wan2.1 diffusers' text_encoder/config.json.
-UMT5_XXL_CONFIG = {
-    "model_type": "umt5",
-    "vocab_size": 256384,
-    "d_model": 4096,
-    "d_kv": 64,
-    "d_ff": 10240,
-    "num_layers": 24,
-    "num_decoder_layers": 24,
-    "num_heads": 64,
-    "relative_attention_num_buckets": 32,
-    "relative_attention_max_distance": 128,
-    "dropout_rate": 0.1,
-    "layer_norm_epsilon": 1e-06,
-    "initializer_factor": 1.0,
-    "feed_forward_proj": "gated-gelu",
-    "dense_act_fn": "gelu_new",
-    "is_gated_act": True,
-    "is_encoder_decoder": True,
-    "tie_word_embeddings": False,
-    "decoder_start_token_id": 0,
-    "eos_token_id": 1,
-    "pad_token_id": 0,
-}
+UMT5_XXL_CONFIG = {"model_type": "umt5", "vocab_size": 256384, **t5_encoder.XXL_CONFIG}
 
 # open-clip ViT-H/14's vision tower, as in Wan2.1-I2V diffusers' image_encoder/config.json.
 CLIP_VIT_H_CONFIG = {
@@ -93,9 +71,7 @@ CLIP_VIT_H_CONFIG = {
 
 UMT5_MAX_TOKENS = 512
 FAMILY, UMT5_NAME, CLIP_NAME = "Wan", "umT5-XXL", "CLIP ViT-H/14"
-UMT5_MARKER = "block.0.layer.0.SelfAttention.q.weight"
-UMT5_PARTS = ("block.", "final_layer_norm.", "embed_tokens.")
-UMT5_EMBEDDING, UMT5_STACK_EMBEDDING = "shared.weight", "encoder.embed_tokens.weight"
+UMT5_EMBEDDING = t5_encoder.EMBEDDING
 WAN_T5_MARKER = "blocks.0.attn.q.weight"
 WAN_T5_GLOBAL_NAMES = {"token_embedding.weight": UMT5_EMBEDDING, "norm.weight": "encoder.final_layer_norm.weight"}
 WAN_T5_BLOCK_NAMES = {  # Wan's original T5 block -> transformers' UMT5 block
@@ -110,6 +86,7 @@ WAN_T5_BLOCK_NAMES = {  # Wan's original T5 block -> transformers' UMT5 block
     "ffn.fc1.weight": "layer.1.DenseReluDense.wi_1.weight",
     "ffn.fc2.weight": "layer.1.DenseReluDense.wo.weight",
 }
+CLIP_TOWER = "vision_model"  # CLIPVisionModel's attribute on transformers 4; the checkpoints' key prefix
 CLIP_MARKER = "embeddings.patch_embedding.weight"
 CLIP_PARTS = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
 CLIP_POSITION_IDS = "embeddings.position_ids"  # a buffer, not a weight: rebuilt at each call
@@ -208,22 +185,19 @@ def load_umt5(
     >>> t5.encode(t5.params, ["a"]).shape
     torch.Size([1, 16, 8])
     """
-    from transformers import T5TokenizerFast, UMT5Config
+    from transformers import T5TokenizerFast
 
     root = local_source(source)
     weights = loading.pipeline_component(root, "text_encoder", UMT5_NAME)
     tokenizer_folder = _default_tokenizer_folder(root)
     tokenizer = loading.load_tokenizer(tokenizer, tokenizer_folder, T5TokenizerFast, UMT5_NAME, TOKENIZER_FOLDERS)
-    cfg = UMT5Config.from_dict(loading.merged_config(UMT5_XXL_CONFIG, loading.config_of_kind(weights, "model_type", "umt5"), config))
-    module = _umt5_module(cfg)
-    params = umt5_to_ours(load_state_dict(weights, dtype=dtype, device=device))
-    loading.check_encoder_keys(FAMILY, UMT5_NAME, _umt5_shapes(module), params, weights)
+    module = _umt5_module(config, loading.config_of_kind(weights, "model_type", "umt5"))
     return TextEncoder(
         name=UMT5_NAME,
-        params=unflatten_dict(params),
+        params=loading.encoder_params(FAMILY, UMT5_NAME, weights, umt5_to_ours, t5_encoder.encoder_shapes(module), dtype, device),
         tokenizer=tokenizer,
         max_length=max_length,
-        encode_ids=_umt5_states_fn(module, cfg.pad_token_id),
+        encode_ids=t5_encoder.last_hidden_fn(module, module.config.pad_token_id),
     )
 
 
@@ -249,20 +223,17 @@ def load_clip_vision(
     >>> clip.encode(clip.params, torch.randn(2, 3, 28, 28)).shape
     torch.Size([2, 5, 8])
     """
-    from transformers import CLIPImageProcessor, CLIPVisionConfig
+    from transformers import CLIPImageProcessor
 
     root = local_source(source)
     weights = loading.pipeline_component(root, "image_encoder", CLIP_NAME)
     processor = _image_processor(image_processor, loading.pipeline_part(root, "image_encoder", "image_processor"), CLIPImageProcessor)
-    cfg = CLIPVisionConfig.from_dict(loading.merged_config(CLIP_VIT_H_CONFIG, loading.config_of_kind(weights, "model_type", "clip_vision_model"), config))
-    module = _clip_module(cfg)
-    params = clip_vision_to_ours(load_state_dict(weights, dtype=dtype, device=device))
-    loading.check_encoder_keys(FAMILY, CLIP_NAME, _clip_shapes(module), params, weights)
+    module = _clip_module(config, loading.config_of_kind(weights, "model_type", "clip_vision_model"))
     return ImageEncoder(
         name=CLIP_NAME,
-        params=unflatten_dict(params),
+        params=loading.encoder_params(FAMILY, CLIP_NAME, weights, clip_vision_to_ours, _clip_shapes(module), dtype, device),
         processor=processor,
-        image_size=cfg.image_size,
+        image_size=module.config.image_size,
         encode_pixels=_clip_penultimate_fn(module),
     )
 
@@ -283,15 +254,7 @@ def umt5_to_ours(flat: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """
     if WAN_T5_MARKER in flat:
         return {_wan_t5_name(key) or key: tensor for key, tensor in flat.items()}
-    prefix = loading.encoder_prefix(flat, UMT5_MARKER, UMT5_NAME, skip="decoder.")
-    ours = {
-        "encoder." + key[len(prefix) :]: tensor
-        for key, tensor in flat.items()
-        if key.startswith(prefix) and key[len(prefix) :].startswith(UMT5_PARTS)
-    }
-    stack_embedding = ours.pop(UMT5_STACK_EMBEDDING, None)
-    embedding = flat.get(prefix.removesuffix("encoder.") + UMT5_EMBEDDING, stack_embedding)
-    return ours if embedding is None else {UMT5_EMBEDDING: embedding, **ours}
+    return t5_encoder.encoder_to_ours(flat, UMT5_NAME)
 
 
 def clip_vision_to_ours(flat: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -306,11 +269,7 @@ def clip_vision_to_ours(flat: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     ['vision_model.embeddings.patch_embedding.weight']
     """
     prefix = loading.encoder_prefix(flat, CLIP_MARKER, CLIP_NAME)
-    return {
-        "vision_model." + key[len(prefix) :]: tensor
-        for key, tensor in flat.items()
-        if key.startswith(prefix) and key[len(prefix) :].startswith(CLIP_PARTS) and key[len(prefix) :] != CLIP_POSITION_IDS
-    }
+    return loading.encoder_tensors(flat, prefix, CLIP_PARTS, CLIP_TOWER + ".", {CLIP_POSITION_IDS})
 
 
 def umt5_param_shapes(config: ConfigLike = None) -> dict[str, tuple[int, ...]]:
@@ -320,9 +279,7 @@ def umt5_param_shapes(config: ConfigLike = None) -> dict[str, tuple[int, ...]]:
     >>> shapes[UMT5_EMBEDDING], round(sum(torch.Size(s).numel() for s in shapes.values()) / 1e9, 2)
     ((256384, 4096), 5.68)
     """
-    from transformers import UMT5Config
-
-    return _umt5_shapes(_umt5_module(UMT5Config.from_dict(loading.merged_config(UMT5_XXL_CONFIG, None, config))))
+    return t5_encoder.encoder_shapes(_umt5_module(config))
 
 
 def clip_vision_param_shapes(config: ConfigLike = None) -> dict[str, tuple[int, ...]]:
@@ -331,9 +288,7 @@ def clip_vision_param_shapes(config: ConfigLike = None) -> dict[str, tuple[int, 
     >>> clip_vision_param_shapes()["vision_model.embeddings.position_embedding.weight"]
     (257, 1280)
     """
-    from transformers import CLIPVisionConfig
-
-    return _clip_shapes(_clip_module(CLIPVisionConfig.from_dict(loading.merged_config(CLIP_VIT_H_CONFIG, None, config))))
+    return _clip_shapes(_clip_module(config))
 
 
 def _wan_t5_name(key: str) -> str | None:
@@ -344,65 +299,34 @@ def _wan_t5_name(key: str) -> str | None:
     return None if local is None else f"encoder.block.{match.group(1)}.{local}"
 
 
-def _umt5_module(config):
-    from transformers import UMT5EncoderModel
+def _umt5_module(config: ConfigLike, found: dict | None = None):
+    """Wan's umT5 encoder on the meta device: :data:`UMT5_XXL_CONFIG` < ``found`` < ``config``."""
+    from transformers import UMT5Config, UMT5EncoderModel
 
-    with torch.device("meta"):
-        return UMT5EncoderModel(config)
-
-
-def _clip_module(config):
-    from transformers import CLIPVisionModel
-
-    with torch.device("meta"):
-        return CLIPVisionModel(config)
+    return meta_module(UMT5EncoderModel, UMT5Config.from_dict(loading.merged_config(UMT5_XXL_CONFIG, found, config)))
 
 
-def _clip_module_prefix(module) -> str:
-    """``"vision_model."`` on transformers 4 (``CLIPVisionModel.vision_model``), ``""`` on 5."""
-    return "vision_model." if hasattr(module, "vision_model") else ""
+def _clip_module(config: ConfigLike, found: dict | None = None):
+    """Wan's CLIP vision encoder on the meta device: :data:`CLIP_VIT_H_CONFIG` < ``found`` < ``config``."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
 
-
-def _umt5_shapes(module) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(t.shape) for k, t in module.state_dict().items() if k != UMT5_STACK_EMBEDDING}
+    return meta_module(CLIPVisionModel, CLIPVisionConfig.from_dict(loading.merged_config(CLIP_VIT_H_CONFIG, found, config)))
 
 
 def _clip_shapes(module) -> dict[str, tuple[int, ...]]:
-    prefix = _clip_module_prefix(module)
-    return {
-        "vision_model." + k[len(prefix) :]: tuple(t.shape)
-        for k, t in module.state_dict().items()
-        if k[len(prefix) :] != CLIP_POSITION_IDS
-    }
-
-
-def _umt5_states_fn(module, pad_token_id: int) -> Callable[[dict, torch.Tensor], torch.Tensor]:
-    """``states(params, input_ids) -> (B, L, d_model)``: padding masked out of attention, its states zeroed."""
-    apply, _ = pure_module(module)
-
-    def states(params, input_ids: torch.Tensor) -> torch.Tensor:
-        ours = flatten_dict(materialize_tree(params))
-        ids = input_ids.to(ours[UMT5_EMBEDDING].device)
-        mask = ids.ne(pad_token_id)
-        tensors = ours | {UMT5_STACK_EMBEDDING: ours[UMT5_EMBEDDING]}
-        hidden = apply(tensors, input_ids=ids, attention_mask=mask.long()).last_hidden_state
-        return torch.where(mask[..., None], hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
-
-    return states
+    return state_shapes(module, CLIP_TOWER, skip={CLIP_POSITION_IDS})
 
 
 def _clip_penultimate_fn(module) -> Callable[[dict, torch.Tensor], torch.Tensor]:
     """``features(params, pixel_values) -> (B, tokens, hidden)``: the second-to-last encoder layer's output."""
     apply, _ = pure_module(module)
-    prefix = _clip_module_prefix(module)
     positions = module.config.image_size // module.config.patch_size
 
     def features(params, pixel_values: torch.Tensor) -> torch.Tensor:
         ours = flatten_dict(materialize_tree(params))
-        patch_weight = ours["vision_model." + CLIP_MARKER]
+        patch_weight = ours[f"{CLIP_TOWER}.{CLIP_MARKER}"]
         position_ids = torch.arange(positions**2 + 1, device=patch_weight.device).unsqueeze(0)
-        tensors = {prefix + k.removeprefix("vision_model."): v for k, v in ours.items()}
-        tensors[prefix + CLIP_POSITION_IDS] = position_ids
+        tensors = module_names(ours | {f"{CLIP_TOWER}.{CLIP_POSITION_IDS}": position_ids}, module, CLIP_TOWER)
         pixels = pixel_values.to(device=patch_weight.device, dtype=patch_weight.dtype)
         return apply(tensors, pixel_values=pixels, output_hidden_states=True).hidden_states[PENULTIMATE]
 
