@@ -55,7 +55,7 @@ import dsf
 from dsf import distributed
 from dsf.cache import CachedDataset, encode_into_cache
 from dsf.checkpoint import save_safetensors
-from dsf.data import FolderDataset, batches, collate
+from dsf.data import FolderDataset
 from dsf.hub import ModelSource, resolve
 from dsf.models.flux import load_clip, load_dit, load_t5, load_vae
 from dsf.models.flux.pipeline import FluxPipeline
@@ -69,7 +69,8 @@ from dsf.models.flux.training import (
     require_components,
     sft_loss,
 )
-from dsf.train import TrainConfig, train
+from dsf.train import train
+from dsf.training_flags import add_training_flags, batch_stream, train_config
 from dsf.transforms import checkpoint, fp8, load_lora, lora, lora_trainable, merge_lora, save_lora, trainable
 from dsf.transforms.lora import TRAINED
 from dsf.transforms.lora_layouts import LAYOUTS
@@ -107,31 +108,13 @@ def parser() -> argparse.ArgumentParser:
     models.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on CUDA, float32 on the CPU")
     models.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="under torchrun: cpu trains over gloo, otherwise each process takes the GPU of its local rank")
-    training = p.add_argument_group("training")
-    training.add_argument("--task", default="sft", choices=TASKS)
-    training.add_argument("--trainable_models", choices=("dit",), help="dit: full fine-tuning of the DiT instead of a LoRA")
-    training.add_argument("--learning_rate", type=float, default=1e-4)
-    training.add_argument("--weight_decay", type=float, default=0.01)
-    training.add_argument("--num_epochs", type=int, default=1)
-    training.add_argument("--max_steps", type=int, help="optimizer steps (default: --num_epochs over the dataset)")
-    training.add_argument("--batch_size", type=int, default=1)
-    training.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    training.add_argument("--use_gradient_checkpointing", action="store_true")
-    training.add_argument("--use_gradient_checkpointing_offload", action="store_true", help="also keep activations on the CPU")
-    training.add_argument("--shard", action="store_true", help="under torchrun: split the DiT's weights over the processes")
-    training.add_argument("--seed", type=int, default=0)
-    lora_flags = p.add_argument_group("LoRA")
-    lora_flags.add_argument("--lora_target_modules", default=LORA_TARGETS)
-    lora_flags.add_argument("--lora_rank", type=int, default=32)
-    lora_flags.add_argument("--lora_alpha", type=float, help="default: the rank (scale 1)")
-    lora_flags.add_argument("--lora_checkpoint", help="a LoRA file to continue training")
-    lora_flags.add_argument("--lora_layout", default="diffusers", choices=LAYOUTS, help="key layout of the saved LoRA files")
-    lora_flags.add_argument("--preset_lora_path", help="a LoRA merged into the base before training (differential LoRA)")
-    output = p.add_argument_group("output")
-    output.add_argument("--output_path", default="outputs/flux_lora")
-    output.add_argument("--save_steps", type=int, help="default: once per epoch")
-    output.add_argument("--checkpoint_steps", type=int, help="resumable state every N steps (default: --save_steps)")
-    output.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output_path")
+    groups = add_training_flags(p, output_path="outputs/flux_lora", lora_targets=LORA_TARGETS, lora_layouts=LAYOUTS)
+    groups["training"].add_argument("--task", default="sft", choices=TASKS)
+    groups["training"].add_argument("--trainable_models", choices=("dit",),
+                                    help="dit: full fine-tuning of the DiT instead of a LoRA")
+    groups["training"].add_argument("--shard", action="store_true",
+                                    help="under torchrun: split the DiT's weights over the processes")
+    groups["LoRA"].add_argument("--preset_lora_path", help="a LoRA merged into the base before training (differential LoRA)")
     return p
 
 
@@ -304,26 +287,10 @@ def main(argv: list[str]):
     else:
         loss = sft_loss(models["dit"])
 
-    def encoded_batch(items):
-        return collate([encode(params, item) for item in items])
-
-    def data(start):
-        collate_fn = collate if encode is None else encoded_batch
-        return batches(dataset, args.batch_size, data_key, start=start, collate_fn=collate_fn)
+    data = batch_stream(dataset, args.batch_size, data_key, None if encode is None else functools.partial(encode, params))
 
     # 7. Train: AdamW on the LoRA factors (or the DiT), saving the LoRA in --lora_layout (or the DiT).
-    steps_per_epoch = max(1, len(dataset) // (args.batch_size * args.gradient_accumulation_steps * world.size))
-    save_steps = args.save_steps or steps_per_epoch
-    config = TrainConfig(
-        learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay,
-        max_steps=args.max_steps or args.num_epochs * steps_per_epoch,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        output_path=args.output_path,
-        save_steps=save_steps,
-        checkpoint_steps=args.checkpoint_steps or save_steps,
-        resume=args.resume,
-    )
+    config = train_config(args, len(dataset), processes=world.size)
     save = save_dit_file if args.trainable_models else save_lora_file(args.lora_layout)
     trained = unshard(train(stack(loss), params, data, config, where=where, key=train_key, save=save))  # on every rank
     if world.rank == 0:

@@ -39,11 +39,11 @@ import torch
 
 import dsf
 from dsf.cache import CachedDataset, encode_into_cache
-from dsf.data import batches, collate
 from dsf.hub import ModelSource, local_source
 from dsf.models.wan.pipeline import EXPERTS, holds_two_experts, load_pipeline
 from dsf.models.wan.training import LORA_TARGETS, SampleEncoder, VideoDataset, expert_timestep_boundaries, sft_loss
-from dsf.train import TrainConfig, train
+from dsf.train import train
+from dsf.training_flags import add_training_flags, batch_stream, train_config
 from dsf.transforms import checkpoint, fp8, load_lora, lora, lora_trainable, save_lora
 from dsf.transforms.lora import TRAINED
 
@@ -73,30 +73,10 @@ def parser() -> argparse.ArgumentParser:
     models.add_argument("--fp8_models", default="", help=f"comma list of frozen components stored in fp8: {FP8_COMPONENTS}")
     models.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on CUDA, float32 on the CPU")
     models.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    training = p.add_argument_group("training")
+    training = add_training_flags(p, output_path="outputs/wan_lora", lora_targets=LORA_TARGETS, lora_layouts=LORA_LAYOUTS)["training"]
     training.add_argument("--task", default="sft", choices=TASKS)
-    training.add_argument("--learning_rate", type=float, default=1e-4)
-    training.add_argument("--weight_decay", type=float, default=0.01)
-    training.add_argument("--num_epochs", type=int, default=1)
-    training.add_argument("--max_steps", type=int, help="optimizer steps (default: --num_epochs over the dataset)")
-    training.add_argument("--batch_size", type=int, default=1)
-    training.add_argument("--gradient_accumulation_steps", type=int, default=1)
     training.add_argument("--min_timestep_boundary", type=float, help="fraction of the training grid (0: σ = 1)")
     training.add_argument("--max_timestep_boundary", type=float, help="fraction of the training grid (1: σ = 0)")
-    training.add_argument("--use_gradient_checkpointing", action="store_true")
-    training.add_argument("--use_gradient_checkpointing_offload", action="store_true", help="also keep activations on the CPU")
-    training.add_argument("--seed", type=int, default=0)
-    lora_flags = p.add_argument_group("LoRA")
-    lora_flags.add_argument("--lora_target_modules", default=LORA_TARGETS)
-    lora_flags.add_argument("--lora_rank", type=int, default=32)
-    lora_flags.add_argument("--lora_alpha", type=float, help="default: the rank (scale 1)")
-    lora_flags.add_argument("--lora_checkpoint", help="a LoRA file to continue training")
-    lora_flags.add_argument("--lora_layout", default="diffusers", choices=LORA_LAYOUTS, help="key layout of the saved files")
-    output = p.add_argument_group("output")
-    output.add_argument("--output_path", default="outputs/wan_lora")
-    output.add_argument("--save_steps", type=int, help="default: once per epoch")
-    output.add_argument("--checkpoint_steps", type=int, help="resumable state every N steps (default: --save_steps)")
-    output.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output_path")
     return p
 
 
@@ -211,25 +191,10 @@ def main(argv: list[str]):
     #    encoded as they are drawn, unless they come from the cache).
     loss = sft_loss(pipe, **boundaries)
 
-    def encoded_batch(items):
-        return collate([encode(params, item) for item in items])
-
-    def data(start):
-        return batches(dataset, args.batch_size, data_key, start=start, collate_fn=collate if encode is None else encoded_batch)
+    data = batch_stream(dataset, args.batch_size, data_key, None if encode is None else functools.partial(encode, params))
 
     # 6. Train: AdamW on the LoRA factors, saving the LoRA in --lora_layout.
-    steps_per_epoch = max(1, len(dataset) // (args.batch_size * args.gradient_accumulation_steps))
-    save_steps = args.save_steps or steps_per_epoch
-    config = TrainConfig(
-        learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay,
-        max_steps=args.max_steps or args.num_epochs * steps_per_epoch,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        output_path=args.output_path,
-        save_steps=save_steps,
-        checkpoint_steps=args.checkpoint_steps or save_steps,
-        resume=args.resume,
-    )
+    config = train_config(args, len(dataset))
 
     def save(path, trained):
         save_lora(trained["dit"], path, args.lora_layout, name=TRAINED)

@@ -1,0 +1,96 @@
+"""DiffSynth-Studio's training flags, shared by the fine-tuning recipes: the argparse groups, the
+:class:`dsf.train.TrainConfig` they describe (counted in epochs, as DiffSynth counts them), and the
+batch stream of a dataset.
+
+Example:
+    >>> import argparse
+    >>> parser = argparse.ArgumentParser()
+    >>> groups = add_training_flags(parser, output_path="outputs/x", lora_targets="to_q", lora_layouts=("diffusers",))
+    >>> sorted(groups)
+    ['LoRA', 'output', 'training']
+    >>> config = train_config(parser.parse_args(["--num_epochs", "2", "--batch_size", "2"]), dataset_size=10)
+    >>> config.max_steps, config.save_steps, config.checkpoint_steps
+    (10, 5, 5)
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable, Sequence
+
+from dsf.data import batches, collate
+from dsf.random import Key
+from dsf.train import TrainConfig
+
+
+def add_training_flags(
+    parser: argparse.ArgumentParser,
+    *,
+    output_path: str,
+    lora_targets: str,
+    lora_layouts: Sequence[str],
+    lora_layout: str = "diffusers",
+) -> dict[str, argparse._ArgumentGroup]:
+    """Add the ``training``, ``LoRA`` and ``output`` flag groups to ``parser`` and return them by name,
+    for a recipe to add its own flags to; see the module example."""
+    training = parser.add_argument_group("training")
+    training.add_argument("--learning_rate", type=float, default=1e-4)
+    training.add_argument("--weight_decay", type=float, default=0.01)
+    training.add_argument("--num_epochs", type=int, default=1)
+    training.add_argument("--max_steps", type=int, help="optimizer steps (default: --num_epochs over the dataset)")
+    training.add_argument("--batch_size", type=int, default=1)
+    training.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    training.add_argument("--use_gradient_checkpointing", action="store_true")
+    training.add_argument("--use_gradient_checkpointing_offload", action="store_true", help="also keep activations on the CPU")
+    training.add_argument("--seed", type=int, default=0)
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--lora_target_modules", default=lora_targets)
+    lora.add_argument("--lora_rank", type=int, default=32)
+    lora.add_argument("--lora_alpha", type=float, help="default: the rank (scale 1)")
+    lora.add_argument("--lora_checkpoint", help="a LoRA file to continue training")
+    lora.add_argument("--lora_layout", default=lora_layout, choices=lora_layouts, help="key layout of the saved LoRA files")
+    output = parser.add_argument_group("output")
+    output.add_argument("--output_path", default=output_path)
+    output.add_argument("--save_steps", type=int, help="default: once per epoch")
+    output.add_argument("--checkpoint_steps", type=int, help="resumable state every N steps (default: --save_steps)")
+    output.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output_path")
+    return {"training": training, "LoRA": lora, "output": output}
+
+
+def train_config(args: argparse.Namespace, dataset_size: int, processes: int = 1) -> TrainConfig:
+    """The :class:`TrainConfig` of the parsed flags: an epoch is ``dataset_size`` items over
+    ``processes`` processes, each taking ``--batch_size`` × ``--gradient_accumulation_steps`` per step;
+    ``--max_steps`` defaults to ``--num_epochs`` epochs, ``--save_steps`` to one epoch, and
+    ``--checkpoint_steps`` to ``--save_steps``; see the module example."""
+    steps_per_epoch = max(1, dataset_size // (args.batch_size * args.gradient_accumulation_steps * processes))
+    save_steps = args.save_steps or steps_per_epoch
+    return TrainConfig(
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        max_steps=args.max_steps or args.num_epochs * steps_per_epoch,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        output_path=args.output_path,
+        save_steps=save_steps,
+        checkpoint_steps=args.checkpoint_steps or save_steps,
+        resume=args.resume,
+    )
+
+
+def batch_stream(dataset, batch_size: int, key: Key, encode: Callable | None = None) -> Callable:
+    """``data(start)`` for :func:`dsf.train.train`: shuffled batches of ``dataset`` from position
+    ``start``, each item through ``encode`` (the gradient-free steps, run as items are drawn) when given.
+
+    >>> import torch, dsf
+    >>> items = [{"x": torch.tensor(float(i))} for i in range(4)]
+    >>> data = batch_stream(items, 2, dsf.random.key(0), encode=lambda item: {"x": 10 * item["x"]})
+    >>> position, batch = next(data(0))
+    >>> position, batch["x"].tolist()
+    (2, [10.0, 30.0])
+    """
+    def encoded_batch(items):
+        return collate([encode(item) for item in items])
+
+    def data(start: int):
+        return batches(dataset, batch_size, key, start=start, collate_fn=collate if encode is None else encoded_batch)
+
+    return data
