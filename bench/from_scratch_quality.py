@@ -49,6 +49,16 @@ def sample_features(model, per_digit: int, seed: int, cfg_scale: float, steps: i
     return torch.cat(chunks).numpy(), np.repeat(np.arange(10), per_digit)
 
 
+def trained_model(model: str | None, recipe: str, output_path: str) -> tuple[str, float | None]:
+    """``(model, None)`` for a given model folder; else the folder a run of ``recipes/<recipe>`` with its
+    defaults writes under ``output_path``, and the run's wall seconds."""
+    if model is not None:
+        return model, None
+    started = time.perf_counter()
+    subprocess.run([sys.executable, str(ROOT / "recipes" / recipe), "--output_path", output_path], check=True)
+    return str(Path(output_path) / "model"), time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a trained model folder; trains one with the recipe defaults when absent")
@@ -59,14 +69,7 @@ def main() -> None:
     parser.add_argument("--num_inference_steps", type=int, default=20)
     args = parser.parse_args()
 
-    training_seconds = None
-    model_folder = args.model
-    if model_folder is None:
-        started = time.perf_counter()
-        subprocess.run([sys.executable, str(ROOT / "recipes" / "train_from_scratch.py"), "--output_path", args.output_path],
-                       check=True)
-        training_seconds = time.perf_counter() - started
-        model_folder = str(Path(args.output_path) / "model")
+    model_folder, training_seconds = trained_model(args.model, "train_from_scratch.py", args.output_path)
 
     model = load_model(model_folder)
     classifier, real_accuracy = real_digit_classifier(model.config.image_size)

@@ -29,6 +29,7 @@ from dsf import distributed
 from dsf.models.digits import DigitsConfig, generate, load_model, new_model, prompt_for, save_model
 from dsf.models.digits.paradigms import fit, from_scratch
 from dsf.models.digits.training import data_stream, digits_loss, load_training_set, write_digits_folder
+from dsf.recipe_cli import run_command, sample_parser, save_numbered
 from dsf.train import TrainConfig
 from dsf.transforms import checkpoint
 from dsf.transforms.shard import shard, unshard
@@ -54,18 +55,6 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_inference_steps", type=int, default=20)
     parser.add_argument("--dim", type=int, default=DigitsConfig.dim, help="DiT width (smaller trains faster)")
     parser.add_argument("--depth", type=int, default=DigitsConfig.depth, help="number of DiT blocks")
-    return parser
-
-
-def sample_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Sample a trained digits model.")
-    parser.add_argument("--model", required=True, help="a model folder written by training (OUTPUT_PATH/model)")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--num", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--cfg_scale", type=float, default=3.0)
-    parser.add_argument("--num_inference_steps", type=int, default=20)
     return parser
 
 
@@ -124,22 +113,15 @@ def run_training(args) -> Path:
     return model_folder
 
 
-def run_sampling(args) -> None:
+def run_sampling(argv: list[str]) -> None:
+    args = sample_parser("Sample a trained digits model.", "a handwritten digit seven", cfg_scale=3.0).parse_args(argv)
     model = load_model(args.model)
-    images = generate(model, [args.prompt] * args.num, seed=args.seed, cfg_scale=args.cfg_scale,
-                      num_inference_steps=args.num_inference_steps)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):
-        image.save(out / f"{i:04d}.png")
-    print(f"wrote {len(images)} images to {out}")
+    save_numbered(generate(model, [args.prompt] * args.num, seed=args.seed, cfg_scale=args.cfg_scale,
+                           num_inference_steps=args.num_inference_steps), args.out)
 
 
 def main(argv: list[str]) -> None:
-    if argv[:1] == ["sample"]:
-        run_sampling(sample_parser().parse_args(argv[1:]))
-    else:
-        run_training(train_parser().parse_args(argv[1:] if argv[:1] == ["train"] else argv))
+    run_command(argv, train=lambda rest: run_training(train_parser().parse_args(rest)), sample=run_sampling)
 
 
 if __name__ == "__main__":
