@@ -1,4 +1,5 @@
-"""Checkpoint-loading helpers shared by the model families: encoder tensors, key checks, configs, pipeline folders, tokenizers.
+"""Checkpoint-loading helpers shared by the model families: layouts, encoder tensors, key checks, configs, pipeline
+folders, tokenizers.
 
 Nothing here knows a model: each family passes its names, expected shapes, config classes and the
 hint its errors end with.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Collection, Mapping
+from typing import Any, Callable, Collection, Iterable, Mapping
 
 import torch
 
@@ -252,3 +253,178 @@ def load_tokenizer(tokenizer, default_folder: Path | None, tokenizer_class, name
     if not any((folder / file).is_file() for file in wanted):
         raise FileNotFoundError(f"{folder} holds none of the {name} tokenizer files {wanted}")
     return tokenizer_class.from_pretrained(str(folder), local_files_only=True)
+
+
+def tensor_shapes(flat: Mapping[str, Any]) -> dict[str, tuple]:
+    """``{key: shape}`` of a flat state dict, each shape a tuple.
+
+    >>> tensor_shapes({"w": torch.zeros(2, 3), "b": torch.zeros(2)})
+    {'w': (2, 3), 'b': (2,)}
+    """
+    return {key: tuple(tensor.shape) for key, tensor in flat.items()}
+
+
+def marked_layout(
+    keys: Iterable[str], prefixes: Mapping[str, tuple[str, ...]], infixes: Mapping[str, tuple[str, ...]] | None = None
+) -> str:
+    """The first layout of ``prefixes`` (in order) one of whose marks starts a key, or (``infixes``) stands inside one;
+    ``"unknown"`` when none does.
+
+    >>> marks = {"ldm": ("encoder.down.",), "diffusers": ("encoder.down_blocks.",)}
+    >>> marked_layout(["encoder.down_blocks.0.w"], marks), marked_layout(["x.attn.w"], marks)
+    ('diffusers', 'unknown')
+    >>> marked_layout(["blocks.0.self_attn.q.weight"], {"original": ("head.",)}, {"original": (".self_attn.",)})
+    'original'
+    """
+    keys = list(keys)
+    for layout, marks in prefixes.items():
+        inner = (infixes or {}).get(layout, ())
+        if any(key.startswith(marks) or any(mark in key for mark in inner) for key in keys):
+            return layout
+    return "unknown"
+
+
+def strip_wrapper_prefix(
+    flat: Mapping[str, Any], prefixes: tuple[str, ...], parts: tuple[str, ...] = ("",)
+) -> tuple[dict[str, Any], str]:
+    """``(entries under the prefix, prefix)`` for the first of ``prefixes`` that some key starts with, followed by one
+    of ``parts`` (a model inside a larger file); ``(all entries, "")`` when none does.
+
+    >>> strip_wrapper_prefix({"vae.encoder.w": 1, "cond.w": 2}, ("first_stage_model.", "vae."), ("encoder.", "decoder."))
+    ({'encoder.w': 1}, 'vae.')
+    >>> strip_wrapper_prefix({"model.diffusion_model.w": 1, "vae.w": 2}, ("model.diffusion_model.",))
+    ({'w': 1}, 'model.diffusion_model.')
+    >>> strip_wrapper_prefix({"w": 1}, ("model.",))
+    ({'w': 1}, '')
+    """
+    for prefix in prefixes:
+        if any(key.startswith(tuple(prefix + part for part in parts)) for key in flat):
+            return {key[len(prefix) :]: value for key, value in flat.items() if key.startswith(prefix)}, prefix
+    return dict(flat), ""
+
+
+def check_checkpoint_keys(expected: Mapping[str, tuple], shapes: Mapping[str, tuple], layout: str, model: str, hint: str) -> None:
+    """:func:`check_keys` of a checkpoint put in our layout from ``layout``, against the ``model`` it should fit.
+
+    >>> check_checkpoint_keys({"a": (2,)}, {}, "ldm", "a toy VAE", "Pass config=.")
+    Traceback (most recent call last):
+    ...
+    ValueError: checkpoint (ldm layout) does not fit a toy VAE: 1 missing keys, e.g. ['a']. Pass config=.
+    """
+    check_keys(expected, shapes, f"checkpoint ({layout} layout) does not fit {model}", hint)
+
+
+def unwrapped_in_ours(
+    flat: Mapping[str, Any],
+    prefixes: tuple[str, ...],
+    parts: tuple[str, ...],
+    detect_layout: Callable[[Iterable[str]], str],
+    converters: Mapping[str, Callable[[dict[str, Any]], dict[str, Any]]],
+) -> tuple[dict[str, Any], str]:
+    """``(entries in our layout, layout name)`` of a model's checkpoint, maybe inside a larger file.
+
+    The entries are those under the wrapper prefix (:func:`strip_wrapper_prefix`), converted by the converter of the
+    layout ``detect_layout`` finds in them (kept as they are for a layout without one); the name adds the prefix, if any.
+
+    >>> detect = lambda keys: "old" if any(k.startswith("encoder.conv1.") for k in keys) else "unknown"
+    >>> convert = {"old": lambda flat: {k.replace("conv1", "conv_in"): v for k, v in flat.items()}}
+    >>> unwrapped_in_ours({"model.encoder.conv1.w": 1, "cond.w": 2}, ("model.",), ("encoder.",), detect, convert)
+    ({'encoder.conv_in.w': 1}, "old (prefix 'model.')")
+    >>> unwrapped_in_ours({"encoder.x": 1}, ("model.",), ("encoder.",), detect, convert)
+    ({'encoder.x': 1}, 'unknown')
+    """
+    unwrapped, prefix = strip_wrapper_prefix(flat, prefixes, parts)
+    layout = detect_layout(unwrapped)
+    converted = converters[layout](unwrapped) if layout in converters else unwrapped
+    return converted, f"{layout} (prefix {prefix!r})" if prefix else layout
+
+
+def numbered_count(keys: Iterable[str], prefix: str) -> int:
+    """1 + the largest number that follows ``prefix`` (up to the next ``.``) in the keys; 0 when none does.
+
+    >>> numbered_count(["blocks.0.w", "blocks.11.w", "blocks.head.w", "proj.w"], "blocks."), numbered_count([], "blocks.")
+    (12, 0)
+    """
+    indices = {key[len(prefix) :].split(".", 1)[0] for key in keys if key.startswith(prefix)}
+    return max((int(i) for i in indices if i.isdigit()), default=-1) + 1
+
+
+def sizes_from_shapes(shapes: Mapping[str, tuple], readings: Mapping[str, tuple[str, int]]) -> dict:
+    """``{field: shapes[key][axis]}`` for each ``field: (key, axis)`` of ``readings`` whose key is in ``shapes``.
+
+    >>> sizes_from_shapes({"conv_in.weight": (64, 3, 3, 3)}, {"in_channels": ("conv_in.weight", 1), "out": ("conv_out.weight", 0)})
+    {'in_channels': 3}
+    """
+    return {field: shapes[key][axis] for field, (key, axis) in readings.items() if key in shapes}
+
+
+def check_known_config_keys(config: Mapping, accepted: Collection[str], known: Collection[str], kind: str) -> None:
+    """Raise a ValueError listing the keys of ``config`` not ``accepted`` (keys starting with ``_`` pass), and the ``known`` ones.
+
+    >>> check_known_config_keys({"depth": 2, "sample_size": 8, "_class_name": "Toy", "dpeth": 3}, {"depth", "sample_size"},
+    ...                         {"depth"}, "Toy")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown Toy config keys ['dpeth']; known keys are ['depth']
+    """
+    unknown = [key for key in config if key not in accepted and not key.startswith("_")]
+    if unknown:
+        raise ValueError(f"unknown {kind} config keys {unknown}; known keys are {sorted(known)}")
+
+
+def check_supported_values(config: Mapping, required: Mapping[str, tuple[Callable[[Any], bool], str]], kind: str, model: str) -> None:
+    """Raise a ValueError for the first key of ``required`` (``{key: (supported, what it must be)}``) whose value in
+    ``config`` the ``model`` does not support.
+
+    >>> check_supported_values({"act_fn": "gelu"}, {"act_fn": (lambda v: v == "silu", "'silu'")}, "Toy", "toy VAE")
+    Traceback (most recent call last):
+    ...
+    ValueError: Toy config act_fn='gelu' is not supported by the toy VAE: it must be 'silu'
+    """
+    for key, (supported, expected) in required.items():
+        if key in config and not supported(config[key]):
+            raise ValueError(f"{kind} config {key}={config[key]!r} is not supported by the {model}: it must be {expected}")
+
+
+def config_fields(base: Mapping, config_json: Mapping | None, config: Mapping | None, from_diffusers: Callable[..., dict]) -> dict:
+    """A config's fields: ``base`` (what the checkpoint's shapes say, over any defaults) < those of ``config_json`` <
+    those of ``config``, each read by ``from_diffusers(mapping, strict)``, strictly for ``config`` (the caller's).
+
+    >>> read = lambda mapping, strict: {"depth": mapping["num_layers"]} if "num_layers" in mapping else {}
+    >>> config_fields({"width": 8, "depth": 1}, {"num_layers": 2}, {"num_layers": 4}, read)
+    {'width': 8, 'depth': 4}
+    """
+    fields = dict(base)
+    fields.update(from_diffusers(config_json or {}, strict=False))
+    fields.update(from_diffusers(config or {}, strict=True))
+    return fields
+
+
+def checkpoint_params(
+    source: Source,
+    config: Any,
+    class_name: str,
+    to_ours: Callable[[Mapping[str, torch.Tensor]], tuple[dict[str, torch.Tensor], str]],
+    resolve_config: Callable[[dict[str, tuple], dict | None, Any], Any],
+    check_keys: Callable[[dict[str, tuple], Any, str], None],
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[Any, dict]:
+    """``(resolved config, params tree)`` of a model checkpoint.
+
+    ``source`` is read (cast to ``dtype``, on ``device``) and put in our layout by ``to_ours``, which also names the
+    layout it found; the config is ``resolve_config(shapes, config_json, config)``, with the ``config.json`` beside the
+    weights when its ``_class_name`` is ``class_name`` or absent; ``check_keys(shapes, resolved, layout)`` raises on a misfit.
+
+    >>> resolve = lambda shapes, config_json, config: {"width": shapes["w"][0], **config}
+    >>> check = lambda shapes, resolved, layout: None
+    >>> checkpoint_params({"w": torch.zeros(2)}, {"depth": 1}, "Toy", lambda flat: (dict(flat), "ours"), resolve, check)
+    ({'width': 2, 'depth': 1}, {'w': tensor([0., 0.])})
+    """
+    flat, layout = to_ours(load_state_dict(source, dtype=dtype, device=device))
+    shapes = tensor_shapes(flat)
+    config_json = config_of_kind(source, "_class_name", class_name, absent_ok=True)
+    resolved = resolve_config(shapes, config_json, config)
+    check_keys(shapes, resolved, layout)
+    return resolved, unflatten_dict(flat)

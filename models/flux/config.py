@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
+from dsf import loading
+
 TIMESTEP_FEATURES = 256  # width of the sinusoidal timestep and guidance features
 
 DIFFUSERS_KEYS = {  # diffusers FluxTransformer2DModel config key -> FluxConfig field
@@ -27,6 +29,12 @@ DIFFUSERS_KEYS = {  # diffusers FluxTransformer2DModel config key -> FluxConfig 
     "joint_attention_dim": "context_dim",
     "pooled_projection_dim": "pooled_dim",
     "guidance_embeds": "guidance_embeds",
+}
+_SIZE_READINGS = {  # FluxConfig field -> (key, axis) of the checkpoint shape that holds it
+    "in_channels": ("x_embedder.weight", 1),
+    "out_channels": ("proj_out.weight", 0),
+    "context_dim": ("context_embedder.weight", 1),
+    "pooled_dim": ("time_text_embed.text_embedder.linear_1.weight", 1),
 }
 
 
@@ -89,9 +97,8 @@ def fields_from_diffusers(config: Mapping, strict: bool) -> dict:
     """
     if config.get("patch_size", 1) != 1:
         raise ValueError(f"FLUX.1 patchifies latents itself (2×2); patch_size must be 1, got {config['patch_size']}")
-    unknown = [k for k in config if k not in DIFFUSERS_KEYS and k != "patch_size" and not k.startswith("_")]
-    if strict and unknown:
-        raise ValueError(f"unknown FLUX config keys {unknown}; known keys are {sorted(DIFFUSERS_KEYS)}")
+    if strict:
+        loading.check_known_config_keys(config, {*DIFFUSERS_KEYS, "patch_size"}, DIFFUSERS_KEYS, "FLUX")
     return {DIFFUSERS_KEYS[k]: v for k, v in config.items() if k in DIFFUSERS_KEYS and v is not None}
 
 
@@ -105,17 +112,8 @@ def fields_from_shapes(shapes: Mapping[str, tuple]) -> dict:
     >>> fields["num_heads"], fields["head_dim"], fields["num_double_blocks"], fields["guidance_embeds"]
     (24, 128, 1, False)
     """
-    fields: dict = {}
     hidden = shapes.get("x_embedder.weight", (None,))[0]
-    readings = {
-        "in_channels": ("x_embedder.weight", 1),
-        "out_channels": ("proj_out.weight", 0),
-        "context_dim": ("context_embedder.weight", 1),
-        "pooled_dim": ("time_text_embed.text_embedder.linear_1.weight", 1),
-    }
-    for field, (key, axis) in readings.items():
-        if key in shapes:
-            fields[field] = shapes[key][axis]
+    fields = loading.sizes_from_shapes(shapes, _SIZE_READINGS)
     head_norm = next((shapes[k] for k in shapes if k.endswith("attn.norm_q.weight")), None)
     if head_norm is not None:
         fields["head_dim"] = head_norm[0]
@@ -124,8 +122,8 @@ def fields_from_shapes(shapes: Mapping[str, tuple]) -> dict:
     mlp_in = next((shapes[k] for k in shapes if k.endswith(("ff.net.0.proj.weight", "proj_mlp.weight"))), None)
     if mlp_in is not None:
         fields["mlp_ratio"] = mlp_in[0] / mlp_in[1]
-    fields["num_double_blocks"] = _count_blocks(shapes, "transformer_blocks.")
-    fields["num_single_blocks"] = _count_blocks(shapes, "single_transformer_blocks.")
+    fields["num_double_blocks"] = loading.numbered_count(shapes, "transformer_blocks.")
+    fields["num_single_blocks"] = loading.numbered_count(shapes, "single_transformer_blocks.")
     fields["guidance_embeds"] = any(k.startswith("time_text_embed.guidance_embedder.") for k in shapes)
     return fields
 
@@ -143,12 +141,4 @@ def resolve_config(
     """
     if isinstance(config, FluxConfig):
         return config
-    fields = fields_from_shapes(shapes)
-    fields.update(fields_from_diffusers(config_json or {}, strict=False))
-    fields.update(fields_from_diffusers(config or {}, strict=True))
-    return FluxConfig(**fields)
-
-
-def _count_blocks(shapes: Mapping[str, tuple], prefix: str) -> int:
-    indices = {k[len(prefix) :].split(".", 1)[0] for k in shapes if k.startswith(prefix)}
-    return max((int(i) for i in indices if i.isdigit()), default=-1) + 1
+    return FluxConfig(**loading.config_fields(fields_from_shapes(shapes), config_json, config, fields_from_diffusers))

@@ -29,13 +29,22 @@ import torch
 
 from dsf import loading
 from dsf.hub import local_source
-from dsf.io import Source, load_state_dict
+from dsf.io import Source
 from dsf.models.flux.config import FluxConfig, resolve_config
 from dsf.models.flux.model import FluxDiT, param_shapes
-from dsf.tree import flatten_dict, unflatten_dict
+from dsf.tree import flatten_dict
 
 COMFY_PREFIX = "model.diffusion_model."
 SHIFT_SCALE_SWAPPED = "final_layer.adaLN_modulation.1"  # BFL (shift, scale) halves = diffusers norm_out (scale, shift)
+_LAYOUT_MARKS = {  # layout -> key prefixes only it has, checked in this order
+    "comfyui": (COMFY_PREFIX,),
+    "bfl": ("double_blocks.", "single_blocks.", "img_in.", "final_layer."),
+    "diffusers": ("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "time_text_embed."),
+}
+_MISFIT_HINT = (  # the end of the error for a checkpoint that does not fit its config
+    "Known layouts: diffusers (x_embedder.weight, transformer_blocks.N...), BFL (img_in.weight, double_blocks.N...), "
+    f"BFL with ComfyUI's {COMFY_PREFIX!r} prefix. If the sizes differ, pass config= (diffusers config keys)."
+)
 
 
 def _module_renames(modules: Mapping[str, str]) -> dict[str, str]:
@@ -197,14 +206,7 @@ def detect_layout(keys) -> str:
     >>> detect_layout(["model.diffusion_model.img_in.weight"]), detect_layout(["double_blocks.0.img_mod.lin.weight"])
     ('comfyui', 'bfl')
     """
-    keys = list(keys)
-    if any(k.startswith(COMFY_PREFIX) for k in keys):
-        return "comfyui"
-    if any(k.startswith(("double_blocks.", "single_blocks.", "img_in.", "final_layer.")) for k in keys):
-        return "bfl"
-    if any(k.startswith(("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "time_text_embed.")) for k in keys):
-        return "diffusers"
-    return "unknown"
+    return loading.marked_layout(keys, _LAYOUT_MARKS)
 
 
 def to_ours(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -216,11 +218,13 @@ def to_ours(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     >>> list(to_ours({"model.diffusion_model.img_in.weight": torch.zeros(1), "first_stage_model.x": torch.zeros(1)}))
     ['x_embedder.weight']
     """
+    state_dict, _ = loading.strip_wrapper_prefix(state_dict, (COMFY_PREFIX,))
     layout = detect_layout(state_dict)
-    if layout == "comfyui":
-        state_dict = {k[len(COMFY_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(COMFY_PREFIX)}
-        layout = detect_layout(state_dict)
-    return bfl_to_ours(state_dict) if layout == "bfl" else dict(state_dict)
+    return bfl_to_ours(state_dict) if layout == "bfl" else state_dict
+
+
+def _to_ours_and_layout(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    return to_ours(state_dict), detect_layout(state_dict)
 
 
 def check_keys(shapes: Mapping[str, tuple], config: FluxConfig, layout: str = "diffusers") -> None:
@@ -231,13 +235,7 @@ def check_keys(shapes: Mapping[str, tuple], config: FluxConfig, layout: str = "d
     ...
     ValueError: checkpoint (diffusers layout) does not fit ... 1 unexpected keys, e.g. ['bogus.weight']...
     """
-    loading.check_keys(
-        param_shapes(config),
-        shapes,
-        f"checkpoint ({layout} layout) does not fit a FLUX.1 DiT with {config}",
-        "Known layouts: diffusers (x_embedder.weight, transformer_blocks.N...), BFL (img_in.weight, double_blocks.N...), "
-        f"BFL with ComfyUI's {COMFY_PREFIX!r} prefix. If the sizes differ, pass config= (diffusers config keys)."
-    )
+    loading.check_checkpoint_keys(param_shapes(config), shapes, layout, f"a FLUX.1 DiT with {config}", _MISFIT_HINT)
 
 
 def load_dit(source: Source, config: Mapping | FluxConfig | None = None, *, dtype: torch.dtype | None = None, device="cpu"):
@@ -256,10 +254,7 @@ def load_dit(source: Source, config: Mapping | FluxConfig | None = None, *, dtyp
     (False, 1)
     """
     source = loading.pipeline_subfolder(local_source(source), "transformer")
-    loaded = load_state_dict(source, dtype=dtype, device=device)
-    flat = to_ours(loaded)
-    shapes = {key: tuple(tensor.shape) for key, tensor in flat.items()}
-    config_json = loading.config_of_kind(source, "_class_name", "FluxTransformer2DModel", absent_ok=True)
-    resolved = resolve_config(shapes, config_json, config)
-    check_keys(shapes, resolved, detect_layout(loaded))
-    return FluxDiT(resolved), unflatten_dict(flat)
+    resolved, params = loading.checkpoint_params(
+        source, config, "FluxTransformer2DModel", _to_ours_and_layout, resolve_config, check_keys, dtype=dtype, device=device
+    )
+    return FluxDiT(resolved), params

@@ -30,6 +30,7 @@ from einops import rearrange
 import dsf
 from dsf import ops
 from dsf.init import normal
+from dsf.input_checks import check_conditioning_shapes, fits, shape_of
 from dsf.random import Key, split
 from dsf.models.flux.config import TIMESTEP_FEATURES, FluxConfig
 
@@ -235,16 +236,6 @@ def _final_layer(p: dict, img: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
     return ops.linear(_modulate(img, shift, scale), **p["proj_out"])
 
 
-def _pattern(shape: tuple) -> str:
-    return str(tuple("L" if n is None else n for n in shape)).replace("'", "")
-
-
-def _fits(value, shape: tuple) -> bool:
-    if not isinstance(value, torch.Tensor) or value.ndim != len(shape):
-        return False
-    return all(n is None or n == m for n, m in zip(shape, value.shape))
-
-
 def check_inputs(config: FluxConfig, latents, timestep, text_embeds, pooled_embeds, guidance) -> None:
     """Raise a ValueError naming the offending input and the fix when inputs do not fit ``config``.
 
@@ -254,9 +245,9 @@ def check_inputs(config: FluxConfig, latents, timestep, text_embeds, pooled_embe
     ...
     ValueError: latents height 3 and width 4 must both be even (FLUX cuts 2×2 patches): use an image size divisible by 16
     """
-    if not _fits(latents, (None, config.latent_channels, None, None)):
+    if not fits(latents, (None, config.latent_channels, None, None)):
         raise ValueError(
-            f"latents have shape {tuple(getattr(latents, 'shape', ()))}; this FLUX model takes VAE latents "
+            f"latents have shape {shape_of(latents)}; this FLUX model takes VAE latents "
             f"(B, {config.latent_channels}, H, W) (in_channels {config.in_channels} = "
             f"{config.latent_channels} channels × 2×2 patch)"
         )
@@ -282,12 +273,7 @@ def check_inputs(config: FluxConfig, latents, timestep, text_embeds, pooled_embe
         "pooled_embeds": (pooled_embeds, (batch, config.pooled_dim), "pooled CLIP embeddings"),
         "guidance": (guidance, (batch,), "one distilled guidance scale per sample"),
     }
-    for name, (value, shape, meaning) in expected.items():
-        if value is not None and not _fits(value, shape):
-            raise ValueError(
-                f"{name} has shape {tuple(getattr(value, 'shape', ()))} but latents of shape {tuple(latents.shape)} need a "
-                f"tensor {name} of shape {_pattern(shape)} ({meaning}): match the batch size and widths"
-            )
+    check_conditioning_shapes(latents, expected)
 
 
 def apply(params: dict, latents, timestep, text_embeds, pooled_embeds, guidance=None, *, config: FluxConfig) -> torch.Tensor:

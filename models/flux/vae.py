@@ -27,11 +27,11 @@ from einops import rearrange
 import dsf
 from dsf import ops
 from dsf.init import xavier_uniform
-from dsf.random import Key, normal, split
+from dsf.posterior import posterior_latents
+from dsf.random import Key, split
 from dsf.tiling import check_tiling, tiled_apply
 
 NORM_EPS = 1e-6
-LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamps the log-variance to this
 ENCODE_TILE, ENCODE_OVERLAP = 512, 128  # pixels
 DECODE_TILE, DECODE_OVERLAP = 64, 16  # latent pixels (the same image area as the encoder's)
 
@@ -289,11 +289,6 @@ def check_latents(config: FluxVAEConfig, latents) -> None:
         )
 
 
-def _sample(mean: torch.Tensor, logvar: torch.Tensor, key: Key) -> torch.Tensor:
-    std = torch.exp(0.5 * logvar.clamp(*LOGVAR_RANGE))
-    return mean + std * normal(key, mean.shape, device=mean.device, dtype=mean.dtype)
-
-
 def encode(
     params: dict,
     images: torch.Tensor,
@@ -321,8 +316,7 @@ def encode(
         moments = tiled_apply(encoder, images, tile_size, tile_overlap)
     else:
         moments = encoder(images)
-    mean, logvar = moments.chunk(2, dim=1)
-    z = mean if key is None else _sample(mean, logvar, key)
+    z = posterior_latents(moments, key)
     return (z - config.shift_factor) * config.scaling_factor
 
 

@@ -33,11 +33,16 @@ import torch
 
 from dsf import loading
 from dsf.hub import local_source
-from dsf.io import Source, load_state_dict
+from dsf.io import Source
 from dsf.models.flux.vae import FluxVAE, FluxVAEConfig, vae_param_shapes
-from dsf.tree import flatten_dict, unflatten_dict
+from dsf.tree import flatten_dict
 
 LDM_PREFIXES = ("first_stage_model.", "vae.")  # a VAE inside a whole-pipeline LDM / ComfyUI file
+_MISFIT_HINT = (  # the end of the error for a checkpoint that does not fit its config
+    "Known layouts: diffusers AutoencoderKL (encoder.down_blocks.N.resnets.M...), LDM/BFL ae.safetensors "
+    f"(encoder.down.N.block.M..., optionally prefixed {' or '.join(map(repr, LDM_PREFIXES))}). "
+    "If the sizes differ, pass config= (AutoencoderKL config keys)."
+)
 
 # (our key prefix, LDM key prefix), first match wins. {part}: encoder or decoder; {i}, {j}: indices;
 # {r}: the LDM number of our decoder level i, levels − 1 − i.
@@ -58,8 +63,10 @@ _RENAMES = (
     ("{part}.mid_block.attentions.0.to_out.0.", "{part}.mid.attn_1.proj_out."),
 )
 _ATTENTION_WEIGHT = re.compile(r"mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$")
-_LDM_MARKS = ("encoder.down.", "decoder.up.", "encoder.mid.", "decoder.mid.", "encoder.norm_out.")
-_DIFFUSERS_MARKS = ("encoder.down_blocks.", "decoder.up_blocks.", "encoder.mid_block.", "decoder.mid_block.")
+_LAYOUT_MARKS = {  # layout -> key prefixes only it has, checked in this order
+    "ldm": ("encoder.down.", "decoder.up.", "encoder.mid.", "decoder.mid.", "encoder.norm_out."),
+    "diffusers": ("encoder.down_blocks.", "decoder.up_blocks.", "encoder.mid_block.", "decoder.mid_block."),
+}
 _PLACEHOLDER_PATTERNS = {"part": "encoder|decoder", "i": r"\d+", "j": r"\d+", "r": r"\d+"}
 
 
@@ -86,11 +93,6 @@ def _rename(key: str, to_ldm: bool, levels: int) -> str:
     return key
 
 
-def _count_levels(keys, prefix: str) -> int:
-    indices = {key[len(prefix) :].split(".", 1)[0] for key in keys if key.startswith(prefix)}
-    return max((int(i) for i in indices if i.isdigit()), default=-1) + 1
-
-
 def ldm_to_ours(flat: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A flat LDM/BFL VAE state dict in our (diffusers) layout; attention 1×1 conv weights become linear views.
 
@@ -104,7 +106,7 @@ def ldm_to_ours(flat: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     >>> tuple(ours["encoder.mid_block.attentions.0.to_q.weight"].shape)
     (4, 4)
     """
-    levels = _count_levels(flat, "decoder.up.")
+    levels = loading.numbered_count(flat, "decoder.up.")
     ours = {}
     for key, tensor in flat.items():
         name = _rename(key, to_ldm=False, levels=levels)
@@ -125,7 +127,7 @@ def ours_to_ldm(params) -> dict[str, torch.Tensor]:
     (4, 4, 1, 1)
     """
     flat = flatten_dict(params)
-    levels = _count_levels(flat, "decoder.up_blocks.")
+    levels = loading.numbered_count(flat, "decoder.up_blocks.")
     return {
         _rename(key, to_ldm=True, levels=levels): tensor[:, :, None, None] if _ATTENTION_WEIGHT.search(key) else tensor
         for key, tensor in flat.items()
@@ -138,20 +140,7 @@ def detect_layout(keys) -> str:
     >>> detect_layout(["encoder.down.0.block.0.conv1.weight"]), detect_layout(["encoder.down_blocks.0.resnets.0.conv1.weight"])
     ('ldm', 'diffusers')
     """
-    keys = list(keys)
-    if any(k.startswith(_LDM_MARKS) for k in keys):
-        return "ldm"
-    if any(k.startswith(_DIFFUSERS_MARKS) for k in keys):
-        return "diffusers"
-    return "unknown"
-
-
-def _strip_ldm_prefix(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
-    """The VAE keys of a whole-pipeline file without their prefix (only those), and the prefix found."""
-    for prefix in LDM_PREFIXES:
-        if any(k.startswith((f"{prefix}encoder.", f"{prefix}decoder.")) for k in state_dict):
-            return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}, prefix
-    return dict(state_dict), ""
+    return loading.marked_layout(keys, _LAYOUT_MARKS)
 
 
 def to_ours(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
@@ -161,10 +150,7 @@ def to_ours(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     >>> list(flat), layout
     (['encoder.conv_norm_out.bias'], "ldm (prefix 'first_stage_model.')")
     """
-    flat, prefix = _strip_ldm_prefix(state_dict)
-    layout = detect_layout(flat)
-    converted = ldm_to_ours(flat) if layout == "ldm" else flat
-    return converted, f"{layout} (prefix {prefix!r})" if prefix else layout
+    return loading.unwrapped_in_ours(state_dict, LDM_PREFIXES, ("encoder.", "decoder."), detect_layout, {"ldm": ldm_to_ours})
 
 
 DIFFUSERS_REQUIRED = {  # AutoencoderKL config keys with one value the FLUX VAE supports: (check, what it must be)
@@ -175,6 +161,11 @@ DIFFUSERS_REQUIRED = {  # AutoencoderKL config keys with one value the FLUX VAE 
     "latents_std": (lambda v: v is None, "null (per-channel latent statistics are another VAE family)"),
 }
 DIFFUSERS_IGNORED = ("sample_size", "force_upcast")  # diffusers' tiling and precision hints
+_SIZE_READINGS = {  # FluxVAEConfig field -> (key, axis) of the checkpoint shape that holds it
+    "in_channels": ("encoder.conv_in.weight", 1),
+    "out_channels": ("decoder.conv_out.weight", 0),
+    "latent_channels": ("decoder.conv_in.weight", 1),
+}
 
 
 def fields_from_diffusers(config: Mapping, strict: bool) -> dict:
@@ -187,15 +178,10 @@ def fields_from_diffusers(config: Mapping, strict: bool) -> dict:
     {'norm_num_groups': 8, 'shift_factor': 0.0}
     """
     known = {f.name for f in fields(FluxVAEConfig)}
-    accepted = known | set(DIFFUSERS_REQUIRED) | set(DIFFUSERS_IGNORED)
-    unknown = [k for k in config if k not in accepted and not k.startswith("_")]
-    if strict and unknown:
-        raise ValueError(f"unknown AutoencoderKL config keys {unknown}; known keys are {sorted(known | set(DIFFUSERS_REQUIRED))}")
-    for key, (supported, expected) in DIFFUSERS_REQUIRED.items():
-        if key in config and not supported(config[key]):
-            raise ValueError(
-                f"AutoencoderKL config {key}={config[key]!r} is not supported by the FLUX VAE: it must be {expected}"
-            )
+    listed = known | set(DIFFUSERS_REQUIRED)
+    if strict:
+        loading.check_known_config_keys(config, listed | set(DIFFUSERS_IGNORED), listed, "AutoencoderKL")
+    loading.check_supported_values(config, DIFFUSERS_REQUIRED, "AutoencoderKL", "FLUX VAE")
     found = {k: v for k, v in config.items() if k in known and v is not None}
     if "shift_factor" in config and config["shift_factor"] is None:
         found["shift_factor"] = 0.0
@@ -211,19 +197,12 @@ def fields_from_shapes(shapes: Mapping[str, tuple]) -> dict:
     >>> found["latent_channels"], found["block_out_channels"], found["layers_per_block"], found["use_quant_conv"]
     (16, (128,), 2, True)
     """
-    found: dict = {}
-    readings = {
-        "in_channels": ("encoder.conv_in.weight", 1),
-        "out_channels": ("decoder.conv_out.weight", 0),
-        "latent_channels": ("decoder.conv_in.weight", 1),
-    }
-    for field, (key, axis) in readings.items():
-        if key in shapes:
-            found[field] = shapes[key][axis]
-    level_keys = [f"encoder.down_blocks.{i}.resnets.0.conv1.weight" for i in range(_count_levels(shapes, "encoder.down_blocks."))]
+    found = loading.sizes_from_shapes(shapes, _SIZE_READINGS)
+    levels = loading.numbered_count(shapes, "encoder.down_blocks.")
+    level_keys = [f"encoder.down_blocks.{i}.resnets.0.conv1.weight" for i in range(levels)]
     if level_keys and all(k in shapes for k in level_keys):
         found["block_out_channels"] = tuple(shapes[k][0] for k in level_keys)
-    layers = _count_levels(shapes, "encoder.down_blocks.0.resnets.")
+    layers = loading.numbered_count(shapes, "encoder.down_blocks.0.resnets.")
     if layers:
         found["layers_per_block"] = layers
     found["use_quant_conv"] = "quant_conv.weight" in shapes
@@ -246,10 +225,7 @@ def resolve_vae_config(
     """
     if isinstance(config, FluxVAEConfig):
         return config
-    found = fields_from_shapes(shapes)
-    found.update(fields_from_diffusers(config_json or {}, strict=False))
-    found.update(fields_from_diffusers(config or {}, strict=True))
-    return FluxVAEConfig(**found)
+    return FluxVAEConfig(**loading.config_fields(fields_from_shapes(shapes), config_json, config, fields_from_diffusers))
 
 
 def check_keys(shapes: Mapping[str, tuple], config: FluxVAEConfig, layout: str = "diffusers") -> None:
@@ -260,14 +236,7 @@ def check_keys(shapes: Mapping[str, tuple], config: FluxVAEConfig, layout: str =
     ...
     ValueError: checkpoint (diffusers layout) does not fit a FLUX VAE with ... 1 unexpected keys, e.g. ['bogus.weight']...
     """
-    loading.check_keys(
-        vae_param_shapes(config),
-        shapes,
-        f"checkpoint ({layout} layout) does not fit a FLUX VAE with {config}",
-        "Known layouts: diffusers AutoencoderKL (encoder.down_blocks.N.resnets.M...), LDM/BFL ae.safetensors "
-        f"(encoder.down.N.block.M..., optionally prefixed {' or '.join(map(repr, LDM_PREFIXES))}). "
-        "If the sizes differ, pass config= (AutoencoderKL config keys)."
-    )
+    loading.check_checkpoint_keys(vae_param_shapes(config), shapes, layout, f"a FLUX VAE with {config}", _MISFIT_HINT)
 
 
 def load_vae(source: Source, config: Mapping | FluxVAEConfig | None = None, *, dtype: torch.dtype | None = None, device="cpu"):
@@ -285,10 +254,7 @@ def load_vae(source: Source, config: Mapping | FluxVAEConfig | None = None, *, d
     (True, 2)
     """
     source = loading.pipeline_subfolder(local_source(source), "vae")
-    loaded = load_state_dict(source, dtype=dtype, device=device)
-    flat, layout = to_ours(loaded)
-    shapes = {key: tuple(tensor.shape) for key, tensor in flat.items()}
-    config_json = loading.config_of_kind(source, "_class_name", "AutoencoderKL", absent_ok=True)
-    resolved = resolve_vae_config(shapes, config_json, config)
-    check_keys(shapes, resolved, layout)
-    return FluxVAE(resolved), unflatten_dict(flat)
+    resolved, vparams = loading.checkpoint_params(
+        source, config, "AutoencoderKL", to_ours, resolve_vae_config, check_keys, dtype=dtype, device=device
+    )
+    return FluxVAE(resolved), vparams

@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
+from dsf import loading
+
 DIFFUSERS_KEYS = {  # diffusers WanTransformer3DModel config key -> WanConfig field
     "patch_size": "patch_size",
     "num_attention_heads": "num_heads",
@@ -38,6 +40,11 @@ IMPLIED_KEYS = (
     "added_kv_proj_dim",  # the image key/value input width: the hidden size when image_dim is set, else None
     "rope_max_seq_len",  # the length of diffusers' precomputed RoPE table; angles are computed per call here
 )
+_SIZE_READINGS = {  # WanConfig field -> (key, axis) of the checkpoint shape that holds it
+    "text_dim": ("condition_embedder.text_embedder.linear_1.weight", 1),
+    "freq_dim": ("condition_embedder.time_embedder.linear_1.weight", 1),
+    "image_dim": ("condition_embedder.image_embedder.norm1.weight", 0),
+}
 
 
 @dataclass(frozen=True)
@@ -122,10 +129,9 @@ def fields_from_diffusers(config: Mapping, strict: bool) -> dict:
     for key, (supported, reason) in SUPPORTED_ONLY.items():
         if key in config and config[key] != supported:
             raise ValueError(f"Wan config {key}={config[key]!r} is not supported, only {supported!r}: {reason}")
-    known = set(DIFFUSERS_KEYS) | set(SUPPORTED_ONLY) | set(IMPLIED_KEYS)
-    unknown = [k for k in config if k not in known and not k.startswith("_")]
-    if strict and unknown:
-        raise ValueError(f"unknown Wan config keys {unknown}; known keys are {sorted(known)}")
+    if strict:
+        known = {*DIFFUSERS_KEYS, *SUPPORTED_ONLY, *IMPLIED_KEYS}
+        loading.check_known_config_keys(config, known, known, "Wan")
     return {DIFFUSERS_KEYS[k]: v for k, v in config.items() if k in DIFFUSERS_KEYS and v is not None}
 
 
@@ -143,22 +149,14 @@ def fields_from_shapes(shapes: Mapping[str, tuple], head_dim: int) -> dict:
     patch = shapes.get("patch_embedding.weight")
     if patch is not None:
         fields |= {"num_heads": patch[0] // head_dim, "in_channels": patch[1], "patch_size": tuple(patch[2:])}
-    readings = {
-        "text_dim": ("condition_embedder.text_embedder.linear_1.weight", 1),
-        "freq_dim": ("condition_embedder.time_embedder.linear_1.weight", 1),
-        "image_dim": ("condition_embedder.image_embedder.norm1.weight", 0),
-    }
-    for field, (key, axis) in readings.items():
-        if key in shapes:
-            fields[field] = shapes[key][axis]
+    fields |= loading.sizes_from_shapes(shapes, _SIZE_READINGS)
     ffn_out = next((shapes[k] for k in shapes if k.endswith("ffn.net.2.weight")), None)
     if ffn_out is not None:
         fields["ffn_dim"] = ffn_out[1]
     if "proj_out.weight" in shapes and patch is not None:
         patch_volume = patch[2] * patch[3] * patch[4]
         fields["out_channels"] = shapes["proj_out.weight"][0] // patch_volume
-    indices = {k.split(".")[1] for k in shapes if k.startswith("blocks.")}
-    fields["num_layers"] = max((int(i) for i in indices if i.isdigit()), default=-1) + 1
+    fields["num_layers"] = loading.numbered_count(shapes, "blocks.")
     return fields
 
 

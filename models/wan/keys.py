@@ -30,14 +30,25 @@ import torch
 
 from dsf import loading
 from dsf.hub import local_source
-from dsf.io import Source, load_state_dict, read_json
+from dsf.io import Source, read_json
 from dsf.models.wan.config import WanConfig, resolve_config
 from dsf.models.wan.model import TwoExpertDiT, WanDiT, default_boundary, param_shapes
-from dsf.tree import flatten_dict, unflatten_dict
+from dsf.tree import flatten_dict
 
 COMFY_PREFIX = "model.diffusion_model."
 UNUSED_DIFFUSERS_KEY = re.compile(r"blocks\.\d+\.attn2\.norm_added_q\.weight")  # in early diffusers I2V files; diffusers skips it
 EXPERT_FOLDERS = (("transformer", "transformer_2"), ("high_noise_model", "low_noise_model"))  # (high, low): diffusers, Wan-AI
+_LAYOUT_MARKS = {  # layout -> key prefixes only it has, checked in this order
+    "comfyui": (COMFY_PREFIX,),
+    "original": ("head.", "time_embedding.", "text_embedding."),
+    "diffusers": ("condition_embedder.", "proj_out."),
+}
+_BLOCK_MARKS = {"original": (".self_attn.",), "diffusers": (".attn1.",)}  # layout -> what only its block keys hold
+_MISFIT_HINT = (  # the end of the error for a checkpoint that does not fit its config
+    "Known layouts: diffusers (condition_embedder.*, blocks.N.attn1...), original Wan (text_embedding.*, "
+    f"blocks.N.self_attn...), original with ComfyUI's {COMFY_PREFIX!r} prefix. If the sizes differ, pass config= "
+    "(diffusers config keys)."
+)
 
 
 def _module_renames(modules: Mapping[str, str]) -> dict[str, str]:
@@ -136,14 +147,7 @@ def detect_layout(keys) -> str:
     >>> detect_layout(["blocks.0.self_attn.q.weight"]), detect_layout(["condition_embedder.time_proj.weight"])
     ('original', 'diffusers')
     """
-    keys = list(keys)
-    if any(k.startswith(COMFY_PREFIX) for k in keys):
-        return "comfyui"
-    if any(k.startswith(("head.", "time_embedding.", "text_embedding.")) or ".self_attn." in k for k in keys):
-        return "original"
-    if any(k.startswith(("condition_embedder.", "proj_out.")) or ".attn1." in k for k in keys):
-        return "diffusers"
-    return "unknown"
+    return loading.marked_layout(keys, _LAYOUT_MARKS, _BLOCK_MARKS)
 
 
 def to_ours(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -155,13 +159,15 @@ def to_ours(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     >>> list(to_ours({"model.diffusion_model.head.head.weight": torch.zeros(1), "vae.x": torch.zeros(1)}))
     ['proj_out.weight']
     """
+    state_dict, _ = loading.strip_wrapper_prefix(state_dict, (COMFY_PREFIX,))
     layout = detect_layout(state_dict)
-    if layout == "comfyui":
-        state_dict = {k[len(COMFY_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(COMFY_PREFIX)}
-        layout = detect_layout(state_dict)
     if layout == "original":
         return original_to_ours(state_dict)
     return {k: v for k, v in state_dict.items() if not UNUSED_DIFFUSERS_KEY.fullmatch(k)}
+
+
+def _to_ours_and_layout(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    return to_ours(state_dict), detect_layout(state_dict)
 
 
 def check_keys(shapes: Mapping[str, tuple], config: WanConfig, layout: str = "diffusers") -> None:
@@ -172,14 +178,7 @@ def check_keys(shapes: Mapping[str, tuple], config: WanConfig, layout: str = "di
     ...
     ValueError: checkpoint (diffusers layout) does not fit a Wan DiT with ... 1 unexpected keys, e.g. ['bogus.weight']...
     """
-    loading.check_keys(
-        param_shapes(config),
-        shapes,
-        f"checkpoint ({layout} layout) does not fit a Wan DiT with {config}",
-        "Known layouts: diffusers (condition_embedder.*, blocks.N.attn1...), original Wan (text_embedding.*, "
-        f"blocks.N.self_attn...), original with ComfyUI's {COMFY_PREFIX!r} prefix. If the sizes differ, pass config= "
-        "(diffusers config keys)."
-    )
+    loading.check_checkpoint_keys(param_shapes(config), shapes, layout, f"a Wan DiT with {config}", _MISFIT_HINT)
 
 
 def _transformer_folder(source: Source) -> Source:
@@ -213,13 +212,10 @@ def load_dit(source: Source, config: Mapping | WanConfig | None = None, *, dtype
     (True, 2)
     """
     source = _transformer_folder(local_source(source))
-    loaded = load_state_dict(source, dtype=dtype, device=device)
-    flat = to_ours(loaded)
-    shapes = {key: tuple(tensor.shape) for key, tensor in flat.items()}
-    config_json = loading.config_of_kind(source, "_class_name", "WanTransformer3DModel", absent_ok=True)
-    resolved = resolve_config(shapes, config_json, config)
-    check_keys(shapes, resolved, detect_layout(loaded))
-    return WanDiT(resolved), unflatten_dict(flat)
+    resolved, params = loading.checkpoint_params(
+        source, config, "WanTransformer3DModel", _to_ours_and_layout, resolve_config, check_keys, dtype=dtype, device=device
+    )
+    return WanDiT(resolved), params
 
 
 def _expert_folders(root: Path) -> tuple[Path, Path]:

@@ -30,6 +30,7 @@ from einops import rearrange, repeat
 import dsf
 from dsf import ops
 from dsf.init import normal
+from dsf.input_checks import check_conditioning_shapes, fits, shape_of
 from dsf.random import Key, split
 from dsf.schedules import WAN, FlowSchedule
 from dsf.weight import dense
@@ -242,20 +243,6 @@ def _head(params: dict, x: torch.Tensor, time_embedding: torch.Tensor, eps: floa
     return ops.linear(_modulate(x, shift, scale, eps), **params["proj_out"])
 
 
-def _shape(value) -> tuple:
-    return tuple(getattr(value, "shape", ()))
-
-
-def _pattern(shape: tuple) -> str:
-    return str(tuple("L" if n is None else n for n in shape)).replace("'", "")
-
-
-def _fits(value, shape: tuple) -> bool:
-    if not isinstance(value, torch.Tensor) or value.ndim != len(shape):
-        return False
-    return all(n is None or n == m for n, m in zip(shape, value.shape))
-
-
 def _check_image_inputs(config: WanConfig, latents: torch.Tensor, image_embeds, image_latents) -> None:
     batch, _, frames, height, width = latents.shape
     if config.image_dim is not None and image_embeds is None:
@@ -292,9 +279,9 @@ def check_inputs(config: WanConfig, latents, timestep, text_embeds, image_embeds
     ...
     ValueError: latents frames 3, height 4 and width 5 must be multiples of the patch size (1, 2, 2): use a video size divisible by 16 (the VAE's 8 × the patch's 2)
     """
-    if not _fits(latents, (None, config.out_channels, None, None, None)):
+    if not fits(latents, (None, config.out_channels, None, None, None)):
         raise ValueError(
-            f"latents have shape {_shape(latents)}; this Wan model takes noisy latents (B, {config.out_channels}, T, H, W)"
+            f"latents have shape {shape_of(latents)}; this Wan model takes noisy latents (B, {config.out_channels}, T, H, W)"
             + (f" and the {config.image_latent_channels} conditioning channels separately as image_latents"
                if config.image_latent_channels else "")
         )
@@ -307,9 +294,9 @@ def check_inputs(config: WanConfig, latents, timestep, text_embeds, image_embeds
         )
     _check_image_inputs(config, latents, image_embeds, image_latents)
     per_frame = frames // config.patch_size[0]
-    if not (_fits(timestep, (batch,)) or _fits(timestep, (batch, per_frame))):
+    if not (fits(timestep, (batch,)) or fits(timestep, (batch, per_frame))):
         raise ValueError(
-            f"timestep has shape {_shape(timestep)} but latents of shape {tuple(latents.shape)} need a tensor timestep of "
+            f"timestep has shape {shape_of(timestep)} but latents of shape {tuple(latents.shape)} need a tensor timestep of "
             f"shape ({batch},) (one flow-matching σ in [0, 1] per sample) or ({batch}, {per_frame}) (one σ per latent frame)"
         )
     expected = {
@@ -317,12 +304,7 @@ def check_inputs(config: WanConfig, latents, timestep, text_embeds, image_embeds
         "image_embeds": (image_embeds, (batch, None, config.image_dim), "CLIP vision states"),
         "image_latents": (image_latents, (batch, config.image_latent_channels, frames, height, width), "mask + image latents"),
     }
-    for name, (value, shape, meaning) in expected.items():
-        if value is not None and not _fits(value, shape):
-            raise ValueError(
-                f"{name} has shape {_shape(value)} but latents of shape {tuple(latents.shape)} need a tensor {name} of "
-                f"shape {_pattern(shape)} ({meaning}): match the batch size and widths"
-            )
+    check_conditioning_shapes(latents, expected)
     if text_embeds.shape[1] > config.text_len:
         raise ValueError(
             f"text_embeds have {text_embeds.shape[1]} tokens but this Wan model attends to at most text_len "

@@ -40,7 +40,8 @@ import dsf
 from dsf import ops
 from dsf.init import xavier_uniform
 from dsf.models.wan.vae22 import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD, avg_down, dup_up, patchify, unpatchify
-from dsf.random import Key, normal, split
+from dsf.posterior import posterior_latents
+from dsf.random import Key, split
 from dsf.tiling import check_tiling, tiled_apply
 from dsf.weight import dense
 
@@ -53,7 +54,6 @@ WAN21_LATENTS_STD = (
     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
 )
 CHUNK_FRAMES = 4  # video frames per encoder chunk after the first frame
-LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamps the log-variance to this
 ENCODE_TILE, ENCODE_OVERLAP = 256, 64  # pixels (diffusers' tile 256, stride 192)
 DECODE_TILE, DECODE_OVERLAP = 32, 8  # latent pixels
 
@@ -519,11 +519,6 @@ def _channel_stats(config: WanVAEConfig, like: torch.Tensor) -> tuple[torch.Tens
     return column(config.latents_mean), column(config.latents_std)
 
 
-def _sample(mean: torch.Tensor, logvar: torch.Tensor, key: Key) -> torch.Tensor:
-    std = torch.exp(0.5 * logvar.clamp(*LOGVAR_RANGE))
-    return mean + std * normal(key, mean.shape, device=mean.device, dtype=mean.dtype)
-
-
 def encode(
     params: dict,
     video: torch.Tensor,
@@ -551,8 +546,7 @@ def encode(
         moments = tiled_apply(encoder, video, tile_size, tile_overlap)
     else:
         moments = encoder(video)
-    mean, logvar = moments.chunk(2, dim=1)
-    z = mean if key is None else _sample(mean, logvar, key)
+    z = posterior_latents(moments, key)
     latents_mean, latents_std = _channel_stats(config, z)
     return (z - latents_mean) / latents_std
 

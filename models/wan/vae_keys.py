@@ -39,11 +39,17 @@ import torch
 
 from dsf import loading
 from dsf.hub import local_source
-from dsf.io import Source, load_state_dict
+from dsf.io import Source
 from dsf.models.wan.vae import WAN21_VAE_CONFIG, WAN22_VAE_CONFIG, WanVAE, WanVAEConfig, vae_param_shapes
-from dsf.tree import flatten_dict, unflatten_dict
+from dsf.tree import flatten_dict
 
 ORIGINAL_PREFIXES = ("model.",)  # DiffSynth's WanVideoVAE wraps the original module as .model
+_MISFIT_HINT = (  # the end of the error for a checkpoint that does not fit its config
+    "Known layouts: diffusers AutoencoderKLWan (encoder.conv_in, encoder.down_blocks.N..., decoder.up_blocks.N.resnets.M...), "
+    "original Wan2.1_VAE.pth / Wan2.2_VAE.pth converted to safetensors (encoder.conv1, encoder.downsamples.N..., "
+    f"optionally prefixed {' or '.join(map(repr, ORIGINAL_PREFIXES))}). "
+    "If the sizes differ, pass config= (AutoencoderKLWan config keys)."
+)
 _RESIDUAL_PARTS = (  # (ours, original) inside a residual block
     ("norm1.", "residual.0."),
     ("conv1.", "residual.2."),
@@ -60,10 +66,11 @@ _PART_STEMS = (
     ("mid_block.attentions.0.", "middle.1."),
     ("mid_block.resnets.1.", "middle.2."),
 )
-_ORIGINAL_MARKS = tuple(f"{part}.{name}." for part in ("encoder", "decoder") for name in ("conv1", "middle", "head")) + (
-    "encoder.downsamples.", "decoder.upsamples.",
-)
-_DIFFUSERS_MARKS = ("encoder.conv_in.", "encoder.down_blocks.", "encoder.mid_block.", "decoder.up_blocks.", "decoder.mid_block.")
+_LAYOUT_MARKS = {  # layout -> key prefixes only it has, checked in this order
+    "original": tuple(f"{part}.{name}." for part in ("encoder", "decoder") for name in ("conv1", "middle", "head"))
+    + ("encoder.downsamples.", "decoder.upsamples."),
+    "diffusers": ("encoder.conv_in.", "encoder.down_blocks.", "encoder.mid_block.", "decoder.up_blocks.", "decoder.mid_block."),
+}
 
 
 def _level_modules(residual: bool, levels: int, blocks: int) -> list[tuple[str, str]]:
@@ -187,20 +194,7 @@ def detect_vae_layout(keys) -> str:
     >>> detect_vae_layout(["encoder.conv1.weight"]), detect_vae_layout(["decoder.mid_block.resnets.0.norm1.gamma"])
     ('original', 'diffusers')
     """
-    keys = list(keys)
-    if any(k.startswith(_ORIGINAL_MARKS) for k in keys):
-        return "original"
-    if any(k.startswith(_DIFFUSERS_MARKS) for k in keys):
-        return "diffusers"
-    return "unknown"
-
-
-def _strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
-    """The VAE keys of a prefixed file without their prefix (only those), and the prefix found."""
-    for prefix in ORIGINAL_PREFIXES:
-        if any(k.startswith((f"{prefix}encoder.", f"{prefix}decoder.")) for k in state_dict):
-            return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}, prefix
-    return dict(state_dict), ""
+    return loading.marked_layout(keys, _LAYOUT_MARKS)
 
 
 def to_ours(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
@@ -210,10 +204,9 @@ def to_ours(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     >>> list(flat), layout
     (['encoder.norm_out.gamma'], "original (prefix 'model.')")
     """
-    flat, prefix = _strip_prefix(state_dict)
-    layout = detect_vae_layout(flat)
-    converted = original_vae_to_ours(flat) if layout == "original" else flat
-    return converted, f"{layout} (prefix {prefix!r})" if prefix else layout
+    return loading.unwrapped_in_ours(
+        state_dict, ORIGINAL_PREFIXES, ("encoder.", "decoder."), detect_vae_layout, {"original": original_vae_to_ours}
+    )
 
 
 DIFFUSERS_REQUIRED = {  # AutoencoderKLWan config keys with one value the Wan VAE supports: (check, what it must be)
@@ -224,6 +217,12 @@ DIFFUSERS_IGNORED = (  # derived from the architecture, training-only, or unused
 )
 RGB_PATCH_SIZES = {3: None, 12: 2}  # encoder input channels -> the pixel patch side they imply for RGB videos
 NULLABLE = ("decoder_base_dim", "patch_size")  # fields where null has a meaning (same as base_dim; no patches)
+_SIZE_READINGS = {  # WanVAEConfig field -> (key, axis) of the checkpoint shape that holds it
+    "in_channels": ("encoder.conv_in.weight", 1),
+    "base_dim": ("encoder.conv_in.weight", 0),
+    "z_dim": ("decoder.conv_in.weight", 1),
+    "out_channels": ("decoder.conv_out.weight", 0),
+}
 
 
 def fields_from_diffusers(config: Mapping, strict: bool) -> dict:
@@ -235,13 +234,10 @@ def fields_from_diffusers(config: Mapping, strict: bool) -> dict:
     {'z_dim': 48, 'patch_size': None}
     """
     known = {f.name for f in fields(WanVAEConfig)}
-    accepted = known | set(DIFFUSERS_REQUIRED) | set(DIFFUSERS_IGNORED)
-    unknown = [k for k in config if k not in accepted and not k.startswith("_")]
-    if strict and unknown:
-        raise ValueError(f"unknown AutoencoderKLWan config keys {unknown}; known keys are {sorted(known | set(DIFFUSERS_REQUIRED))}")
-    for key, (supported, expected) in DIFFUSERS_REQUIRED.items():
-        if key in config and not supported(config[key]):
-            raise ValueError(f"AutoencoderKLWan config {key}={config[key]!r} is not supported by the Wan VAE: it must be {expected}")
+    listed = known | set(DIFFUSERS_REQUIRED)
+    if strict:
+        loading.check_known_config_keys(config, listed | set(DIFFUSERS_IGNORED), listed, "AutoencoderKLWan")
+    loading.check_supported_values(config, DIFFUSERS_REQUIRED, "AutoencoderKLWan", "Wan VAE")
     return {k: v for k, v in config.items() if k in known and (v is not None or k in NULLABLE)}
 
 
@@ -264,16 +260,7 @@ def fields_from_shapes(shapes: Mapping[str, tuple]) -> dict:
     (160, 256, 48, (1, 2, 4, 4), (False, True, True))
     """
     residual, levels, blocks = structure(shapes, "diffusers")
-    found: dict = {"is_residual": residual}
-    readings = {
-        "in_channels": ("encoder.conv_in.weight", 1),
-        "base_dim": ("encoder.conv_in.weight", 0),
-        "z_dim": ("decoder.conv_in.weight", 1),
-        "out_channels": ("decoder.conv_out.weight", 0),
-    }
-    for field, (key, axis) in readings.items():
-        if key in shapes:
-            found[field] = shapes[key][axis]
+    found = {"is_residual": residual} | loading.sizes_from_shapes(shapes, _SIZE_READINGS)
     if "in_channels" in found:
         found["patch_size"] = RGB_PATCH_SIZES.get(found["in_channels"])
     if levels < 1:
@@ -307,10 +294,8 @@ def resolve_vae_config(
         return config
     found = fields_from_shapes(shapes)
     defaults = WAN22_VAE_CONFIG if found["is_residual"] else WAN21_VAE_CONFIG
-    merged = {f.name: getattr(defaults, f.name) for f in fields(WanVAEConfig)} | found
-    merged.update(fields_from_diffusers(config_json or {}, strict=False))
-    merged.update(fields_from_diffusers(config or {}, strict=True))
-    return WanVAEConfig(**merged)
+    defaults_and_shapes = {f.name: getattr(defaults, f.name) for f in fields(WanVAEConfig)} | found
+    return WanVAEConfig(**loading.config_fields(defaults_and_shapes, config_json, config, fields_from_diffusers))
 
 
 def check_keys(shapes: Mapping[str, tuple], config: WanVAEConfig, layout: str = "diffusers") -> None:
@@ -321,15 +306,7 @@ def check_keys(shapes: Mapping[str, tuple], config: WanVAEConfig, layout: str = 
     ...
     ValueError: checkpoint (diffusers layout) does not fit a Wan VAE with ... 1 unexpected keys, e.g. ['bogus.weight']...
     """
-    loading.check_keys(
-        vae_param_shapes(config),
-        shapes,
-        f"checkpoint ({layout} layout) does not fit a Wan VAE with {config}",
-        "Known layouts: diffusers AutoencoderKLWan (encoder.conv_in, encoder.down_blocks.N..., decoder.up_blocks.N.resnets.M...), "
-        "original Wan2.1_VAE.pth / Wan2.2_VAE.pth converted to safetensors (encoder.conv1, encoder.downsamples.N..., "
-        f"optionally prefixed {' or '.join(map(repr, ORIGINAL_PREFIXES))}). "
-        "If the sizes differ, pass config= (AutoencoderKLWan config keys)."
-    )
+    loading.check_checkpoint_keys(vae_param_shapes(config), shapes, layout, f"a Wan VAE with {config}", _MISFIT_HINT)
 
 
 def load_vae(source: Source, config: Mapping | WanVAEConfig | None = None, *, dtype: torch.dtype | None = None, device="cpu"):
@@ -347,10 +324,7 @@ def load_vae(source: Source, config: Mapping | WanVAEConfig | None = None, *, dt
     (True, 3)
     """
     source = loading.pipeline_subfolder(local_source(source), "vae")
-    loaded = load_state_dict(source, dtype=dtype, device=device)
-    flat, layout = to_ours(loaded)
-    shapes = {key: tuple(tensor.shape) for key, tensor in flat.items()}
-    config_json = loading.config_of_kind(source, "_class_name", "AutoencoderKLWan", absent_ok=True)
-    resolved = resolve_vae_config(shapes, config_json, config)
-    check_keys(shapes, resolved, layout)
-    return WanVAE(resolved), unflatten_dict(flat)
+    resolved, vparams = loading.checkpoint_params(
+        source, config, "AutoencoderKLWan", to_ours, resolve_vae_config, check_keys, dtype=dtype, device=device
+    )
+    return WanVAE(resolved), vparams
