@@ -1,8 +1,7 @@
 """Gradients over parameter trees: `grad` and `value_and_grad` with a leaf filter `where`.
 
-Built on ``torch.autograd.backward(value, inputs=...)`` into fresh leaves (``torch.func.grad`` breaks
-under non-reentrant checkpointing and saved-tensor hooks; ``torch.autograd.grad`` computes the same
-gradients 4–8% slower on the CPU, measured on the FLUX DiT of ``bench/flux_dit.py``). The returned gradient tree has the structure of ``params`` with ``None`` at
+Built on ``torch.autograd.grad`` (``torch.func.grad`` breaks under non-reentrant checkpointing and
+saved-tensor hooks). The returned gradient tree has the structure of ``params`` with ``None`` at
 the leaves that ``where`` did not select.
 
 Example:
@@ -55,12 +54,10 @@ def value_and_grad(f: Callable, where: Where = None, has_aux: bool = False) -> C
             raise ValueError(f"value_and_grad needs f to return a scalar tensor, got {type(value).__name__} "
                              f"{tuple(getattr(value, 'shape', ()))}")
         inputs = [leaves[i] for i in selected]
-        if value.requires_grad:
-            torch.autograd.backward(value, inputs=inputs)  # accumulates into the fresh leaves' .grad only
+        grads = torch.autograd.grad(value, inputs, allow_unused=True) if value.requires_grad else (None,) * len(inputs)
         grad_leaves: list = [None] * len(leaves)
-        for i, leaf in zip(selected, inputs):
-            grad_leaves[i] = torch.zeros_like(leaf) if leaf.grad is None else leaf.grad
-            leaf.grad = None
+        for i, g in zip(selected, grads):
+            grad_leaves[i] = torch.zeros_like(leaves[i]) if g is None else g
         grad_tree = optree.tree_unflatten(treedef, grad_leaves)
         value = value.detach()
         return ((value, out[1]) if has_aux else value), grad_tree
