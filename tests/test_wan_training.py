@@ -38,6 +38,23 @@ def record_dit_calls(monkeypatch) -> list:
     return calls
 
 
+def loss_and_dit_call(pipe, batch: dict, key, monkeypatch) -> tuple[torch.Tensor, tuple]:
+    """``sft_loss`` of the batch, and what the DiT saw and returned: (latents, timestep, prediction)."""
+    calls = record_dit_calls(monkeypatch)
+    with torch.no_grad():
+        loss = sft_loss(pipe)(pipe.params, batch, key)
+    (call,) = calls
+    return loss, call
+
+
+def drawn(key, latents: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """(σ, noise, loss weight) that ``sft_loss`` draws from ``key`` for one sample, as DiffSynth's trainer would."""
+    grid = WAN.training_sigmas()
+    index_key, noise_key = dsf.random.split(key)
+    index = timestep_indices(index_key, 1, len(grid))
+    return float(grid[index]), dsf.random.normal(noise_key, latents.shape), training_weights(grid)[index]
+
+
 def test_ti2v_sample_carries_the_latents_of_the_first_frame_alone(ti2v, video):
     encoded = SampleEncoder(ti2v)(ti2v.params, {"video": video, "prompt": "a cat"})
     with torch.no_grad():
@@ -56,37 +73,22 @@ def test_ti2v_loss_sees_the_clean_first_frame_at_sigma_zero_and_scores_the_other
     encoded = SampleEncoder(ti2v)(ti2v.params, {"video": video, "prompt": "a cat"})
     batch = {key: value[None] for key, value in encoded.items() if key != "prompt"}
     key = dsf.random.key(3)
-    calls = record_dit_calls(monkeypatch)
-    with torch.no_grad():
-        loss = sft_loss(ti2v)(ti2v.params, batch, key)
-
-    (seen, timestep, prediction), = calls
-    grid = WAN.training_sigmas()
-    index_key, noise_key = dsf.random.split(key)
-    index = timestep_indices(index_key, 1, len(grid))
-    sigma = float(grid[index])
-    noise = dsf.random.normal(noise_key, batch["latents"].shape)
+    loss, (seen, timestep, prediction) = loss_and_dit_call(ti2v, batch, key, monkeypatch)
+    sigma, noise, weight = drawn(key, batch["latents"])
     noisy = (1 - sigma) * batch["latents"] + sigma * noise
     assert torch.equal(seen[:, :, :1], batch["first_frame"])
     assert torch.allclose(seen[:, :, 1:], noisy[:, :, 1:], atol=1e-6)
     assert timestep.tolist() == [[0.0] + [sigma] * (seen.shape[2] - 1)]
     target = noise - batch["latents"]
-    expected = training_weights(grid)[index] * (prediction - target)[:, :, 1:].square().mean()
-    assert torch.allclose(loss, expected, rtol=1e-5)
-    assert not torch.allclose(loss, training_weights(grid)[index] * (prediction - target).square().mean(), rtol=1e-3)
+    assert torch.allclose(loss, weight * (prediction - target)[:, :, 1:].square().mean(), rtol=1e-5)
+    assert not torch.allclose(loss, weight * (prediction - target).square().mean(), rtol=1e-3)
 
 
 def test_t2v_loss_scores_every_frame(monkeypatch):
     pipe = tiny_pipeline()
     batch = {"latents": torch.randn(1, 16, 3, 2, 2), "text_embeds": torch.randn(1, 4, 16)}
     key = dsf.random.key(5)
-    calls = record_dit_calls(monkeypatch)
-    with torch.no_grad():
-        loss = sft_loss(pipe)(pipe.params, batch, key)
-    (_, timestep, prediction), = calls
-    grid = WAN.training_sigmas()
-    index_key, noise_key = dsf.random.split(key)
-    index = timestep_indices(index_key, 1, len(grid))
-    target = dsf.random.normal(noise_key, batch["latents"].shape) - batch["latents"]
-    assert timestep.shape == (1,)
-    assert torch.allclose(loss, training_weights(grid)[index] * (prediction - target).square().mean(), rtol=1e-5)
+    loss, (_, timestep, prediction) = loss_and_dit_call(pipe, batch, key, monkeypatch)
+    sigma, noise, weight = drawn(key, batch["latents"])
+    assert timestep.tolist() == [sigma]
+    assert torch.allclose(loss, weight * (prediction - (noise - batch["latents"])).square().mean(), rtol=1e-5)
