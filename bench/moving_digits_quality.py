@@ -11,16 +11,14 @@ videos for each (digit, direction) prompt, and measures on every video:
 The same numbers on real training videos (the same count per prompt) are printed beside them, with
 the classifier's accuracy on held-out real digits and the training time.
 
-    python bench/moving_digits_quality.py                    # train (a few minutes on 2 cores), then measure
+    python bench/moving_digits_quality.py                    # train (about 15 minutes on 2 cores), then measure
     python bench/moving_digits_quality.py --model outputs/moving_digits/model
 """
 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +33,7 @@ from dsf.models.moving_digits import (
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from from_scratch_quality import real_digit_classifier  # noqa: E402
+from from_scratch_quality import real_digit_classifier, trained_model  # noqa: E402
 
 PROMPTS = [(digit, direction) for digit in range(10) for direction in DIRECTIONS]
 
@@ -109,18 +107,11 @@ def main() -> None:
     parser.add_argument("--output_path", default="outputs/moving_digits_bench")
     parser.add_argument("--per_prompt", type=int, default=10, help="videos per (digit, direction) prompt")
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--cfg_scale", type=float, default=3.0)
+    parser.add_argument("--cfg_scale", type=float, default=4.0)
     parser.add_argument("--num_inference_steps", type=int, default=20)
     args = parser.parse_args()
 
-    training_seconds = None
-    model_folder = args.model
-    if model_folder is None:
-        started = time.perf_counter()
-        subprocess.run([sys.executable, str(ROOT / "recipes" / "train_moving_digits.py"), "--output_path", args.output_path],
-                       check=True)
-        training_seconds = time.perf_counter() - started
-        model_folder = str(Path(args.output_path) / "model")
+    model_folder, training_seconds = trained_model(args.model, "train_moving_digits.py", args.output_path)
 
     model = load_model(model_folder)
     size = model.config.digit_size

@@ -1,5 +1,5 @@
 """Train a tiny Wan video DiT from scratch on moving digits (a scikit-learn digit sliding left, right,
-up or down across 5 frames of 16×16 pixels), then sample it.
+up or down 2 pixels a frame across 5 frames of 16×16 pixels), then sample it.
 
     python recipes/train_moving_digits.py                     # train, save, write a sample strip
     python recipes/train_moving_digits.py sample --model outputs/moving_digits/model \\
@@ -25,6 +25,7 @@ from dsf.models.moving_digits import (
     DIRECTIONS, MovingDigitsConfig, generate_tensors, load_model, moving_digits_loss, new_model, prompt_for, save_image,
     save_model, video_stream, video_strip,
 )
+from dsf.recipe_cli import run_command, sample_parser, save_numbered
 from dsf.train import TrainConfig, train
 from dsf.transforms import checkpoint
 
@@ -37,35 +38,18 @@ def train_parser() -> argparse.ArgumentParser:
     """
     parser = argparse.ArgumentParser(description="Train the moving-digits video model from scratch.")
     parser.add_argument("--output_path", default="outputs/moving_digits")
-    parser.add_argument("--max_steps", type=int, default=800)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--max_steps", type=int, default=4000)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--learning_rate", type=float, default=2e-3)
     parser.add_argument("--warmup_steps", type=int, default=50)
-    parser.add_argument("--checkpoint_steps", type=int, default=200)
+    parser.add_argument("--checkpoint_steps", type=int, default=500)
     parser.add_argument("--use_gradient_checkpointing", action="store_true")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cfg_scale", type=float, default=3.0)
+    parser.add_argument("--cfg_scale", type=float, default=4.0)
     parser.add_argument("--num_inference_steps", type=int, default=20)
     parser.add_argument("--num_layers", type=int, default=MovingDigitsConfig.num_layers, help="number of Wan blocks")
     parser.add_argument("--num_heads", type=int, default=MovingDigitsConfig.num_heads, help="Wan width = heads × 32")
-    return parser
-
-
-def sample_parser() -> argparse.ArgumentParser:
-    """The ``sample`` command line.
-
-    >>> sample_parser().parse_args(["--model", "m", "--prompt", "a handwritten digit one moving up", "--out", "o"]).num
-    4
-    """
-    parser = argparse.ArgumentParser(description="Sample a trained moving-digits model.")
-    parser.add_argument("--model", required=True, help="a model folder written by training (OUTPUT_PATH/model)")
-    parser.add_argument("--prompt", required=True, help='e.g. "a handwritten digit seven moving left"')
-    parser.add_argument("--num", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--cfg_scale", type=float, default=3.0)
-    parser.add_argument("--num_inference_steps", type=int, default=20)
     return parser
 
 
@@ -113,16 +97,14 @@ def run_training(args) -> Path:
     return model_folder
 
 
-def run_sampling(args) -> None:
-    """Write ``args.num`` videos of ``args.prompt`` as PNG strips (frames left to right) under ``args.out`` (see :func:`main`)."""
+def run_sampling(argv: list[str]) -> None:
+    """Write ``--num`` videos of ``--prompt`` as PNG strips (frames left to right) under ``--out`` (see :func:`main`)."""
+    args = sample_parser("Sample a trained moving-digits model.", "a handwritten digit seven moving left",
+                         cfg_scale=4.0).parse_args(argv)
     model = load_model(args.model)
     videos = generate_tensors(model, [args.prompt] * args.num, seed=args.seed, cfg_scale=args.cfg_scale,
                               num_inference_steps=args.num_inference_steps)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, video in enumerate(videos):
-        save_image(video_strip(video[None], per_row=1), out / f"{i:04d}.png")
-    print(f"wrote {len(videos)} videos (frames left to right) to {out}")
+    save_numbered([video_strip(video[None], per_row=1) for video in videos], args.out, "videos (frames left to right)")
 
 
 def main(argv: list[str]) -> None:
@@ -133,10 +115,7 @@ def main(argv: list[str]) -> None:
     ...
     FileNotFoundError: /no/such/model/config.json not found: the model must be a folder written by recipes/train_moving_digits.py
     """
-    if argv[:1] == ["sample"]:
-        run_sampling(sample_parser().parse_args(argv[1:]))
-    else:
-        run_training(train_parser().parse_args(argv[1:] if argv[:1] == ["train"] else argv))
+    run_command(argv, train=lambda rest: run_training(train_parser().parse_args(rest)), sample=run_sampling)
 
 
 if __name__ == "__main__":

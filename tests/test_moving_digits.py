@@ -31,12 +31,12 @@ def load_recipe():
 
 @pytest.mark.parametrize("direction", list(DIRECTIONS))
 def test_the_digit_moves_speed_pixels_per_frame_in_its_direction(direction):
-    config = MovingDigitsConfig(frames=9, image_size=24, speed=1)
+    config = MovingDigitsConfig(frames=9, image_size=20, digit_size=10, speed=1)
     (row, _), (col, _) = start_range(config, direction)
-    video = to_gray(render_video(SPRITES[7], direction, (row, col), config))
+    video = to_gray(render_video(digit_images(10)[0][7], direction, (row, col), config))
     steps = center_of_mass(video).diff(dim=0)  # (frames - 1, 2): (row, column) per frame
     expected = torch.tensor(DIRECTIONS[direction], dtype=steps.dtype).expand_as(steps)
-    assert video.shape == (9, 24, 24)
+    assert video.shape == (9, 20, 20)
     assert torch.allclose(steps, expected, atol=1e-4), steps
     assert motion_direction(video) == direction
     assert motion_direction(video.flip(0)) != direction
@@ -46,14 +46,17 @@ def test_frames_count_is_one_plus_four_k():
     for frames in (2, 4, 6, 8):
         with pytest.raises(ValueError, match="1 \\+ 4k"):
             MovingDigitsConfig(frames=frames)
-    assert [render_video(SPRITES[0], "up", (10, 0), MovingDigitsConfig(frames=f, image_size=20)).shape[1] for f in (1, 5, 9)] == [1, 5, 9]
+    configs = [MovingDigitsConfig(frames=frames, image_size=24) for frames in (1, 5, 9)]
+    assert [render_video(SPRITES[0], "up", (16, 0), config).shape[1] for config in configs] == [1, 5, 9]
 
 
 def test_digits_that_would_leave_the_frame_are_refused():
-    with pytest.raises(ValueError, match="needs 18 pixels, more than image_size 16"):
-        MovingDigitsConfig(speed=2)
+    with pytest.raises(ValueError, match="needs 20 pixels, more than image_size 16"):
+        MovingDigitsConfig(digit_size=12, speed=1, frames=9)
     with pytest.raises(ValueError, match="leaves the frame"):
         render_video(SPRITES[0], "left", (0, 0), MovingDigitsConfig())
+    with pytest.raises(ValueError, match=r"sprite has shape \(10, 10\); this config draws \(8, 8\)"):
+        render_video(np.zeros((10, 10), np.uint8), "left", (0, 8), MovingDigitsConfig())
 
 
 def test_batches_match_their_prompts_and_resume():

@@ -43,7 +43,9 @@ def start_range(config: MovingDigitsConfig, direction: str) -> tuple[tuple[int, 
     """Inclusive (low, high) of the first frame's top-left row and column that keep the digit in every frame.
 
     >>> start_range(MovingDigitsConfig(), "left")
-    ((0, 6), (4, 6))
+    ((0, 8), (8, 8))
+    >>> start_range(MovingDigitsConfig(digit_size=10, speed=1), "down")
+    ((0, 2), (0, 6))
     """
     room = config.image_size - config.digit_size
     return tuple((max(0, -step * config.travel), room - max(0, step * config.travel)) for step in DIRECTIONS[direction])
@@ -53,10 +55,12 @@ def render_video(sprite: np.ndarray, direction: str, start: tuple[int, int], con
     """The video (channels, frames, H, W) in [-1, 1] of a uint8 ``sprite`` whose top-left starts at
     ``start`` (row, column) and moves ``config.speed`` pixels per frame in ``direction``.
 
-    >>> video = render_video(np.full((10, 10), 255, np.uint8), "down", (0, 3), MovingDigitsConfig())
-    >>> video.shape, video[0, 4, 4:14, 3].eq(1).all().item(), video[0, 4, :4, 3].eq(-1).all().item()
+    >>> video = render_video(np.full((8, 8), 255, np.uint8), "down", (0, 3), MovingDigitsConfig())
+    >>> video.shape, video[0, 4, 8:16, 3].eq(1).all().item(), video[0, 4, :8, 3].eq(-1).all().item()
     (torch.Size([3, 5, 16, 16]), True, True)
     """
+    if np.shape(sprite) != (config.digit_size, config.digit_size):
+        raise ValueError(f"sprite has shape {np.shape(sprite)}; this config draws ({config.digit_size}, {config.digit_size}) digits")
     (low_row, high_row), (low_col, high_col) = start_range(config, direction)
     if not (low_row <= start[0] <= high_row and low_col <= start[1] <= high_col):
         raise ValueError(
@@ -76,7 +80,7 @@ def random_item(sprites, labels, key: Key, config: MovingDigitsConfig) -> dict:
     """A training item (video, prompt, label, direction): a random digit, direction and start from ``key``.
 
     >>> from dsf.random import key
-    >>> item = random_item([np.zeros((10, 10), np.uint8)], [3], key(0), MovingDigitsConfig())
+    >>> item = random_item([np.zeros((8, 8), np.uint8)], [3], key(0), MovingDigitsConfig())
     >>> item["label"], item["prompt"] == prompt_for(3, item["direction"])
     (3, True)
     """
@@ -96,7 +100,7 @@ def video_stream(sprites, labels, batch_size: int, key: Key, config: MovingDigit
 
     >>> from itertools import islice
     >>> from dsf.random import key
-    >>> data = video_stream([np.zeros((10, 10), np.uint8)], [0], 2, key(0), MovingDigitsConfig())
+    >>> data = video_stream([np.zeros((8, 8), np.uint8)], [0], 2, key(0), MovingDigitsConfig())
     >>> [p for p, _ in islice(data(0), 3)], next(data(2))[1]["prompt"] == list(islice(data(0), 3))[2][1]["prompt"]
     ([1, 2, 3], True)
     """
