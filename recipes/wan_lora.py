@@ -12,9 +12,10 @@ shorter: the most of the form 1 + 4k), images one frame; every frame is resized 
 The model is a diffusers Wan pipeline folder (--model_path) or hub repo (--model_id); --dit takes
 other DiT files. For an image-to-video model the first frame of each video is the conditioning
 image; Wan2.2-TI2V-5B sees that frame's latents clean, at σ 0, and is scored on the other frames
-(--without_first_frame trains it as text-to-video). A Wan2.2 A14B model trains one expert at a time: --expert high_noise (or low_noise) loads
-that expert alone and draws σ only from its range of the training grid (derived from the folder's
-boundary_ratio, or set by --min_timestep_boundary/--max_timestep_boundary).
+(--without_first_frame trains it as text-to-video). A Wan2.2 A14B model trains one expert at a
+time: --expert high_noise (or low_noise) loads that expert alone and draws σ only from its range
+of the training grid (derived from the folder's boundary_ratio, or set by
+--min_timestep_boundary/--max_timestep_boundary).
 
 --task:
   sft                 train on the dataset (default)
@@ -73,7 +74,8 @@ def parser() -> argparse.ArgumentParser:
     models.add_argument("--fp8_models", default="", help=f"comma list of frozen components stored in fp8: {FP8_COMPONENTS}")
     models.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on CUDA, float32 on the CPU")
     models.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    training = add_training_flags(p, output_path="outputs/wan_lora", lora_targets=LORA_TARGETS, lora_layouts=LORA_LAYOUTS)["training"]
+    groups = add_training_flags(p, output_path="outputs/wan_lora", lora_targets=LORA_TARGETS, lora_layouts=LORA_LAYOUTS)
+    training = groups["training"]
     training.add_argument("--task", default="sft", choices=TASKS)
     training.add_argument("--min_timestep_boundary", type=float, help="fraction of the training grid (0: σ = 1)")
     training.add_argument("--max_timestep_boundary", type=float, help="fraction of the training grid (1: σ = 0)")
