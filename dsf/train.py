@@ -205,6 +205,7 @@ def train(
             grad_norm = norm.item()
             _check_finite(loss, grad_norm, step, checkpoint_dir)
             trainable, optimizer_state = optimizer.update(grads, optimizer_state, trainable)
+            del grads  # before the next step's backward: a second gradient set would double that memory
             elapsed = time.perf_counter() - started
             if step % config.log_every == 0 or step == config.max_steps:
                 log.write(step, loss, schedule(step), grad_norm, elapsed)

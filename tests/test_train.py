@@ -104,6 +104,28 @@ def test_frozen_leaves_get_no_gradient():
     assert seen_requires_grad == [(False, True), (False, True)]
 
 
+def test_a_step_frees_its_gradients_before_the_next_step_computes_new_ones(monkeypatch):
+    import weakref
+
+    import dsf.train
+
+    previous, alive_at_next_loss = [], []
+    value_and_grad = dsf.train.value_and_grad
+
+    def recording(f, where=None):
+        def loss_and_grads(params, *args):
+            alive_at_next_loss.append(sum(ref() is not None for ref in previous))
+            loss, grads = value_and_grad(f, where=where)(params, *args)
+            previous[:] = [weakref.ref(g) for g in dsf.tree.tensors(grads)]
+            return loss, grads
+
+        return loss_and_grads
+
+    monkeypatch.setattr(dsf.train, "value_and_grad", recording)
+    train(plain_loss, init_params(), samples(4), config(max_steps=3, max_grad_norm=None), where=TRAINED, key=dsf.random.key(0))
+    assert alive_at_next_loss == [0, 0, 0] and len(previous) == 4
+
+
 def test_accumulating_two_samples_equals_one_batch_of_two():
     results = []
     for batch_size, accumulation in ((1, 2), (2, 1)):
