@@ -22,7 +22,8 @@ from PIL import Image
 import dsf
 from dsf.hub import ModelSource
 from dsf.models.flux.pipeline import load_pipeline
-from dsf.transforms import fp8, load_lora, offload
+from dsf.inference_flags import add_memory_flags, lora_scales, memory_transforms, storage_device
+from dsf.transforms import load_lora
 
 
 def parser() -> argparse.ArgumentParser:
@@ -41,39 +42,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg_scale", type=float, default=1.0)
     p.add_argument("--input_image", help="image-to-image: the starting image")
     p.add_argument("--denoising_strength", type=float, default=1.0)
-    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--fp8", default="", help="components stored in float8, e.g. dit,t5")
-    p.add_argument("--offload", default="none", choices=("none", "component", "block"))
-    p.add_argument("--vram_limit", type=float, default=0.0, help="GiB of blocks kept resident with --offload block")
-    p.add_argument("--lora", action="append", default=[], help="a LoRA file (any layout); repeatable")
-    p.add_argument("--lora_scale", type=float, action="append", default=[])
+    add_memory_flags(p, lora_help="a LoRA file (any layout); repeatable")
     p.add_argument("--out", default="flux.png")
     return p
-
-
-def transforms(args) -> dsf.Transform:
-    compute_dtype = getattr(torch, args.dtype)
-    stack = []
-    components = [c for c in args.fp8.split(",") if c]
-    if components:
-        stack.append(fp8(where=rf"^({'|'.join(components)})/", compute_dtype=compute_dtype))
-    if args.offload != "none":
-        stack.append(offload(device=args.device, level=args.offload, vram_limit=args.vram_limit))
-    return dsf.chain(*stack)
 
 
 def main(argv: list[str]) -> None:
     args = parser().parse_args(argv)
     source = args.model_path or (ModelSource(model_id=args.model_id) if args.model_id else None)
-    storage_device = "cpu" if args.offload != "none" else args.device
-    pipe = load_pipeline(source, dit=args.dit, vae=args.vae, dtype=getattr(torch, args.dtype), device=storage_device)
+    pipe = load_pipeline(source, dit=args.dit, vae=args.vae, dtype=getattr(torch, args.dtype), device=storage_device(args))
 
     params = pipe.params
-    scales = args.lora_scale + [1.0] * (len(args.lora) - len(args.lora_scale))
-    for path, scale in zip(args.lora, scales):
+    for path, scale in zip(args.lora, lora_scales(args)):
         params = {**params, "dit": load_lora(params["dit"], path, scale=scale)}
-    stack = transforms(args)
+    stack = memory_transforms(args)
     params = stack.init(params, dsf.random.key(args.seed))
 
     image = stack(pipe.generate)(

@@ -25,7 +25,8 @@ import dsf
 from dsf.hub import ModelSource
 from dsf.models.wan.model import TwoExpertDiT
 from dsf.models.wan.pipeline import DEFAULT_NEGATIVE_PROMPT, FPS, load_pipeline
-from dsf.transforms import fp8, load_lora, offload
+from dsf.inference_flags import add_memory_flags, lora_scales, memory_transforms, storage_device
+from dsf.transforms import load_lora
 from dsf.video import write_mp4
 
 
@@ -47,32 +48,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma_shift", type=float, default=5.0)
     p.add_argument("--no_tiling", action="store_true", help="encode and decode with the VAE in one piece")
     p.add_argument("--max_sequence_length", type=int, default=512, help="umT5 tokens per prompt")
-    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--fp8", default="", help="components stored in float8, e.g. dit,t5")
-    p.add_argument("--offload", default="none", choices=("none", "component", "block"))
-    p.add_argument("--vram_limit", type=float, default=0.0, help="GiB of blocks kept resident with --offload block")
-    p.add_argument("--lora", action="append", default=[], help="a LoRA file (dsf or diffusers layout); repeatable")
-    p.add_argument("--lora_scale", type=float, action="append", default=[])
+    add_memory_flags(p, lora_help="a LoRA file (dsf or diffusers layout); repeatable")
     p.add_argument("--fps", type=int, default=FPS)
     p.add_argument("--out", default="wan.mp4")
     return p
-
-
-def transforms(args) -> dsf.Transform:
-    """fp8 storage of the --fp8 components and --offload of the weights, chained.
-
-    >>> transforms(parser().parse_args(["--prompt", "x", "--fp8", "dit,t5"])).name
-    'chain(fp8(granularity=tensor, compute_dtype=bfloat16))'
-    """
-    compute_dtype = getattr(torch, args.dtype)
-    stack = []
-    components = [c for c in args.fp8.split(",") if c]
-    if components:
-        stack.append(fp8(where=rf"^({'|'.join(components)})/", compute_dtype=compute_dtype))
-    if args.offload != "none":
-        stack.append(offload(device=args.device, level=args.offload, vram_limit=args.vram_limit))
-    return dsf.chain(*stack)
 
 
 def with_loras(pipe, dit_params, files: list[str], scales: list[float]):
@@ -83,7 +62,6 @@ def with_loras(pipe, dit_params, files: list[str], scales: list[float]):
     >>> with_loras(pipe, pipe.dit_params, [], []) is pipe.dit_params
     True
     """
-    scales = scales + [1.0] * (len(files) - len(scales))
     for path, scale in zip(files, scales):
         if isinstance(pipe.dit, TwoExpertDiT):
             dit_params = {expert: load_lora(tree, path, scale=scale) for expert, tree in dit_params.items()}
@@ -95,12 +73,11 @@ def with_loras(pipe, dit_params, files: list[str], scales: list[float]):
 def main(argv: list[str]) -> None:
     args = parser().parse_args(argv)
     source = args.model_path or (ModelSource(model_id=args.model_id) if args.model_id else None)
-    storage_device = "cpu" if args.offload != "none" else args.device
-    pipe = load_pipeline(source, dit=args.dit, vae=args.vae, dtype=getattr(torch, args.dtype), device=storage_device,
+    pipe = load_pipeline(source, dit=args.dit, vae=args.vae, dtype=getattr(torch, args.dtype), device=storage_device(args),
                          max_sequence_length=args.max_sequence_length)
 
-    params = {**pipe.params, "dit": with_loras(pipe, pipe.dit_params, args.lora, args.lora_scale)}
-    stack = transforms(args)
+    params = {**pipe.params, "dit": with_loras(pipe, pipe.dit_params, args.lora, lora_scales(args))}
+    stack = memory_transforms(args)
     params = stack.init(params, dsf.random.key(args.seed))
 
     frames = stack(pipe.generate)(

@@ -1,7 +1,11 @@
-"""FLUX.1 pipeline: same seed and tiny components give diffusers' FluxPipeline image; loading paths; errors."""
+"""FLUX.1 pipeline: same seed and tiny components give diffusers' FluxPipeline image; loading paths; errors; flux_t2i.py."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline as DiffusersFluxPipeline
@@ -127,3 +131,17 @@ def test_long_prompt_is_truncated_with_a_warning(folders):
     pipe = load_pipeline(root, max_sequence_length=TOKENS)
     with pytest.warns(UserWarning, match="the rest is dropped"):
         pipe("a " * 40, height=SIZE, width=SIZE, num_inference_steps=1, progress=False)
+
+
+def test_t2i_recipe_writes_the_pipelines_image_through_block_offload(folders, tmp_path):
+    spec = importlib.util.spec_from_file_location("flux_t2i", Path(__file__).resolve().parents[1] / "recipes" / "flux_t2i.py")
+    flux_t2i = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(flux_t2i)
+    _, root = folders
+    out = tmp_path / "cat.png"
+    flux_t2i.main(["--model_path", str(root), "--prompt", "a cat", "--seed", "5", "--num_inference_steps", "2",
+                   "--height", str(SIZE), "--width", str(SIZE), "--dtype", "float32", "--device", "cpu",
+                   "--offload", "block", "--out", str(out)])
+    pipe = load_pipeline(root)
+    expected = pipe.generate(pipe.params, "a cat", seed=5, height=SIZE, width=SIZE, num_inference_steps=2, progress=False)
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
