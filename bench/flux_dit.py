@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Callable
 
 import torch
 
@@ -90,6 +91,52 @@ def holding_the_last_result(fn):
     return call
 
 
+def interleaved(pairs, repeats: int, device) -> list[tuple[str, float, float]]:
+    """(name, median dsf s, median diffusers s) of each (name, ours, theirs), runs alternating after a warm-up.
+
+    >>> [row[0] for row in interleaved([("noop", lambda: None, lambda: None)], 1, torch.device("cpu"))]
+    ['noop']
+    """
+    rows = []
+    for name, ours, theirs in pairs:
+        ours(), theirs()
+        ours_times, theirs_times = [], []
+        for _ in range(repeats):
+            ours_times.append(timed(ours, device))
+            theirs_times.append(timed(theirs, device))
+        rows.append((name, statistics.median(ours_times), statistics.median(theirs_times)))
+    return rows
+
+
+def timed_passes(ours, params, reference, theirs) -> list[tuple[str, Callable, Callable]]:
+    """The passes both speed benches time, as (name, dsf call, diffusers call): the forward under
+    no_grad, and forward+backward of the mean squared output, dsf through ``value_and_grad`` and
+    diffusers through ``.backward()``, each freeing its old gradients right before computing new ones.
+    ``ours(params)`` and ``theirs()`` are the two forwards; ``reference`` is the diffusers module.
+
+    >>> passes = timed_passes(lambda p: p["w"] * 2, {"w": torch.ones(2)}, torch.nn.Linear(1, 1), lambda: torch.ones(2))
+    >>> [name for name, _, _ in passes], passes[0][1]().tolist()
+    (['forward', 'forward+backward'], [2.0, 2.0])
+    """
+    loss_and_grads = dsf.value_and_grad(lambda p: ours(p).float().square().mean())
+
+    def ours_forward():
+        with torch.no_grad():
+            return ours(params)
+
+    def theirs_forward():
+        with torch.no_grad():
+            return theirs()
+
+    def theirs_backward():
+        reference.zero_grad(set_to_none=True)
+        theirs().float().square().mean().backward()
+
+    reference.requires_grad_(True)
+    return [("forward", ours_forward, theirs_forward),
+            ("forward+backward", holding_the_last_result(lambda: loss_and_grads(params)), theirs_backward)]
+
+
 def peak_memory(fn, device) -> float | None:
     if device.type != "cuda":
         return None
@@ -114,36 +161,14 @@ def main() -> None:
     dit, params = flux.load_dit(reference.state_dict(), config={"axes_dims_rope": list(reference.config.axes_dims_rope)})
     x = inputs(reference, 1, latent_size, text_len, device, dtype)
 
-    def ours_forward():
-        with torch.no_grad():
-            return dit(params, **x)
-
-    def theirs_forward():
-        with torch.no_grad():
-            return diffusers_call(reference, **x)
-
-    ours_loss_grad = dsf.value_and_grad(lambda p: dit(p, **x).float().square().mean())
-
-    ours_backward = holding_the_last_result(lambda: ours_loss_grad(params))
-
-    def theirs_backward():
-        reference.zero_grad(set_to_none=True)
-        diffusers_call(reference, **x).float().square().mean().backward()
-
-    reference.requires_grad_(True)
+    passes = timed_passes(lambda p: dit(p, **x), params, reference, lambda: diffusers_call(reference, **x))
     with torch.no_grad():
-        error = float((ours_forward() - theirs_forward()).abs().max() / theirs_forward().abs().max())
+        ours, theirs = passes[0][1](), passes[0][2]()
+    error = float((ours - theirs).abs().max() / theirs.abs().max())
     print(f"device {device}, dtype {dtype}, {'full-size dev' if args.full else 'small'} config, "
           f"{latent_size // 2 * latent_size // 2} image + {text_len} text tokens; max relative difference {error:.2e}")
-    rows = []
-    for name, ours, theirs in (("forward", ours_forward, theirs_forward), ("forward+backward", ours_backward, theirs_backward)):
-        ours(), theirs()
-        ours_times, theirs_times = [], []
-        for _ in range(args.repeats):
-            ours_times.append(timed(ours, device))
-            theirs_times.append(timed(theirs, device))
-        ours_s, theirs_s = statistics.median(ours_times), statistics.median(theirs_times)
-        rows.append((name, ours_s, theirs_s, peak_memory(ours, device), peak_memory(theirs, device)))
+    memory = [(peak_memory(ours, device), peak_memory(theirs, device)) for _, ours, theirs in passes]
+    rows = [(*row, *peaks) for row, peaks in zip(interleaved(passes, args.repeats, device), memory)]
     print(f"{'pass':18} {'dsf s':>9} {'diffusers s':>12} {'dsf/diffusers':>14} {'dsf GiB':>8} {'diffusers GiB':>14}")
     for name, ours_s, theirs_s, ours_gb, theirs_gb in rows:
         memory = f"{ours_gb:8.2f} {theirs_gb:14.2f}" if ours_gb is not None else f"{'-':>8} {'-':>14}"

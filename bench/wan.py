@@ -29,7 +29,7 @@ from dsf.transforms.fp8 import fp8
 from dsf.transforms.offload import offload
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flux_dit import holding_the_last_result, peak_memory, timed  # noqa: E402
+from flux_dit import interleaved, peak_memory, timed, timed_passes  # noqa: E402
 
 SMALL = dict(num_attention_heads=4, attention_head_dim=64, text_dim=256, freq_dim=256, ffn_dim=1024, num_layers=4)
 FULL = dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30)  # Wan2.1-T2V-1.3B
@@ -85,23 +85,6 @@ def diffusers_call(model, latents, timestep, text_embeds):
     return model(hidden_states=latents, timestep=timestep * 1000, encoder_hidden_states=text_embeds, return_dict=False)[0]
 
 
-def interleaved(pairs, repeats: int, device) -> list[tuple[str, float, float]]:
-    """(name, median dsf s, median diffusers s) of each (name, ours, theirs), runs alternating after a warm-up.
-
-    >>> [row[0] for row in interleaved([("noop", lambda: None, lambda: None)], 1, torch.device("cpu"))]
-    ['noop']
-    """
-    rows = []
-    for name, ours, theirs in pairs:
-        ours(), theirs()
-        ours_times, theirs_times = [], []
-        for _ in range(repeats):
-            ours_times.append(timed(ours, device))
-            theirs_times.append(timed(theirs, device))
-        rows.append((name, statistics.median(ours_times), statistics.median(theirs_times)))
-    return rows
-
-
 def ratio_table(repeats: int, device: torch.device) -> str:
     """The small config's forward and forward+backward ratios in fp32, with the parity error.
 
@@ -113,27 +96,11 @@ def ratio_table(repeats: int, device: torch.device) -> str:
     dit, params = ours_from(reference, SMALL_TEXT_LEN)
     x = inputs(SMALL_SHAPE, SMALL_TEXT_LEN, reference.config.text_dim, device, dtype)
 
-    def ours_forward():
-        with torch.no_grad():
-            return dit(params, **x)
-
-    def theirs_forward():
-        with torch.no_grad():
-            return diffusers_call(reference, **x)
-
-    ours_loss_grad = dsf.value_and_grad(lambda p: dit(p, **x).float().square().mean())
-
-    def theirs_backward():
-        reference.zero_grad(set_to_none=True)
-        diffusers_call(reference, **x).float().square().mean().backward()
-
-    reference.requires_grad_(True)
+    passes = timed_passes(lambda p: dit(p, **x), params, reference, lambda: diffusers_call(reference, **x))
     with torch.no_grad():
-        error = float((ours_forward() - theirs_forward()).abs().max() / theirs_forward().abs().max())
-    rows = interleaved(
-        [("forward", ours_forward, theirs_forward), ("forward+backward", holding_the_last_result(lambda: ours_loss_grad(params)), theirs_backward)],
-        repeats, device,
-    )
+        ours, theirs = passes[0][1](), passes[0][2]()
+    error = float((ours - theirs).abs().max() / theirs.abs().max())
+    rows = interleaved(passes, repeats, device)
     tokens = SMALL_SHAPE[1] * (SMALL_SHAPE[2] // 2) * (SMALL_SHAPE[3] // 2)
     lines = [
         f"Wan DiT, small config {SMALL}, fp32, {device.type} ({torch.get_num_threads()} threads); {tokens} video + "
