@@ -18,10 +18,7 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -31,9 +28,8 @@ import torch
 from PIL import Image
 
 import dsf
-from dsf.checkpoint import save_safetensors
-from dsf.io import load_state_dict
 from dsf.models.digits.config import DigitsConfig
+from dsf.models.digits.folder import read_model_folder, write_model_folder
 from dsf.models.digits.model import dit_apply, init_dit
 from dsf.models.digits.text import build_tokenizer, text_encoder_fn, text_encoder_module, tokenize
 from dsf.sampling import sample
@@ -67,37 +63,15 @@ def new_model(config: DigitsConfig, key: dsf.random.Key) -> DigitsModel:
 
 
 def save_model(model: DigitsModel, folder: str | os.PathLike) -> Path:
-    """Write the model folder atomically (a temporary sibling folder renamed into place)."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    (staging / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
-    save_safetensors(staging / "dit.safetensors", dsf.tree.flatten_dict(model.params["dit"]))
-    (staging / "text_encoder").mkdir()
-    save_safetensors(staging / "text_encoder" / "model.safetensors", dsf.tree.flatten_dict(model.params["text_encoder"]))
-    (staging / "tokenizer").mkdir()
-    model.tokenizer.save_pretrained(staging / "tokenizer")
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(staging, folder)
-    return folder
+    """Write the model folder atomically (:func:`dsf.models.digits.folder.write_model_folder`)."""
+    return write_model_folder(folder, model.config.to_dict(), model.params, model.tokenizer)
 
 
 def load_model(folder: str | os.PathLike) -> DigitsModel:
     """Read a folder written by :func:`save_model`."""
-    from transformers import PreTrainedTokenizerFast
-
-    folder = Path(folder)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: --model must be a folder written by train_from_scratch.py")
-    config = DigitsConfig(**json.loads(config_path.read_text()))
+    config, params, tokenizer = read_model_folder(folder, "recipes/train_from_scratch.py")
+    config = DigitsConfig(**config)
     encode, _ = text_encoder_fn(text_encoder_module(config))
-    params = {
-        "dit": dsf.tree.unflatten_dict(load_state_dict(folder / "dit.safetensors")),
-        "text_encoder": dsf.tree.unflatten_dict(load_state_dict(folder / "text_encoder" / "model.safetensors")),
-    }
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer")
     return DigitsModel(config, params, encode, tokenizer)
 
 

@@ -24,7 +24,7 @@ from PIL import Image
 
 import dsf
 from dsf.data import FolderDataset, batches, write_image_folder
-from dsf.losses import flow_matching_loss
+from dsf.losses import drop_prompts, flow_matching_loss
 from dsf.models.digits.pipeline import SCHEDULE, DigitsModel
 from dsf.models.digits.text import prompt_for
 
@@ -69,9 +69,7 @@ def digits_loss(model: DigitsModel, prompt_dropout: float = 0.1):
 
     def loss(params, batch, key):
         drop_key, loss_key = dsf.random.split(key)
-        dropped = dsf.random.uniform(drop_key, (len(batch["prompt"]),)) < prompt_dropout
-        prompts = ["" if d else p for p, d in zip(batch["prompt"], dropped.tolist())]
-        cond = {"text_embeds": model.text_embeds(params, prompts)}
+        cond = {"text_embeds": model.text_embeds(params, drop_prompts(drop_key, batch["prompt"], prompt_dropout))}
         return flow_matching_loss(model.velocity, params, batch["image"], loss_key, cond, schedule=SCHEDULE)
 
     return loss

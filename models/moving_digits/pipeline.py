@@ -16,9 +16,7 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +27,9 @@ import torch
 from PIL import Image
 
 import dsf
-from dsf.checkpoint import save_safetensors
-from dsf.io import load_state_dict
-from dsf.losses import flow_matching_loss
+from dsf.losses import drop_prompts, flow_matching_loss
 from dsf.models import wan
+from dsf.models.digits.folder import read_model_folder, write_model_folder
 from dsf.models.digits.text import tokenize
 from dsf.models.moving_digits.model import (
     MovingDigitsConfig, build_tokenizer, init_dit, text_encoder_fn, text_encoder_module,
@@ -95,32 +92,15 @@ def moving_digits_loss(model: MovingDigitsModel, prompt_dropout: float = 0.1):
     """
     def loss(params, batch, key):
         drop_key, loss_key = dsf.random.split(key)
-        dropped = dsf.random.uniform(drop_key, (len(batch["prompt"]),)) < prompt_dropout
-        prompts = ["" if d else p for p, d in zip(batch["prompt"], dropped.tolist())]
-        cond = {"text_embeds": model.text_embeds(params, prompts)}
+        cond = {"text_embeds": model.text_embeds(params, drop_prompts(drop_key, batch["prompt"], prompt_dropout))}
         return flow_matching_loss(model.velocity, params, batch["video"], loss_key, cond, schedule=SCHEDULE)
 
     return loss
 
 
 def save_model(model: MovingDigitsModel, folder: str | os.PathLike) -> Path:
-    """Write the model folder atomically (a temporary sibling folder renamed into place); see the module example."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        (staging / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
-        save_safetensors(staging / "dit.safetensors", dsf.tree.flatten_dict(model.params["dit"]))
-        (staging / "text_encoder").mkdir()
-        save_safetensors(staging / "text_encoder" / "model.safetensors", dsf.tree.flatten_dict(model.params["text_encoder"]))
-        model.tokenizer.save_pretrained(staging / "tokenizer")
-    except BaseException:
-        shutil.rmtree(staging)
-        raise
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(staging, folder)
-    return folder
+    """Write the model folder atomically (:func:`dsf.models.digits.folder.write_model_folder`); see the module example."""
+    return write_model_folder(folder, model.config.to_dict(), model.params, model.tokenizer)
 
 
 def load_model(folder: str | os.PathLike) -> MovingDigitsModel:
@@ -131,19 +111,10 @@ def load_model(folder: str | os.PathLike) -> MovingDigitsModel:
     ...
     FileNotFoundError: /no/such/model/config.json not found: the model must be a folder written by recipes/train_moving_digits.py
     """
-    from transformers import PreTrainedTokenizerFast
-
-    folder = Path(folder)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: the model must be a folder written by recipes/train_moving_digits.py")
-    config = MovingDigitsConfig(**json.loads(config_path.read_text()))
+    config, params, tokenizer = read_model_folder(folder, "recipes/train_moving_digits.py")
+    config = MovingDigitsConfig(**config)
     encode, _ = text_encoder_fn(text_encoder_module(config))
-    params = {
-        "dit": dsf.tree.unflatten_dict(load_state_dict(folder / "dit.safetensors")),
-        "text_encoder": dsf.tree.unflatten_dict(load_state_dict(folder / "text_encoder" / "model.safetensors")),
-    }
-    return MovingDigitsModel(config, params, encode, PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer"))
+    return MovingDigitsModel(config, params, encode, tokenizer)
 
 
 @torch.no_grad()
