@@ -36,12 +36,12 @@ def prompt_for(digit: int) -> str:
     return f"a handwritten digit {DIGIT_WORDS[digit]}"
 
 
-def build_tokenizer():
-    """A lower-casing, whitespace-splitting word-level tokenizer over :data:`VOCABULARY`."""
+def build_tokenizer(vocabulary: Sequence[str] = VOCABULARY):
+    """A lower-casing, whitespace-splitting word-level tokenizer over ``vocabulary`` (``[PAD]`` and ``[UNK]`` first)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCABULARY)}, unk_token="[UNK]"))
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocabulary)}, unk_token="[UNK]"))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]")
@@ -57,12 +57,13 @@ def tokenize(tokenizer, prompts: Sequence[str], max_tokens: int) -> torch.Tensor
     return batch["input_ids"]
 
 
-def text_encoder_module(cfg: DigitsConfig, key: Key | None = None):
-    """The transformers ``T5EncoderModel`` of the config, its weights drawn from ``key`` when given."""
+def text_encoder_module(cfg: DigitsConfig, key: Key | None = None, vocabulary: Sequence[str] = VOCABULARY):
+    """The transformers ``T5EncoderModel`` of the config (its ``text_dim``, ``text_layers``, ``text_heads``)
+    over ``vocabulary``, its weights drawn from ``key`` when given."""
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(
-        vocab_size=len(VOCABULARY), d_model=cfg.text_dim, d_kv=cfg.text_dim // cfg.text_heads, d_ff=2 * cfg.text_dim,
+        vocab_size=len(vocabulary), d_model=cfg.text_dim, d_kv=cfg.text_dim // cfg.text_heads, d_ff=2 * cfg.text_dim,
         num_layers=cfg.text_layers, num_heads=cfg.text_heads, dropout_rate=0.0, pad_token_id=0,
     )
     with torch.random.fork_rng(devices=[]):

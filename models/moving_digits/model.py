@@ -25,13 +25,13 @@ import torch
 import dsf
 from dsf.init import xavier_uniform
 from dsf.models import wan
+from dsf.models.digits import text as digits_text
 from dsf.models.digits.text import text_encoder_fn
-from dsf.models.digits.text import VOCABULARY as DIGITS_VOCABULARY
 from dsf.models.wan import WanConfig
 from dsf.random import Key, split
 
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # name -> (row, column) step
-VOCABULARY = DIGITS_VOCABULARY + ("moving",) + tuple(DIRECTIONS)
+VOCABULARY = digits_text.VOCABULARY + ("moving",) + tuple(DIRECTIONS)
 
 
 @dataclass(frozen=True)
@@ -105,30 +105,16 @@ def build_tokenizer():
     >>> build_tokenizer()("A digit one moving LEFT")["input_ids"]
     [2, 7, 19, 28, 29]
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCABULARY)}, unk_token="[UNK]"))
-    core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]")
+    return digits_text.build_tokenizer(VOCABULARY)
 
 
 def text_encoder_module(cfg: MovingDigitsConfig, key: Key | None = None):
-    """The transformers ``T5EncoderModel`` of the config, its weights drawn from ``key`` when given.
+    """The transformers ``T5EncoderModel`` of the config over :data:`VOCABULARY`, its weights drawn from ``key`` when given.
 
     >>> text_encoder_module(MovingDigitsConfig(text_dim=8, text_layers=1)).config.vocab_size == len(VOCABULARY)
     True
     """
-    from transformers import T5Config, T5EncoderModel
-
-    config = T5Config(
-        vocab_size=len(VOCABULARY), d_model=cfg.text_dim, d_kv=cfg.text_dim // cfg.text_heads, d_ff=2 * cfg.text_dim,
-        num_layers=cfg.text_layers, num_heads=cfg.text_heads, dropout_rate=0.0, pad_token_id=0,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(key.value & ((1 << 63) - 1) if key is not None else 0)
-        return T5EncoderModel(config).eval()
+    return digits_text.text_encoder_module(cfg, key, VOCABULARY)
 
 
 def init_text_encoder(cfg: MovingDigitsConfig, key: Key):
