@@ -27,6 +27,8 @@ from typing import Mapping, Sequence, Union
 import torch
 from safetensors import SafetensorError, safe_open
 
+ALLOCATOR_ALIGNMENT = 64  # bytes: where torch's CPU allocator starts every tensor it makes
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 SAFETENSORS_DTYPES = {
@@ -120,7 +122,15 @@ def _header_tensor(shard, key: str, dtype: torch.dtype | None) -> torch.Tensor:
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype | None, device) -> torch.Tensor:
     target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
-    return tensor.to(device=device, dtype=target)
+    return _aligned(tensor.to(device=device, dtype=target))
+
+
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in memory aligned as torch allocates it (safetensors hands out CPU tensors at any 4-byte offset, and
+    BLAS kernels round differently at another alignment, so the same weights would compute other last bits than a
+    copy of them, e.g. one gathered from shards)."""
+    misaligned = tensor.device.type == "cpu" and tensor.data_ptr() % ALLOCATOR_ALIGNMENT
+    return tensor.clone() if misaligned else tensor
 
 
 def _open(file: Path, device):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dsf.io import load_state_dict, read_json, safetensors_files
+from dsf.io import ALLOCATOR_ALIGNMENT, load_state_dict, read_json, safetensors_files
 
 
 @pytest.fixture
@@ -105,3 +105,12 @@ def test_read_json_errors_name_the_file(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ValueError, match="bad.json is not valid JSON"):
         read_json(tmp_path / "bad.json")
+
+
+def test_loaded_cpu_tensors_start_where_torch_allocates_them(tmp_path):
+    # safetensors hands out tensors at any 4-byte offset; BLAS rounds differently at another alignment, so a loaded
+    # weight and a copy of it (e.g. gathered from shards) would compute different last bits
+    save_file({f"w{i}": torch.randn(3 + i, 5) for i in range(6)}, tmp_path / "model.safetensors")
+    loaded = load_state_dict(tmp_path / "model.safetensors", None)
+    assert [t.data_ptr() % ALLOCATOR_ALIGNMENT for t in loaded.values()] == [0] * 6
+    assert torch.empty(7).data_ptr() % ALLOCATOR_ALIGNMENT == 0
