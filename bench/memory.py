@@ -3,7 +3,7 @@
 CPU (the default; runs anywhere): writes a FLUX-like DiT of a few hundred MB (``dsf.models.flux`` at
 hidden size 768, fp32) to a safetensors file, then runs four forwards in each of two fresh
 subprocesses, (a) with every weight loaded in RAM and (b) streamed from the file block by block
-(``offload`` over ``dsf.disk.lazy_load``), and prints each peak RSS (``VmHWM``) above the
+(``offload`` over ``dsf.files.disk.lazy_load``), and prints each peak RSS (``VmHWM``) above the
 process's baseline after imports, against the model's size and its largest block.
 
 ``--device cuda`` (UNVERIFIED: written on a machine without a GPU): the full-size FLUX.1-dev DiT
@@ -33,8 +33,8 @@ import torch
 from safetensors.torch import save_file
 
 import dsf
-from dsf.disk import lazy_load
-from dsf.io import load_state_dict
+from dsf.files.disk import lazy_load
+from dsf.files.io import load_state_dict
 from dsf.models.flux.config import DIFFUSERS_KEYS
 from dsf.models.flux import FluxConfig, FluxDiT, init_dit, param_shapes, patchify, position_ids
 from dsf.transforms.fp8 import fp8

@@ -30,14 +30,14 @@ import numpy as np
 import torch
 
 import dsf
-from dsf.cache import write_cache
+from dsf.training.cache import write_cache
 from dsf.models.digits import load_model, prompt_for
 from dsf.models.digits.paradigms import (
     LORA_TARGETS, distill_items, distill_loss, encode_text_once, fit, full_sft, load_cached, lora_sft, seeded_images,
     split_loss, teacher_cache, with_merged_lora, with_preset_lora, write_style_folder,
 )
 from dsf.models.digits.training import data_stream, digits_loss, load_training_set
-from dsf.train import TrainConfig
+from dsf.training.train import TrainConfig
 from dsf.transforms import save_lora
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -177,7 +177,7 @@ def split_rows(model, args, workdir: Path) -> list[tuple]:
                 key=dsf.random.key(10))
             per_step[name].append((time.perf_counter() - started) / args.split_steps)
     unsplit, split = statistics.median(per_step["unsplit"]), statistics.median(per_step["split"])
-    return [("two-stage split training, full fine-tuning, batch 128", "text encoder run once (dsf.cache), then chain(checkpoint())",
+    return [("two-stage split training, full fine-tuning, batch 128", "text encoder run once (dsf.training.cache), then chain(checkpoint())",
              f"seconds per step, unsplit -> split (split/unsplit {split / unsplit:.2f}; stage 1: {encode_seconds:.1f} s)",
              unsplit, split)]
 

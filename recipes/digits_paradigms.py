@@ -30,14 +30,14 @@ import time
 from pathlib import Path
 
 import dsf
-from dsf.cache import write_cache
+from dsf.training.cache import write_cache
 from dsf.models.digits import load_model, prompt_for, save_model
 from dsf.models.digits.paradigms import (
     STYLES, distill_items, distill_loss, encode_text_once, fit, full_sft, load_cached, lora_sft, split_loss,
     teacher_cache, with_preset_lora, write_style_folder, write_teacher_folder,
 )
 from dsf.models.digits.training import data_stream, digits_loss, load_training_set
-from dsf.train import TrainConfig
+from dsf.training.train import TrainConfig
 from dsf.transforms import save_lora
 
 
@@ -85,7 +85,7 @@ def distill_parser() -> argparse.ArgumentParser:
 def split_parser() -> argparse.ArgumentParser:
     parser = common_parser("Two-stage split training: text states computed once, then training without the text encoder.")
     parser.add_argument("--stage", choices=("data_process", "train", "both"), default="both")
-    parser.add_argument("--cache", help="the text-state cache folder, a dsf.cache (default OUTPUT_PATH/text_cache)")
+    parser.add_argument("--cache", help="the text-state cache folder, a dsf.training.cache (default OUTPUT_PATH/text_cache)")
     parser.add_argument("--dataset", choices=sorted(STYLES), default="plain")
     parser.add_argument("--prompt_suffix", default="")
     return parser

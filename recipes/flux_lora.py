@@ -52,11 +52,11 @@ import torch
 import torch.distributed as dist
 
 import dsf
-from dsf import distributed
-from dsf.cache import CachedDataset, encode_into_cache
-from dsf.checkpoint import save_safetensors
-from dsf.data import FolderDataset
-from dsf.hub import ModelSource, resolve
+from dsf.training import distributed
+from dsf.training.cache import CachedDataset, encode_into_cache
+from dsf.training.checkpoint import save_safetensors
+from dsf.training.data import FolderDataset
+from dsf.files.hub import ModelSource, resolve
 from dsf.models.flux import load_clip, load_dit, load_t5, load_vae
 from dsf.models.flux.pipeline import FluxPipeline
 from dsf.models.flux.training import (
@@ -69,8 +69,8 @@ from dsf.models.flux.training import (
     require_components,
     sft_loss,
 )
-from dsf.train import train
-from dsf.training_flags import add_training_flags, batch_stream, train_config
+from dsf.training.train import train
+from dsf.cli.training_flags import add_training_flags, batch_stream, train_config
 from dsf.transforms import checkpoint, fp8, load_lora, lora, lora_trainable, merge_lora, save_lora, trainable
 from dsf.transforms.lora import TRAINED
 from dsf.transforms.lora_layouts import LAYOUTS
@@ -102,7 +102,7 @@ def parser() -> argparse.ArgumentParser:
     data.add_argument("--max_sequence_length", type=int, default=512, help="T5 tokens per prompt")
     models = p.add_argument_group("models")
     models.add_argument("--model_paths", help='JSON list of local files; a list inside it is one sharded model')
-    models.add_argument("--model_id_with_origin_paths", help="comma list of model_id:pattern, downloaded via dsf.hub")
+    models.add_argument("--model_id_with_origin_paths", help="comma list of model_id:pattern, downloaded via dsf.files.hub")
     models.add_argument("--tokenizer_paths", help="comma list of the CLIP and T5 tokenizer folders (any order)")
     models.add_argument("--fp8_models", default="", help=f"comma list of frozen components stored in fp8: {FP8_COMPONENTS}")
     models.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on CUDA, float32 on the CPU")

@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 
 import dsf
-from dsf.hub import ModelSource
+from dsf.files.hub import ModelSource
 from dsf.models.flux.pipeline import load_pipeline
-from dsf.inference_flags import add_memory_flags, lora_scales, memory_transforms, storage_device
+from dsf.cli.inference_flags import add_memory_flags, lora_scales, memory_transforms, storage_device
 from dsf.transforms import load_lora
 
 

@@ -25,12 +25,12 @@ from pathlib import Path
 from PIL import Image
 
 import dsf
-from dsf import distributed
+from dsf.training import distributed
 from dsf.models.digits import DigitsConfig, generate, load_model, new_model, prompt_for, save_model
 from dsf.models.digits.paradigms import fit, from_scratch
 from dsf.models.digits.training import data_stream, digits_loss, load_training_set, write_digits_folder
-from dsf.recipe_cli import run_command, sample_parser, save_numbered
-from dsf.train import TrainConfig
+from dsf.cli.train_sample import run_command, sample_parser, save_numbered
+from dsf.training.train import TrainConfig
 from dsf.transforms import checkpoint
 from dsf.transforms.shard import shard, unshard
 

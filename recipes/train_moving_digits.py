@@ -25,8 +25,8 @@ from dsf.models.moving_digits import (
     DIRECTIONS, MovingDigitsConfig, generate_tensors, load_model, moving_digits_loss, new_model, prompt_for, save_image,
     save_model, video_stream, video_strip,
 )
-from dsf.recipe_cli import run_command, sample_parser, save_numbered
-from dsf.train import TrainConfig, train
+from dsf.cli.train_sample import run_command, sample_parser, save_numbered
+from dsf.training.train import TrainConfig, train
 from dsf.transforms import checkpoint
 
 

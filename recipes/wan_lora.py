@@ -39,12 +39,12 @@ from pathlib import Path
 import torch
 
 import dsf
-from dsf.cache import CachedDataset, encode_into_cache
-from dsf.hub import ModelSource, local_source
+from dsf.training.cache import CachedDataset, encode_into_cache
+from dsf.files.hub import ModelSource, local_source
 from dsf.models.wan.pipeline import EXPERTS, holds_two_experts, load_pipeline
 from dsf.models.wan.training import LORA_TARGETS, SampleEncoder, VideoDataset, expert_timestep_boundaries, sft_loss
-from dsf.train import train
-from dsf.training_flags import add_training_flags, batch_stream, train_config
+from dsf.training.train import train
+from dsf.cli.training_flags import add_training_flags, batch_stream, train_config
 from dsf.transforms import checkpoint, fp8, load_lora, lora, lora_trainable, save_lora
 from dsf.transforms.lora import TRAINED
 

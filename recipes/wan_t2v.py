@@ -22,12 +22,12 @@ import torch
 from PIL import Image
 
 import dsf
-from dsf.hub import ModelSource
+from dsf.files.hub import ModelSource
 from dsf.models.wan.model import TwoExpertDiT
 from dsf.models.wan.pipeline import DEFAULT_NEGATIVE_PROMPT, FPS, load_pipeline
-from dsf.inference_flags import add_memory_flags, lora_scales, memory_transforms, storage_device
+from dsf.cli.inference_flags import add_memory_flags, lora_scales, memory_transforms, storage_device
 from dsf.transforms import load_lora
-from dsf.video import write_mp4
+from dsf.files.video import write_mp4
 
 
 def parser() -> argparse.ArgumentParser:

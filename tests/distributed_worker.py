@@ -1,7 +1,7 @@
 """Scenarios that tests/test_distributed.py and tests/test_shard.py run on 2 gloo ranks.
 
 :func:`launch` starts the ranks with ``torch.multiprocessing.spawn``; each sets the variables that
-torchrun sets, joins the job with ``dsf.distributed.init()``, runs one scenario on a tiny FLUX.1 and
+torchrun sets, joins the job with ``dsf.training.distributed.init()``, runs one scenario on a tiny FLUX.1 and
 writes what it saw to ``folder/rank{r}.pt`` for the test to compare with a single process. The
 problem (model, loss, data, training settings) lives here so both sides build the same one.
 """
@@ -17,12 +17,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import dsf
-from dsf import distributed
-from dsf.losses import flow_matching_loss
+from dsf.training import distributed
+from dsf.diffusion.losses import flow_matching_loss
 from dsf.models import flux
-from dsf.sampling import sample
-from dsf.schedules import FLUX1
-from dsf.train import TrainConfig, train
+from dsf.diffusion.sampling import sample
+from dsf.diffusion.schedules import FLUX1
+from dsf.training.train import TrainConfig, train
 from dsf.transforms import checkpoint, fp8, lora, lora_trainable, offload
 from dsf.transforms.shard import count_gathers, shard, unshard
 

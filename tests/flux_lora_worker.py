@@ -1,7 +1,7 @@
 """recipes/flux_lora.py on 2 gloo ranks, for tests/test_flux_lora_distributed.py.
 
 :func:`launch` starts the ranks with ``torch.multiprocessing.spawn``; each sets the variables that
-torchrun sets, joins the job with ``dsf.distributed.init()`` (the recipe's own ``init()`` then
+torchrun sets, joins the job with ``dsf.training.distributed.init()`` (the recipe's own ``init()`` then
 finds it joined), and runs the recipe's ``main`` once per run, in order, recording what the rank did
 that the files cannot show: what it printed, which files it saved, which components it trained
 sharded, which model files it downloaded, and the params ``main`` returned. Everything goes to
@@ -28,8 +28,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import dsf
-from dsf import distributed
-from dsf.data import write_image_folder
+from dsf.training import distributed
+from dsf.training.data import write_image_folder
 from dsf.models.digits.training import digit_images
 
 WORLD_SIZE = 2
@@ -107,7 +107,7 @@ def sharded_components(calls: list, original):
 
 
 def copying_from(hub_source: Path, calls: list):
-    """A stand-in for ``dsf.hub._download`` that copies from a local mirror of the hub, recording the files."""
+    """A stand-in for ``dsf.files.hub._download`` that copies from a local mirror of the hub, recording the files."""
 
     def download(model_id, folder, allow, ignore):
         source = hub_source / model_id
@@ -128,7 +128,7 @@ def plain_tensors(tree) -> dict[str, torch.Tensor]:
 
 
 def run_recipe(recipe, argv: list[str], env: dict, hub_source: Path) -> dict:
-    import dsf.hub
+    import dsf.files.hub
 
     saved, trains, downloads, printed = [], [], [], io.StringIO()
     previous = {name: os.environ.get(name) for name in env}
@@ -138,7 +138,7 @@ def run_recipe(recipe, argv: list[str], env: dict, hub_source: Path) -> dict:
             stack.enter_context(replaced(recipe, "save_lora", lambda f: recording(saved, f, 1)))
             stack.enter_context(replaced(recipe, "save_safetensors", lambda f: recording(saved, f, 0)))
             stack.enter_context(replaced(recipe, "train", lambda f: sharded_components(trains, f)))
-            stack.enter_context(replaced(dsf.hub, "_download", lambda f: copying_from(hub_source, downloads)))
+            stack.enter_context(replaced(dsf.files.hub, "_download", lambda f: copying_from(hub_source, downloads)))
             stack.enter_context(contextlib.redirect_stdout(printed))
             returned = recipe.main(argv)
     finally:

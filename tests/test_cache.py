@@ -1,4 +1,4 @@
-"""dsf.cache: exact round trips, sharding, batching, atomic writes and clear errors on damaged caches."""
+"""dsf.training.cache: exact round trips, sharding, batching, atomic writes and clear errors on damaged caches."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import dsf
-from dsf.cache import INDEX_NAME, CachedDataset, write_cache
-from dsf.data import batches
+from dsf.training.cache import INDEX_NAME, CachedDataset, write_cache
+from dsf.training.data import batches
 
 
 def samples(count: int = 5):

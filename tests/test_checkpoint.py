@@ -1,4 +1,4 @@
-"""dsf.checkpoint: lossless round trips, retention, partial checkpoints, atomic safetensors, no jax on import."""
+"""dsf.training.checkpoint: lossless round trips, retention, partial checkpoints, atomic safetensors, no jax on import."""
 
 import os
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dsf import checkpoint
+from dsf.training import checkpoint
 
 
 def sample_state() -> dict:

@@ -3,10 +3,10 @@
 import torch
 
 import dsf
-from dsf.losses import flow_matching_loss
+from dsf.diffusion.losses import flow_matching_loss
 from dsf.models.digits import DigitsConfig, dit_apply, init_dit
-from dsf.sampling import sample
-from dsf.schedules import FLUX1
+from dsf.diffusion.sampling import sample
+from dsf.diffusion.schedules import FLUX1
 from dsf.transforms import checkpoint
 from dsf.weight import Cast, Weight, count_materializations, map_weights
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import dsf
-from dsf.losses import flow_matching_loss
+from dsf.diffusion.losses import flow_matching_loss
 from dsf.models import flux
-from dsf.sampling import sample
-from dsf.schedules import FLUX1
+from dsf.diffusion.sampling import sample
+from dsf.diffusion.schedules import FLUX1
 from dsf.transforms import checkpoint, fp8, lora, lora_trainable, offload
 
 CONFIG = flux.FluxConfig(num_heads=2, head_dim=16, axes_dims_rope=(4, 6, 6), num_double_blocks=2,

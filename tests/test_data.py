@@ -1,4 +1,4 @@
-"""dsf.data: metadata formats, image operators, path safety, errors, resumable batching."""
+"""dsf.training.data: metadata formats, image operators, path safety, errors, resumable batching."""
 
 import csv
 import json
@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from dsf import data
+from dsf.training import data
 from dsf.random import key
 
 SOLID_COLOUR = (255, 0, 128)

@@ -1,4 +1,4 @@
-"""dsf.distributed: the single-process world, rank shares of a batch stream, and data parallelism on 2 gloo ranks.
+"""dsf.training.distributed: the single-process world, rank shares of a batch stream, and data parallelism on 2 gloo ranks.
 
 The multi-rank test spawns 2 processes (tests/distributed_worker.py) that join a job as torchrun's
 would; it is skipped where torch.distributed is unavailable.
@@ -14,8 +14,8 @@ import torch.distributed as dist
 
 import distributed_worker as worker
 import dsf
-from dsf import distributed
-from dsf.data import batches
+from dsf.training import distributed
+from dsf.training.data import batches
 from dsf.transforms import lora_trainable
 from updates import assert_same_updates
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dsf
-from dsf.data import write_image_folder
+from dsf.training.data import write_image_folder
 from dsf.models import flux
 from dsf.models.digits.training import digit_images
 from dsf.models.flux.keys import to_ours

@@ -11,7 +11,7 @@ import torch
 from diffusers import FluxPipeline as DiffusersFluxPipeline
 from PIL import Image
 
-from dsf.hub import ModelSource
+from dsf.files.hub import ModelSource
 from dsf.models.flux import keys, vae_keys
 from dsf.models.flux.pipeline import load_pipeline
 from tiny_flux import write_tiny_flux_pipeline

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 import dsf
-from dsf.hub import ModelSource
+from dsf.files.hub import ModelSource
 from dsf.models.flux import text as flux_text
 from dsf.models.flux.text import CLIP_L_CONFIG, T5_XXL_CONFIG, encode_prompt, load_clip, load_t5
 

@@ -1,4 +1,4 @@
-"""dsf.hub: local sources, downloads through fake hub clients, the environment switches, glob results."""
+"""dsf.files.hub: local sources, downloads through fake hub clients, the environment switches, glob results."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import types
 
 import pytest
 
-from dsf import hub
-from dsf.hub import ModelSource, resolve
+from dsf.files import hub
+from dsf.files.hub import ModelSource, resolve
 
 REPO = "org/flux-like"
 REMOTE_FILES = {

@@ -1,4 +1,4 @@
-"""dsf.io: safetensors sources (file, sharded folder, shard list, dict), dtype cast while reading, clear errors."""
+"""dsf.files.io: safetensors sources (file, sharded folder, shard list, dict), dtype cast while reading, clear errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dsf.io import ALLOCATOR_ALIGNMENT, load_state_dict, read_json, safetensors_files
+from dsf.files.io import ALLOCATOR_ALIGNMENT, load_state_dict, read_json, safetensors_files
 
 
 @pytest.fixture

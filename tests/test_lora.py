@@ -9,9 +9,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dsf
 from dsf import ops
 from dsf.models import flux
-from dsf.modules import pure_module
-from dsf.sampling import sample
-from dsf.schedules import FLUX1
+from dsf.model_parts.modules import pure_module
+from dsf.diffusion.sampling import sample
+from dsf.diffusion.schedules import FLUX1
 from dsf.transforms.checkpoint import checkpoint
 from dsf.transforms.lora import (
     FactoredLinear,

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 import dsf
-from dsf.losses import flow_matching_loss, timestep_indices, timestep_range
-from dsf.schedules import FLOW_MATCHING, FLUX1, V_PREDICTION, WAN, training_weights
+from dsf.diffusion.losses import flow_matching_loss, timestep_indices, timestep_range
+from dsf.diffusion.schedules import FLOW_MATCHING, FLUX1, V_PREDICTION, WAN, training_weights
 
 
 def linear_model(params, x, sigma, bias=0.0):

@@ -15,7 +15,7 @@ from dsf.models.moving_digits import (
     DIRECTIONS, MovingDigitsConfig, build_tokenizer, center_of_mass, generate_tensors, load_model, motion_direction,
     moving_digits_loss, new_model, prompt_for, render_video, save_model, start_range, to_gray, video_stream,
 )
-from dsf.train import TrainConfig, train
+from dsf.training.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = MovingDigitsConfig(num_heads=2, head_dim=12, ffn_dim=32, num_layers=1, freq_dim=16, text_dim=8, text_layers=1)

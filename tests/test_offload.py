@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 
 import dsf
 from dsf import ops
-from dsf.disk import lazy_load, record_reads
+from dsf.files.disk import lazy_load, record_reads
 from dsf.models.flux import FluxConfig, FluxDiT, init_dit
 from dsf.transforms import checkpoint
 from dsf.transforms.fp8 import FP8, fp8

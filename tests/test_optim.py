@@ -1,9 +1,9 @@
-"""dsf.optim: AdamW against torch.optim.AdamW, schedules, global-norm clipping."""
+"""dsf.training.optim: AdamW against torch.optim.AdamW, schedules, global-norm clipping."""
 
 import pytest
 import torch
 
-from dsf import optim
+from dsf.training import optim
 
 SHAPES = {"blocks/0/w": (4, 3), "blocks/1/w": (3,), "head": (2, 2, 2)}
 

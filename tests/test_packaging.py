@@ -1,5 +1,5 @@
-"""The package layout: models/ and transforms/ install as dsf.models and dsf.transforms, in editable
-and regular installs, and `import dsf` stays free of jax, diffusers and transformers."""
+"""The package layout: models/, transforms/ and recipes/cli/ install as dsf.models, dsf.transforms and
+dsf.cli, in editable and regular installs, and `import dsf` stays free of jax, diffusers and transformers."""
 
 import os
 import subprocess
@@ -7,6 +7,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import dsf.cli
 import dsf.models
 import dsf.transforms
 
@@ -22,20 +23,22 @@ def test_every_package_folder_is_listed_in_pyproject():
     listed = set(config["packages"])
     roots = {v: k for k, v in config["package-dir"].items()}
     found = {
-        ".".join([roots[init.parent.relative_to(ROOT).parts[0]], *init.parent.relative_to(ROOT).parts[1:]])
+        ".".join([roots[folder], *init.parent.relative_to(ROOT / folder).parts])
         for folder in roots
         for init in (ROOT / folder).rglob("__init__.py")
+        if not any(init.is_relative_to(ROOT / other) for other in roots if other != folder and other.startswith(f"{folder}/"))
     }
     assert found == listed
 
 
-def test_editable_install_maps_models_and_transforms():
+def test_editable_install_maps_models_transforms_and_cli():
     assert Path(dsf.models.__file__).parent == ROOT / "models"
     assert Path(dsf.transforms.__file__).parent == ROOT / "transforms"
+    assert Path(dsf.cli.__file__).parent == ROOT / "recipes" / "cli"
 
 
 def test_import_dsf_pulls_no_jax_diffusers_or_transformers():
-    core = "dsf.checkpoint, dsf.data, dsf.io, dsf.losses, dsf.optim, dsf.sampling, dsf.schedules, dsf.train, dsf.transforms"
+    core = "dsf.training.checkpoint, dsf.training.data, dsf.files.io, dsf.diffusion.losses, dsf.training.optim, dsf.diffusion.sampling, dsf.diffusion.schedules, dsf.training.train, dsf.transforms"
     out = run_python(
         f"import sys, dsf, {core}; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'jax', 'orbax', 'diffusers', 'transformers'}))"
@@ -52,6 +55,6 @@ def test_regular_install_imports_models_and_transforms(tmp_path):
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, capture_output=True)
     assert not (site / "models").exists() and not (site / "transforms").exists()
     env = {**os.environ, "PYTHONPATH": str(site)}
-    out = run_python("import dsf.models.digits, dsf.transforms; print(dsf.models.__file__); print(dsf.transforms.checkpoint)",
+    out = run_python("import dsf.models.digits, dsf.transforms, dsf.cli; print(dsf.models.__file__); print(dsf.transforms.checkpoint)",
                      env=env, cwd=tmp_path)
     assert out.splitlines()[0].startswith(str(site / "dsf" / "models"))

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from dsf.sampling import guided_prediction, sample, start_latents, step
-from dsf.schedules import EPSILON, FLOW_MATCHING, FLUX1, V_PREDICTION, WAN, from_diffusers_config
+from dsf.diffusion.sampling import guided_prediction, sample, start_latents, step
+from dsf.diffusion.schedules import EPSILON, FLOW_MATCHING, FLUX1, V_PREDICTION, WAN, from_diffusers_config
 
 
 def randn(*shape, seed=0):

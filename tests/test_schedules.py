@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from dsf import schedules
-from dsf.schedules import (
+from dsf.diffusion import schedules
+from dsf.diffusion.schedules import (
     EPSILON,
     FLOW_MATCHING,
     FLUX1,

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import distributed_worker as worker
 import dsf
-from dsf.checkpoint import restore_state
+from dsf.training.checkpoint import restore_state
 from dsf.transforms import checkpoint
 from dsf.transforms.shard import Gather, shard, unshard
 from dsf.weight import Weight

@@ -1,4 +1,4 @@
-"""dsf.train: a tiny MLP regression trained, accumulated, resumed, interrupted and saved."""
+"""dsf.training.train: a tiny MLP regression trained, accumulated, resumed, interrupted and saved."""
 
 import csv
 import math
@@ -10,8 +10,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import dsf
-from dsf import checkpoint
-from dsf.train import TrainConfig, step_key, train
+from dsf.training import checkpoint
+from dsf.training.train import TrainConfig, step_key, train
 from updates import assert_same_updates
 
 NUM_SAMPLES = 32
@@ -108,10 +108,10 @@ def test_frozen_leaves_get_no_gradient():
 def test_a_step_frees_its_gradients_before_the_next_step_computes_new_ones(monkeypatch):
     import weakref
 
-    import dsf.train
+    import dsf.training.train
 
     previous, alive_at_next_loss = [], []
-    value_and_grad = dsf.train.value_and_grad
+    value_and_grad = dsf.training.train.value_and_grad
 
     def recording(f, where=None):
         def loss_and_grads(params, *args):
@@ -122,7 +122,7 @@ def test_a_step_frees_its_gradients_before_the_next_step_computes_new_ones(monke
 
         return loss_and_grads
 
-    monkeypatch.setattr(dsf.train, "value_and_grad", recording)
+    monkeypatch.setattr(dsf.training.train, "value_and_grad", recording)
     train(plain_loss, init_params(), samples(4), config(max_steps=3, max_grad_norm=None), where=TRAINED, key=dsf.random.key(0))
     assert alive_at_next_loss == [0, 0, 0] and len(previous) == 4
 

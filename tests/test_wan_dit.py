@@ -273,8 +273,8 @@ def test_load_two_experts_from_a_diffusers_folder(tmp_path):
 
 
 def test_expert_timestep_ranges_select_each_experts_sigmas():
-    from dsf.losses import timestep_indices, timestep_range
-    from dsf.schedules import WAN
+    from dsf.diffusion.losses import timestep_indices, timestep_range
+    from dsf.diffusion.schedules import WAN
 
     grid = WAN.training_sigmas()
     for boundary in (0.875, 0.9):

@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 import dsf
-from dsf.hub import ModelSource
+from dsf.files.hub import ModelSource
 from dsf.models.wan.model import WanDiT
 from dsf.models.wan.pipeline import WanPipeline, load_pipeline
 from dsf.models.wan.tiny import tiny_pipeline
-from dsf.schedules import WAN
-from dsf.video import read_video, write_mp4
+from dsf.diffusion.schedules import WAN
+from dsf.files.video import read_video, write_mp4
 
 pytest.importorskip("diffusers")
 from tiny_wan import BOUNDARY, write_tiny_wan_pipeline  # noqa: E402

@@ -12,13 +12,13 @@ from PIL import Image
 from safetensors import safe_open
 
 import dsf
-from dsf.cache import CachedDataset
+from dsf.training.cache import CachedDataset
 from dsf.models.wan.model import WanDiT
 from dsf.models.wan.pipeline import load_pipeline
 from dsf.transforms import load_lora
 from dsf.transforms.lora import linear_weight_shapes
 from dsf.transforms.lora_layouts import read_lora
-from dsf.video import read_video, write_mp4
+from dsf.files.video import read_video, write_mp4
 
 pytest.importorskip("diffusers")
 from tiny_wan import BOUNDARY, write_tiny_wan_pipeline  # noqa: E402

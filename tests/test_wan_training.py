@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import dsf
-from dsf.losses import timestep_indices
+from dsf.diffusion.losses import timestep_indices
 from dsf.models.wan.model import WanDiT
 from dsf.models.wan.tiny import tiny_pipeline
 from dsf.models.wan.training import SampleEncoder, sft_loss
-from dsf.schedules import WAN, training_weights
+from dsf.diffusion.schedules import WAN, training_weights
 
 SIZE, FRAMES = 32, 9
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import optree
 import torch
 
-from dsf.disk import DiskTensor
+from dsf.files.disk import DiskTensor
 from dsf.transform import Transform
 from dsf.tree import Where, as_predicate
 from dsf.weight import Stage, Weight, as_weight, map_weights, stage
@@ -140,7 +140,7 @@ def _stored_in_fp8(path: str, param, granularity: str, compute_dtype: torch.dtyp
     if isinstance(record.data, DiskTensor):
         raise ValueError(
             f"fp8 cannot quantize {path!r}: it is still on disk ({record.data!r}); load the weights into memory "
-            "(dsf.io.load_state_dict) to store them in fp8, or stream them from disk in their stored dtype"
+            "(dsf.files.io.load_state_dict) to store them in fp8, or stream them from disk in their stored dtype"
         )
     data, scale = quantize(record.data, granularity)
     stored = Weight(_like(data, record.data), record.stages)

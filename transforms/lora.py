@@ -5,7 +5,7 @@ factors: ``down`` (rank, in) drawn from the init key like PEFT's default (unifor
 ``up`` (out, rank) zeros, scale ``alpha / rank``. At use the stage turns the decoded weight W into a
 :class:`FactoredLinear`, whose ``linear(x, bias)`` computes ``x Wᵀ + Σ s·(x Aᵀ) Bᵀ``: no full ΔW is
 built, so backward builds no full dW either. Ops that need the matrix (conv, norms, a
-``functional_call`` through :func:`dsf.modules.pure_module`) get ``merge()``, the dense
+``functional_call`` through :func:`dsf.model_parts.modules.pure_module`) get ``merge()``, the dense
 ``W + Σ s·B A``, through :func:`dsf.weight.dense`.
 
 Several adapters share a weight's one adapt slot, by name: the trained one and files attached with
@@ -44,7 +44,7 @@ import optree
 import torch
 import torch.nn.functional as F
 
-from dsf.io import Source
+from dsf.files.io import Source
 from dsf.random import Key, fold_in, uniform
 from dsf.transform import Transform
 from dsf.tree import NAMESPACE, Where, as_predicate, leaves_with_paths

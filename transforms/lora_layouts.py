@@ -56,7 +56,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dsf.io import Source, load_state_dict
+from dsf.files.io import Source, load_state_dict
 
 LAYOUTS = ("dsf", "diffusers", "kohya", "comfyui", "bfl")
 RANK_SPLIT_KEY = "dsf_rank_split"

@@ -13,7 +13,7 @@ Two levels:
   block of each block list is fetched when it runs.
 
 Storage is where init leaves the weights: CPU memory, pinned when ``device`` is a CUDA device; or
-the disk, for a tree from :func:`dsf.disk.lazy_load`, whose fetch reads each tensor from its file
+the disk, for a tree from :func:`dsf.files.disk.lazy_load`, whose fetch reads each tensor from its file
 when its block runs. ``vram_limit`` (GiB of weights) keeps a prefix of the weights resident on
 ``device`` from init on, the weights outside repeated blocks first and then whole blocks in order,
 as long as they fit; the rest stream, and 0 streams everything. Offloading to the device the
@@ -43,7 +43,7 @@ from typing import Callable, Iterator
 import optree
 import torch
 
-from dsf.disk import DiskTensor
+from dsf.files.disk import DiskTensor
 from dsf.lookahead import look_ahead
 from dsf.transform import OFFLOAD_RANK, FunctionWrap, Transform
 from dsf.tree import NAMESPACE, Where, as_predicate, map_with_path, tensors

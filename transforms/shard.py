@@ -1,14 +1,14 @@
 """Shard: parameters split over the ranks of a torchrun job, gathered block by block at use (FSDP-style).
 
 ``shard()``'s init turns the ``data`` of each selected floating-point parameter into a DTensor split
-along its first dimension over :func:`dsf.distributed.mesh` (each of ``n`` ranks keeps ``1/n`` of
+along its first dimension over :func:`dsf.training.distributed.mesh` (each of ``n`` ranks keeps ``1/n`` of
 the rows) and gives its weight record a gather stage. At use, after any fetch (offload) and before
 decode (fp8) and adapt (lora), the gather stage all-gathers every DTensor of the record into a plain
 tensor: fp8 data travels as bytes, with its scale; LoRA factors are plain tensors, whole on every
 rank. The gathered weights live while their block runs; with ``checkpoint()`` the block gathers
 them again in backward instead of keeping them. In backward the gather's reduce-scatter averages
 the gradients of sharded trainable leaves over the ranks, each rank keeping its shard; the
-optimizer state of such leaves is sharded alike (:func:`dsf.distributed.shardwise`).
+optimizer state of such leaves is sharded alike (:func:`dsf.training.distributed.shardwise`).
 
 A block hook, ranked after offload's, gathers the next block while the current one computes (the
 previous one in backward under checkpointing); on NCCL the all-gather runs asynchronously and is
@@ -38,7 +38,7 @@ from typing import Iterator
 import optree
 import torch
 
-from dsf import distributed
+from dsf.training import distributed
 from dsf.lookahead import look_ahead
 from dsf.transform import GATHER_RANK, Transform
 from dsf.tree import NAMESPACE, Where, as_predicate, map_with_path
@@ -140,7 +140,7 @@ def _sharded(path: str, param, device_mesh) -> Weight:
     if not isinstance(record.data, torch.Tensor):
         raise ValueError(
             f"shard cannot split {path!r}: it is still on disk ({record.data!r}); load the weights into memory "
-            "(dsf.io.load_state_dict) to shard them"
+            "(dsf.files.io.load_state_dict) to shard them"
         )
     return Weight(distributed.distribute(record.data, device_mesh), record.stages, record.trainable)
 

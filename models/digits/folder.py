@@ -21,8 +21,8 @@ import tempfile
 from pathlib import Path
 
 import dsf
-from dsf.checkpoint import save_safetensors
-from dsf.io import load_state_dict
+from dsf.training.checkpoint import save_safetensors
+from dsf.files.io import load_state_dict
 
 
 def write_model_folder(folder: str | os.PathLike, config: dict, params: dict, tokenizer) -> Path:

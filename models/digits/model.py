@@ -22,7 +22,7 @@ from einops import rearrange
 
 import dsf
 from dsf import ops
-from dsf.init import normal, xavier_uniform
+from dsf.model_parts.init import normal, xavier_uniform
 from dsf.models.digits.config import DigitsConfig
 from dsf.random import Key, split
 

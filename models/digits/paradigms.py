@@ -10,9 +10,9 @@ only in the stack, the loss and the params they start from:
   trains LoRA 2, which alone is used at inference;
 - direct distillation: :func:`distill_loss` differentiates through the few-step sampler towards the
   teacher's many-step guided images, from a dataset (:func:`write_teacher_folder`) or a
-  :class:`dsf.distill.TeacherCache` filled on the fly (:func:`teacher_cache`);
+  :class:`dsf.diffusion.distill.TeacherCache` filled on the fly (:func:`teacher_cache`);
 - two-stage split training: :func:`encode_text_once` runs the text encoder once (stage 1, stored
-  with :func:`dsf.cache.write_cache`), :func:`split_loss` trains from its output without the text
+  with :func:`dsf.training.cache.write_cache`), :func:`split_loss` trains from its output without the text
   encoder (stage 2).
 
 :func:`write_style_folder` writes the digits restyled (inverted colors, thick strokes) as dataset
@@ -22,7 +22,7 @@ Example:
     >>> import torch, dsf
     >>> from dsf.models.digits import DigitsConfig, new_model
     >>> from dsf.models.digits.training import digits_loss
-    >>> from dsf.train import TrainConfig
+    >>> from dsf.training.train import TrainConfig
     >>> model = new_model(DigitsConfig(dim=32, depth=1, heads=2, text_dim=8, text_layers=1), dsf.random.key(0))
     >>> batch = {"image": torch.rand(4, 3, 16, 16) * 2 - 1, "prompt": ["a handwritten digit one"] * 4}
     >>> def data(position):
@@ -47,17 +47,17 @@ import torch
 from PIL import Image, ImageFilter
 
 import dsf
-from dsf.cache import CachedDataset
-from dsf.data import write_image_folder
-from dsf.distill import TeacherCache, direct_distill_loss
-from dsf.io import Source
-from dsf.losses import flow_matching_loss
+from dsf.training.cache import CachedDataset
+from dsf.training.data import write_image_folder
+from dsf.diffusion.distill import TeacherCache, direct_distill_loss
+from dsf.files.io import Source
+from dsf.diffusion.losses import flow_matching_loss
 from dsf.models.digits.config import DigitsConfig
 from dsf.models.digits.pipeline import SCHEDULE, DigitsModel
 from dsf.models.digits.text import prompt_for
 from dsf.models.digits.training import digit_images
-from dsf.sampling import sample
-from dsf.train import DataStream, TrainConfig, train
+from dsf.diffusion.sampling import sample
+from dsf.training.train import DataStream, TrainConfig, train
 from dsf.transform import Transform, chain
 from dsf.transforms import checkpoint, load_lora, lora, lora_trainable, merge_lora
 from dsf.tree import Where
@@ -111,7 +111,7 @@ def lora_sft(rank: int = 4, targets: str | None = LORA_TARGETS) -> Paradigm:
 
 def fit(paradigm: Paradigm, loss: Callable, params, data: DataStream, config: TrainConfig, *, key: dsf.random.Key):
     """``params`` through the paradigm's ``init``, then ``paradigm.where`` trained on ``stack(loss)``
-    by :func:`dsf.train.train`; the key is split into an init key and a training key.
+    by :func:`dsf.training.train.train`; the key is split into an init key and a training key.
 
     >>> import torch, dsf
     >>> def data(position):
@@ -280,14 +280,14 @@ def write_teacher_folder(folder: str | os.PathLike, items: Sequence[dict], teach
 
 
 def distill_loss(model: DigitsModel, teacher: TeacherCache | None = None):
-    """``loss(params, batch, key)``: :func:`dsf.distill.direct_distill_loss` of the student on the batch.
+    """``loss(params, batch, key)``: :func:`dsf.diffusion.distill.direct_distill_loss` of the student on the batch.
 
     Batches hold the columns ``prompt``, ``seed``, ``num_inference_steps`` and ``cfg_scale`` (the
     student's, one value per batch; as numbers or as csv strings) and, without ``teacher``, the
     teacher's ``image``; with ``teacher`` the targets come from it by ``(prompt, seed)``.
 
     >>> import dsf
-    >>> from dsf.data import collate
+    >>> from dsf.training.data import collate
     >>> from dsf.models.digits import DigitsConfig, new_model
     >>> model = new_model(DigitsConfig(dim=32, depth=1, heads=2, text_dim=8, text_layers=1), dsf.random.key(0))
     >>> batch = collate(distill_items(["a handwritten digit one"], [0], num_inference_steps=2))
@@ -342,12 +342,12 @@ def encode_text_once(model: DigitsModel, items: Sequence[dict], batch_size: int 
 
 
 def load_cached(folder: str | os.PathLike) -> list[dict]:
-    """Every sample of a :mod:`dsf.cache` folder (e.g. :func:`encode_text_once`'s output written by
-    :func:`dsf.cache.write_cache`), read once into memory.
+    """Every sample of a :mod:`dsf.training.cache` folder (e.g. :func:`encode_text_once`'s output written by
+    :func:`dsf.training.cache.write_cache`), read once into memory.
 
     >>> import tempfile, torch
     >>> from pathlib import Path
-    >>> from dsf.cache import write_cache
+    >>> from dsf.training.cache import write_cache
     >>> folder = Path(tempfile.mkdtemp()) / "cache"
     >>> load_cached(write_cache(folder, [{"text_embeds": torch.ones(6, 8)}]).parent)[0]["text_embeds"].shape
     torch.Size([6, 8])
@@ -364,7 +364,7 @@ def split_loss(model: DigitsModel, prompt_dropout: float = 0.1):
     the same loss and gradients.
 
     >>> import torch, dsf
-    >>> from dsf.data import collate
+    >>> from dsf.training.data import collate
     >>> from dsf.models.digits import DigitsConfig, new_model
     >>> model = new_model(DigitsConfig(dim=32, depth=1, heads=2, text_dim=8, text_layers=1), dsf.random.key(0))
     >>> batch = collate(encode_text_once(model, [{"image": torch.zeros(3, 16, 16), "prompt": "a digit one"}]))

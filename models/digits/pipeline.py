@@ -32,8 +32,8 @@ from dsf.models.digits.config import DigitsConfig
 from dsf.models.digits.folder import read_model_folder, write_model_folder
 from dsf.models.digits.model import dit_apply, init_dit
 from dsf.models.digits.text import build_tokenizer, text_encoder_fn, text_encoder_module, tokenize
-from dsf.sampling import sample
-from dsf.schedules import FlowSchedule
+from dsf.diffusion.sampling import sample
+from dsf.diffusion.schedules import FlowSchedule
 
 SCHEDULE = FlowSchedule()  # σ uniform on [0, 1]: no shift for 16×16 images
 

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from dsf.models.digits.config import DigitsConfig
-from dsf.modules import pure_module
+from dsf.model_parts.modules import pure_module
 from dsf.random import Key
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")

@@ -23,8 +23,8 @@ import numpy as np
 from PIL import Image
 
 import dsf
-from dsf.data import FolderDataset, batches, write_image_folder
-from dsf.losses import drop_prompts, flow_matching_loss
+from dsf.training.data import FolderDataset, batches, write_image_folder
+from dsf.diffusion.losses import drop_prompts, flow_matching_loss
 from dsf.models.digits.pipeline import SCHEDULE, DigitsModel
 from dsf.models.digits.text import prompt_for
 
@@ -58,7 +58,7 @@ def load_training_set(metadata_path: str | os.PathLike, image_size: int) -> list
 
 
 def data_stream(items: list[dict], batch_size: int, key: dsf.random.Key):
-    """``data(position)`` for :func:`dsf.train.train`: shuffled batches, resumable at a position."""
+    """``data(position)`` for :func:`dsf.training.train.train`: shuffled batches, resumable at a position."""
     return lambda start: batches(items, batch_size, key, start=start)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-from dsf import loading
+from dsf.files import loading
 
 TIMESTEP_FEATURES = 256  # width of the sinusoidal timestep and guidance features
 

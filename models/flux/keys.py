@@ -27,9 +27,9 @@ from typing import Mapping
 
 import torch
 
-from dsf import loading
-from dsf.hub import local_source
-from dsf.io import Source
+from dsf.files import loading
+from dsf.files.hub import local_source
+from dsf.files.io import Source
 from dsf.models.flux.config import FluxConfig, resolve_config
 from dsf.models.flux.model import FluxDiT, param_shapes
 from dsf.tree import flatten_dict
@@ -241,7 +241,7 @@ def check_keys(shapes: Mapping[str, tuple], config: FluxConfig, layout: str = "d
 def load_dit(source: Source, config: Mapping | FluxConfig | None = None, *, dtype: torch.dtype | None = None, device="cpu"):
     """``(dit, params)`` from a FLUX.1 DiT checkpoint in the diffusers, BFL or ComfyUI layout.
 
-    ``source``: anything :func:`dsf.io.load_state_dict` reads, a :class:`dsf.hub.ModelSource`, or a diffusers pipeline folder (its
+    ``source``: anything :func:`dsf.files.io.load_state_dict` reads, a :class:`dsf.files.hub.ModelSource`, or a diffusers pipeline folder (its
     ``transformer/``). The config is: FLUX.1-dev defaults < the checkpoint's shapes < the
     ``config.json`` beside the weights < ``config`` (diffusers config keys, or a :class:`FluxConfig`).
 

@@ -29,8 +29,8 @@ from einops import rearrange
 
 import dsf
 from dsf import ops
-from dsf.init import normal
-from dsf.input_checks import check_conditioning_shapes, fits, shape_of
+from dsf.model_parts.init import normal
+from dsf.model_parts.input_checks import check_conditioning_shapes, fits, shape_of
 from dsf.random import Key, split
 from dsf.models.flux.config import TIMESTEP_FEATURES, FluxConfig
 

@@ -25,17 +25,17 @@ import torch
 from PIL import Image
 
 import dsf
-from dsf.data import image_to_tensor, resize_and_crop, to_rgb
-from dsf.hub import local_source
-from dsf.io import read_json
+from dsf.training.data import image_to_tensor, resize_and_crop, to_rgb
+from dsf.files.hub import local_source
+from dsf.files.io import read_json
 from dsf.models.flux.keys import load_dit
 from dsf.models.flux.model import FluxDiT
 from dsf.models.flux.text import TextEncoder, load_clip, load_t5
 from dsf.models.flux.vae import FluxVAE
 from dsf.models.flux.vae_keys import load_vae
-from dsf.sampling import sample, start_latents
+from dsf.diffusion.sampling import sample, start_latents
 from dsf.weight import compute_device, compute_dtype
-from dsf.schedules import FlowSchedule, from_diffusers_config
+from dsf.diffusion.schedules import FlowSchedule, from_diffusers_config
 
 # FLUX.1-dev's scheduler_config.json: μ linear in the image token count (0.5 at 256, 1.15 at 4096)
 DEV_SCHEDULER_CONFIG = {
@@ -217,7 +217,7 @@ def load_pipeline(
     """A FLUX.1 pipeline from a diffusers folder or hub repo (``source``), or from one source per component.
 
     Component sources (``dit``, ``vae``, ``text_encoder`` (CLIP), ``text_encoder_2`` (T5)) win over
-    ``source``; each may be a file, folder, shard list, state dict or :class:`dsf.hub.ModelSource`
+    ``source``; each may be a file, folder, shard list, state dict or :class:`dsf.files.hub.ModelSource`
     (BFL single files such as ``flux1-dev.safetensors`` and ``ae.safetensors`` included).
     ``dtype`` and ``device`` are one value or a dict per component (keys ``dit, vae, clip, t5``);
     ``dit_config``/``vae_config`` (diffusers config keys) fill in what shapes cannot tell.

@@ -8,7 +8,7 @@ safetensors, so gradients, transforms and offload see a plain tree and memory ho
 
 Sources: a diffusers FLUX.1 pipeline folder (its ``text_encoder/`` and ``tokenizer/``, or
 ``text_encoder_2/`` and ``tokenizer_2/``), an encoder folder, single or sharded safetensors files,
-a :class:`dsf.hub.ModelSource`, or a flat state dict in memory. The config is FLUX.1's
+a :class:`dsf.files.hub.ModelSource`, or a flat state dict in memory. The config is FLUX.1's
 (:data:`CLIP_L_CONFIG`, :data:`T5_XXL_CONFIG`) < the ``config.json`` beside the weights < ``config=``.
 
 Example:
@@ -27,11 +27,13 @@ from typing import Any, Callable, Mapping, Union
 
 import torch
 
-from dsf import loading, t5_encoder
-from dsf.hub import ModelSource, local_source
-from dsf.io import Source
-from dsf.modules import meta_module, module_names, pure_module, state_shapes
-from dsf.text_encoder import Prompts, TextEncoder
+from dsf.files import loading
+
+from dsf.model_parts import t5_encoder
+from dsf.files.hub import ModelSource, local_source
+from dsf.files.io import Source
+from dsf.model_parts.modules import meta_module, module_names, pure_module, state_shapes
+from dsf.model_parts.text_encoder import Prompts, TextEncoder
 from dsf.tree import flatten_dict
 from dsf.weight import materialize_tree
 

@@ -8,7 +8,7 @@ Training splits into the gradient-free steps, run once per sample by :class:`Sam
 encoding of the image, T5 and CLIP encoding of the prompt), and the loss on what they produce:
 :func:`sft_loss` (flow matching on FLUX.1's training schedule) or :func:`direct_distill_loss` (the
 student samples through :meth:`FluxPipeline.denoise` and matches the teacher image's latents).
-Split training caches the encoded samples (:mod:`dsf.cache`) and trains on them unchanged.
+Split training caches the encoded samples (:mod:`dsf.training.cache`) and trains on them unchanged.
 
 Example:
     >>> import torch, dsf
@@ -32,16 +32,16 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from dsf.data import size_within_max_pixels
-from dsf.io import safetensors_files
-from dsf.losses import flow_matching_loss
+from dsf.training.data import size_within_max_pixels
+from dsf.files.io import safetensors_files
+from dsf.diffusion.losses import flow_matching_loss
 from dsf.models.flux import keys as dit_keys
 from dsf.models.flux import vae_keys
 from dsf.models.flux.model import FluxDiT
 from dsf.models.flux.pipeline import FluxPipeline, device_of, dtype_of
 from dsf.models.flux.text import CLIP_MARKER, T5_MARKER, TextEncoder
 from dsf.models.flux.vae import FluxVAE
-from dsf.schedules import FLUX1, FlowSchedule
+from dsf.diffusion.schedules import FLUX1, FlowSchedule
 
 COMPONENTS = {"dit": "DiT", "vae": "VAE", "clip": "CLIP", "t5": "T5"}
 TOKENIZERS = {"clip": "CLIP tokenizer", "t5": "T5 tokenizer"}
@@ -295,7 +295,7 @@ def sft_loss(dit: FluxDiT, schedule: FlowSchedule = FLUX1):
     """``loss(params, batch, key)``: flow matching of the DiT (``params["dit"]``) on a batch of encoded samples.
 
     Timesteps are drawn from FLUX.1's 1000-step training grid (shift 3) with its loss weights
-    (:func:`dsf.losses.flow_matching_loss`); the embedded guidance is :data:`TRAINING_GUIDANCE`.
+    (:func:`dsf.diffusion.losses.flow_matching_loss`); the embedded guidance is :data:`TRAINING_GUIDANCE`.
     The batch holds ``latents`` (B, 16, h, w), ``text_embeds`` (B, L, D) and ``pooled_embeds`` (B, P).
 
     >>> import dsf

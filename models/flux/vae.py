@@ -26,10 +26,10 @@ from einops import rearrange
 
 import dsf
 from dsf import ops
-from dsf.init import xavier_uniform
-from dsf.posterior import posterior_latents
+from dsf.model_parts.init import xavier_uniform
+from dsf.model_parts.posterior import posterior_latents
 from dsf.random import Key, split
-from dsf.tiling import check_tiling, tiled_apply
+from dsf.model_parts.tiling import check_tiling, tiled_apply
 
 NORM_EPS = 1e-6
 ENCODE_TILE, ENCODE_OVERLAP = 512, 128  # pixels

@@ -31,9 +31,9 @@ from typing import Mapping
 
 import torch
 
-from dsf import loading
-from dsf.hub import local_source
-from dsf.io import Source
+from dsf.files import loading
+from dsf.files.hub import local_source
+from dsf.files.io import Source
 from dsf.models.flux.vae import FluxVAE, FluxVAEConfig, vae_param_shapes
 from dsf.tree import flatten_dict
 
@@ -242,7 +242,7 @@ def check_keys(shapes: Mapping[str, tuple], config: FluxVAEConfig, layout: str =
 def load_vae(source: Source, config: Mapping | FluxVAEConfig | None = None, *, dtype: torch.dtype | None = None, device="cpu"):
     """``(vae, params)`` from a FLUX.1 VAE checkpoint in the diffusers or LDM/BFL layout.
 
-    ``source``: anything :func:`dsf.io.load_state_dict` reads, a :class:`dsf.hub.ModelSource`, or a diffusers pipeline folder (its
+    ``source``: anything :func:`dsf.files.io.load_state_dict` reads, a :class:`dsf.files.hub.ModelSource`, or a diffusers pipeline folder (its
     ``vae/``). The config is: FLUX.1 defaults < the checkpoint's shapes < the ``config.json`` beside
     the weights < ``config`` (``AutoencoderKL`` config keys, or a :class:`FluxVAEConfig`).
 

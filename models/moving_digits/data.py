@@ -2,7 +2,7 @@
 the measurements the quality bench makes on any video (center of mass, direction of motion, digit crops).
 
 Videos are drawn on the fly from a key: batch ``n`` of a stream is a function of ``fold_in(key, n)``,
-so the stream never repeats a batch and resumes at a position like :func:`dsf.data.batches`.
+so the stream never repeats a batch and resumes at a position like :func:`dsf.training.data.batches`.
 
 Example:
     >>> import dsf
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dsf.data import collate
+from dsf.training.data import collate
 from dsf.models.digits.text import DIGIT_WORDS
 from dsf.models.moving_digits.model import DIRECTIONS, MovingDigitsConfig
 from dsf.random import Key, fold_in, randint, split
@@ -95,7 +95,7 @@ def random_item(sprites, labels, key: Key, config: MovingDigitsConfig) -> dict:
 
 
 def video_stream(sprites, labels, batch_size: int, key: Key, config: MovingDigitsConfig):
-    """``data(position)`` for :func:`dsf.train.train`: endless batches of random videos, batch ``n``
+    """``data(position)`` for :func:`dsf.training.train.train`: endless batches of random videos, batch ``n``
     drawn from ``fold_in(key, n)`` (a resumed stream repeats the batches of an uninterrupted one).
 
     >>> from itertools import islice

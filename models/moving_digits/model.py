@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import dsf
-from dsf.init import xavier_uniform
+from dsf.model_parts.init import xavier_uniform
 from dsf.models import wan
 from dsf.models.digits import text as digits_text
 from dsf.models.digits.text import text_encoder_fn

@@ -27,15 +27,15 @@ import torch
 from PIL import Image
 
 import dsf
-from dsf.losses import drop_prompts, flow_matching_loss
+from dsf.diffusion.losses import drop_prompts, flow_matching_loss
 from dsf.models import wan
 from dsf.models.digits.folder import read_model_folder, write_model_folder
 from dsf.models.digits.text import tokenize
 from dsf.models.moving_digits.model import (
     MovingDigitsConfig, build_tokenizer, init_dit, text_encoder_fn, text_encoder_module,
 )
-from dsf.sampling import sample
-from dsf.schedules import FlowSchedule
+from dsf.diffusion.sampling import sample
+from dsf.diffusion.schedules import FlowSchedule
 
 SCHEDULE = FlowSchedule(shift=3.0)  # a 3×5×16×16 video has 5× a 16×16 image's values: more steps at high σ
 

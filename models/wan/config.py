@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-from dsf import loading
+from dsf.files import loading
 
 DIFFUSERS_KEYS = {  # diffusers WanTransformer3DModel config key -> WanConfig field
     "patch_size": "patch_size",

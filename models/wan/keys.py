@@ -28,9 +28,9 @@ from typing import Mapping
 
 import torch
 
-from dsf import loading
-from dsf.hub import local_source
-from dsf.io import Source, read_json
+from dsf.files import loading
+from dsf.files.hub import local_source
+from dsf.files.io import Source, read_json
 from dsf.models.wan.config import WanConfig, resolve_config
 from dsf.models.wan.model import TwoExpertDiT, WanDiT, default_boundary, param_shapes
 from dsf.tree import flatten_dict
@@ -199,7 +199,7 @@ def _transformer_folder(source: Source) -> Source:
 def load_dit(source: Source, config: Mapping | WanConfig | None = None, *, dtype: torch.dtype | None = None, device="cpu"):
     """``(dit, params)`` from a Wan DiT checkpoint in the diffusers, original or ComfyUI layout, sharded or not.
 
-    ``source``: anything :func:`dsf.io.load_state_dict` reads, a :class:`dsf.hub.ModelSource`, or a
+    ``source``: anything :func:`dsf.files.io.load_state_dict` reads, a :class:`dsf.files.hub.ModelSource`, or a
     diffusers pipeline folder (its ``transformer/``). The config is: Wan2.1-T2V-14B defaults < the
     checkpoint's shapes < the diffusers ``config.json`` beside the weights < ``config`` (diffusers
     config keys, or a :class:`WanConfig`).

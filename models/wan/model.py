@@ -29,10 +29,10 @@ from einops import rearrange, repeat
 
 import dsf
 from dsf import ops
-from dsf.init import normal
-from dsf.input_checks import check_conditioning_shapes, fits, shape_of
+from dsf.model_parts.init import normal
+from dsf.model_parts.input_checks import check_conditioning_shapes, fits, shape_of
 from dsf.random import Key, split
-from dsf.schedules import WAN, FlowSchedule
+from dsf.diffusion.schedules import WAN, FlowSchedule
 from dsf.weight import dense
 from dsf.models.wan.config import WanConfig
 
@@ -375,7 +375,7 @@ class TwoExpertDiT:
 
     ``params`` is ``{"high_noise": tree, "low_noise": tree}``. Every σ of one call must fall on the
     same side of the boundary (a sampler step shares one σ). To train one expert, give
-    :func:`dsf.losses.flow_matching_loss` that expert's params and the index range of its σ from
+    :func:`dsf.diffusion.losses.flow_matching_loss` that expert's params and the index range of its σ from
     :func:`expert_timestep_ranges`, e.g. ``**expert_timestep_ranges(0.875)["high_noise"]``.
 
     >>> cfg = WanConfig(num_heads=1, head_dim=12, ffn_dim=8, num_layers=1, text_dim=8, text_len=2)
@@ -409,7 +409,7 @@ class TwoExpertDiT:
 
 
 def expert_timestep_ranges(boundary: float, schedule: FlowSchedule = WAN) -> dict[str, dict[str, float]]:
-    """``min/max_timestep_boundary`` of each Wan2.2 A14B expert for :func:`dsf.losses.flow_matching_loss`.
+    """``min/max_timestep_boundary`` of each Wan2.2 A14B expert for :func:`dsf.diffusion.losses.flow_matching_loss`.
 
     Those boundaries are fractions of the schedule's training grid (index 0 is σ = 1), not σ values:
     the high-noise expert trains on the grid's σ ≥ ``boundary``, the low-noise expert on the rest.

@@ -39,8 +39,8 @@ from einops import rearrange
 from PIL import Image
 
 import dsf
-from dsf.data import image_to_tensor, resize_and_crop, to_rgb
-from dsf.hub import local_source
+from dsf.training.data import image_to_tensor, resize_and_crop, to_rgb
+from dsf.files.hub import local_source
 from dsf.models.flux.pipeline import check_size, device_of, dtype_of, to_pil
 from dsf.models.wan.config import WanConfig
 from dsf.models.wan.keys import EXPERT_FOLDERS, load_dit, load_two_expert_dit
@@ -48,8 +48,8 @@ from dsf.models.wan.model import TwoExpertDiT, WanDiT
 from dsf.models.wan.text import ImageEncoder, TextEncoder, load_clip_vision, load_umt5
 from dsf.models.wan.vae import WanVAE
 from dsf.models.wan.vae_keys import load_vae
-from dsf.sampling import sample
-from dsf.schedules import WAN
+from dsf.diffusion.sampling import sample
+from dsf.diffusion.schedules import WAN
 
 # Wan's default negative prompt (Wan2.1/2.2 shared_config.sample_neg_prompt).
 DEFAULT_NEGATIVE_PROMPT = (
@@ -386,7 +386,7 @@ def load_pipeline(
     ``vae/``, ``text_encoder/``, ``tokenizer/`` and, for Wan2.1 I2V, ``image_encoder/`` and
     ``image_processor/``. Component sources (``dit``, ``vae``, ``text_encoder`` (umT5),
     ``image_encoder`` (CLIP)) win over ``source``; each may be a file, folder, shard list, state
-    dict or :class:`dsf.hub.ModelSource` (Wan's original and ComfyUI layouts included). ``dtype``
+    dict or :class:`dsf.files.hub.ModelSource` (Wan's original and ComfyUI layouts included). ``dtype``
     and ``device`` are one value or a dict per component (keys ``dit, vae, t5, clip``; a component
     a dict leaves out gets its checkpoint's dtype, on the CPU); on the ``meta`` device a component
     is built from its checkpoint's headers alone, for a task that never runs it.

@@ -14,7 +14,7 @@ features are the vision tower's second-to-last hidden states (``hidden_states[-2
 
 Sources: a diffusers Wan pipeline folder (``text_encoder/`` + ``tokenizer/``, ``image_encoder/`` +
 ``image_processor/``), an encoder folder, single or sharded safetensors files, a
-:class:`dsf.hub.ModelSource`, or a flat state dict in memory. umT5 weights may also be in Wan's
+:class:`dsf.files.hub.ModelSource`, or a flat state dict in memory. umT5 weights may also be in Wan's
 original layout (``token_embedding.weight``, ``blocks.N.attn.q.weight``, as in DiffSynth-Studio's
 ``models_t5_umt5-xxl-enc-bf16.safetensors``). The config is Wan's (:data:`UMT5_XXL_CONFIG`,
 :data:`CLIP_VIT_H_CONFIG`) < the ``config.json`` beside the weights < ``config=``.
@@ -41,10 +41,12 @@ from typing import Any, Callable, Mapping, Union
 
 import torch
 
-from dsf import loading, t5_encoder, text_encoder
-from dsf.hub import ModelSource, local_source
-from dsf.io import Source
-from dsf.modules import meta_module, module_names, pure_module, state_shapes
+from dsf.files import loading
+
+from dsf.model_parts import t5_encoder, text_encoder
+from dsf.files.hub import ModelSource, local_source
+from dsf.files.io import Source
+from dsf.model_parts.modules import meta_module, module_names, pure_module, state_shapes
 from dsf.tree import flatten_dict
 from dsf.weight import materialize_tree
 

@@ -26,15 +26,15 @@ from typing import Any, Mapping
 
 import torch
 
-from dsf.data import image_to_tensor, load_image, read_metadata, resize_and_crop, resolve_data_path, to_rgb
-from dsf.io import read_json
-from dsf.losses import flow_matching_loss
+from dsf.training.data import image_to_tensor, load_image, read_metadata, resize_and_crop, resolve_data_path, to_rgb
+from dsf.files.io import read_json
+from dsf.diffusion.losses import flow_matching_loss
 from dsf.models.flux.pipeline import device_of, dtype_of, to_pil
 from dsf.models.wan.config import WanConfig
 from dsf.models.wan.model import default_boundary, expert_timestep_ranges
 from dsf.models.wan.pipeline import IMAGE_TO_VIDEO, TEXT_IMAGE_TO_VIDEO, WanPipeline
-from dsf.schedules import WAN
-from dsf.video import read_video
+from dsf.diffusion.schedules import WAN
+from dsf.files.video import read_video
 
 VIDEO_KEY, IMAGE_KEY, PROMPT_KEY = "video", "image", "prompt"
 # DiffSynth's Wan LoRA targets (q,k,v,o,ffn.0,ffn.2 in Wan's names): every attention projection and the MLP

@@ -38,11 +38,11 @@ from einops import rearrange
 
 import dsf
 from dsf import ops
-from dsf.init import xavier_uniform
+from dsf.model_parts.init import xavier_uniform
 from dsf.models.wan.vae22 import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD, avg_down, dup_up, patchify, unpatchify
-from dsf.posterior import posterior_latents
+from dsf.model_parts.posterior import posterior_latents
 from dsf.random import Key, split
-from dsf.tiling import check_tiling, tiled_apply
+from dsf.model_parts.tiling import check_tiling, tiled_apply
 from dsf.weight import dense
 
 WAN21_LATENTS_MEAN = (

@@ -37,9 +37,9 @@ from dataclasses import fields
 
 import torch
 
-from dsf import loading
-from dsf.hub import local_source
-from dsf.io import Source
+from dsf.files import loading
+from dsf.files.hub import local_source
+from dsf.files.io import Source
 from dsf.models.wan.vae import WAN21_VAE_CONFIG, WAN22_VAE_CONFIG, WanVAE, WanVAEConfig, vae_param_shapes
 from dsf.tree import flatten_dict
 
@@ -312,7 +312,7 @@ def check_keys(shapes: Mapping[str, tuple], config: WanVAEConfig, layout: str = 
 def load_vae(source: Source, config: Mapping | WanVAEConfig | None = None, *, dtype: torch.dtype | None = None, device="cpu"):
     """``(vae, params)`` from a Wan 2.1 or 2.2 VAE checkpoint in the diffusers or original layout.
 
-    ``source``: anything :func:`dsf.io.load_state_dict` reads, a :class:`dsf.hub.ModelSource`, or a diffusers pipeline
+    ``source``: anything :func:`dsf.files.io.load_state_dict` reads, a :class:`dsf.files.hub.ModelSource`, or a diffusers pipeline
     folder (its ``vae/``). The config is: Wan 2.1 (2.2 for residual levels) defaults < the checkpoint's shapes < the
     ``config.json`` beside the weights < ``config`` (``AutoencoderKLWan`` config keys, or a :class:`WanVAEConfig`).
 

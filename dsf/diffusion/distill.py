@@ -7,7 +7,7 @@ dataset (generated offline) or are computed on the fly, once per key, by a :clas
 
 Example:
     >>> import torch, dsf
-    >>> from dsf.schedules import FlowSchedule
+    >>> from dsf.diffusion.schedules import FlowSchedule
     >>> def velocity(params, x, sigma):
     ...     return params["v"] * x
     >>> params, noise = {"v": torch.tensor(0.5)}, torch.ones(2, 4)
@@ -25,8 +25,8 @@ from collections.abc import Callable, Hashable, Sequence
 
 import torch
 
-from dsf.sampling import ModelFn, sample
-from dsf.schedules import FLOW_MATCHING, Parameterization
+from dsf.diffusion.sampling import ModelFn, sample
+from dsf.diffusion.schedules import FLOW_MATCHING, Parameterization
 
 
 def direct_distill_loss(
@@ -45,7 +45,7 @@ def direct_distill_loss(
     ``sigmas`` and ``target``; differentiable in ``params`` through every step.
 
     >>> import torch
-    >>> from dsf.schedules import FlowSchedule
+    >>> from dsf.diffusion.schedules import FlowSchedule
     >>> velocity = lambda params, x, sigma: params * x
     >>> direct_distill_loss(velocity, torch.tensor(0.0), torch.ones(1, 2), FlowSchedule().sigmas(2), torch.ones(1, 2))
     tensor(0.)

@@ -5,9 +5,9 @@ Randomness and data come from explicit values that checkpoints keep: micro-batch
 optimizer step ``s`` (steps count from 1) gets the key :func:`step_key` ``(key, s, m)``, and
 ``data(position)`` restarts the batch stream at a saved position. A resumed run therefore sees the
 same keys and batches as an uninterrupted one and, on the CPU, ends with bit-identical parameters.
-In a torchrun job (:func:`dsf.distributed.init`) each rank trains on its share of the batches,
+In a torchrun job (:func:`dsf.training.distributed.init`) each rank trains on its share of the batches,
 keyed by their index among all ranks' micro-batches, and the main rank logs and saves; see
-:mod:`dsf.distributed`.
+:mod:`dsf.training.distributed`.
 
 Files under ``config.output_path``:
 
@@ -45,9 +45,9 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from dsf import checkpoint, distributed
+from dsf.training import checkpoint, distributed
 from dsf.autodiff import value_and_grad
-from dsf.optim import adamw, constant_with_warmup
+from dsf.training.optim import adamw, constant_with_warmup
 from dsf.random import Key, fold_in
 from dsf.tree import Where, flatten_dict, leaves_with_paths, map_with_path, select
 
@@ -295,7 +295,7 @@ def _accumulated_loss_and_grads(
             position, batch = next(stream)
         except StopIteration:
             raise RuntimeError(
-                f"the data stream ended during step {step}; make data(position) endless (e.g. dsf.data.batches) "
+                f"the data stream ended during step {step}; make data(position) endless (e.g. dsf.training.data.batches) "
                 "or lower max_steps"
             ) from None
         loss, grads = loss_and_grads(params, batch, step_key(key, step, world.micro_batch_index(micro_batch)))

@@ -12,7 +12,7 @@ itself: :func:`state_shapes` and :func:`module_names` translate between the two 
 
 Example:
     >>> import torch
-    >>> from dsf.modules import pure_module
+    >>> from dsf.model_parts.modules import pure_module
     >>> apply, params = pure_module(torch.nn.Linear(2, 3))
     >>> sorted(params)
     ['bias', 'weight']

@@ -2,7 +2,7 @@
 
 Example:
     >>> import dsf
-    >>> from dsf.init import xavier_uniform
+    >>> from dsf.model_parts.init import xavier_uniform
     >>> xavier_uniform(dsf.random.key(0), (4, 8)).shape
     torch.Size([4, 8])
 """

@@ -33,7 +33,7 @@ from typing import Iterator
 import torch
 from safetensors import SafetensorError, safe_open
 
-from dsf.io import safetensors_files
+from dsf.files.io import safetensors_files
 from dsf.tree import unflatten_dict
 
 SAFETENSORS_DTYPES = {
@@ -88,7 +88,7 @@ class DiskTensor:
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         raise TypeError(
-            f"{getattr(func, '__name__', func)} got a weight that is still on disk (a DiskTensor from dsf.disk.lazy_load); "
+            f"{getattr(func, '__name__', func)} got a weight that is still on disk (a DiskTensor from dsf.files.disk.lazy_load); "
             "stream it to the compute device with dsf.transforms.offload(device=...) around the function"
         )
 

@@ -1,5 +1,5 @@
 """DiffSynth-Studio's training flags, shared by the fine-tuning recipes: the argparse groups, the
-:class:`dsf.train.TrainConfig` they describe (counted in epochs, as DiffSynth counts them), and the
+:class:`dsf.training.train.TrainConfig` they describe (counted in epochs, as DiffSynth counts them), and the
 batch stream of a dataset.
 
 Example:
@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 from typing import Callable, Sequence
 
-from dsf.data import batches, collate
+from dsf.training.data import batches, collate
 from dsf.random import Key
-from dsf.train import TrainConfig
+from dsf.training.train import TrainConfig
 
 
 def add_training_flags(
@@ -77,7 +77,7 @@ def train_config(args: argparse.Namespace, dataset_size: int, processes: int = 1
 
 
 def batch_stream(dataset, batch_size: int, key: Key, encode: Callable | None = None) -> Callable:
-    """``data(start)`` for :func:`dsf.train.train`: shuffled batches of ``dataset`` from position
+    """``data(start)`` for :func:`dsf.training.train.train`: shuffled batches of ``dataset`` from position
     ``start``, each item through ``encode`` (the gradient-free steps, run as items are drawn) when given.
 
     >>> import torch, dsf

@@ -3,7 +3,7 @@
 An :class:`Optimizer` is a pair of pure functions in the style of optax: ``init(trainable) -> state``
 and ``update(grads, state, trainable) -> (new_trainable, new_state)``. Nothing is updated in place:
 the inputs stay valid, so a caller can keep the previous step around or compare it. The state is a
-plain dict of tensors and an integer step, ready for :func:`dsf.checkpoint.save_state`.
+plain dict of tensors and an integer step, ready for :func:`dsf.training.checkpoint.save_state`.
 
 A learning-rate schedule is any ``step -> float`` function, where ``step`` counts updates from 1
 (the first update uses ``schedule(1)``).
@@ -146,7 +146,7 @@ def clip_by_global_norm(grads: Tensors, max_norm: float, norm: torch.Tensor | No
 
     Uses the formula of ``torch.nn.utils.clip_grad_norm_``: a scale of ``max_norm / (norm + 1e-6)``,
     applied only when it is below 1. ``norm`` defaults to :func:`global_norm` of ``grads``; pass the
-    norm over all ranks when ``grads`` are one rank's shards (:func:`dsf.distributed.clip_by_global_norm`).
+    norm over all ranks when ``grads`` are one rank's shards (:func:`dsf.training.distributed.clip_by_global_norm`).
 
     >>> clipped, norm = clip_by_global_norm({"g": torch.tensor([6.0, 8.0])}, max_norm=5.0)
     >>> clipped["g"], norm

@@ -15,7 +15,7 @@ diffusers ``FlowMatchEulerDiscreteScheduler`` config onto a :class:`FlowSchedule
 
 Example:
     >>> import torch
-    >>> from dsf.schedules import FLUX1, FLOW_MATCHING
+    >>> from dsf.diffusion.schedules import FLUX1, FLOW_MATCHING
     >>> FLUX1.sigmas(4)
     tensor([1.0000, 0.8577, 0.6022, 0.0089])
     >>> x0, noise, sigma = torch.zeros(1, 2), torch.ones(1, 2), torch.tensor([0.25])
@@ -85,7 +85,7 @@ class Parameterization:
     and broadcasts against latents of any rank (4-D images, 5-D video).
 
     >>> import torch
-    >>> from dsf.schedules import V_PREDICTION
+    >>> from dsf.diffusion.schedules import V_PREDICTION
     >>> x0, noise, sigma = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.tensor([0.3, 0.8])
     >>> x_t = V_PREDICTION.add_noise(x0, noise, sigma)
     >>> x0_hat, noise_hat = V_PREDICTION.decompose(x_t, V_PREDICTION.target(x0, noise, sigma), sigma)
@@ -103,7 +103,7 @@ class Parameterization:
         """``x_t = a(σ)·x0 + b(σ)·ε``, in the dtype of ``x0``.
 
         >>> import torch
-        >>> from dsf.schedules import FLOW_MATCHING
+        >>> from dsf.diffusion.schedules import FLOW_MATCHING
         >>> FLOW_MATCHING.add_noise(torch.zeros(2, 1), torch.ones(2, 1), torch.tensor([0.0, 1.0]))
         tensor([[0.],
                 [1.]])
@@ -116,7 +116,7 @@ class Parameterization:
         """What the model should predict: ``c(σ)·x0 + d(σ)·ε``, in the dtype of ``x0``.
 
         >>> import torch
-        >>> from dsf.schedules import FLOW_MATCHING
+        >>> from dsf.diffusion.schedules import FLOW_MATCHING
         >>> FLOW_MATCHING.target(torch.ones(1, 2), torch.zeros(1, 2), torch.tensor([0.5]))
         tensor([[-1., -1.]])
         """
@@ -128,7 +128,7 @@ class Parameterization:
         """Raise ``ValueError`` where ``[[a, b], [c, d]]`` is singular, i.e. ``(x_t, pred)`` do not
         determine ``(x0, ε)``.
 
-        >>> from dsf.schedules import EPSILON
+        >>> from dsf.diffusion.schedules import EPSILON
         >>> EPSILON.check_invertible([0.5, 1.0])  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
@@ -148,7 +148,7 @@ class Parameterization:
         """``(x0_hat, ε_hat)`` from the noisy latent and the model's prediction at σ.
 
         >>> import torch
-        >>> from dsf.schedules import FLOW_MATCHING
+        >>> from dsf.diffusion.schedules import FLOW_MATCHING
         >>> x_t, velocity, sigma = torch.full((1, 2), 0.5), torch.ones(1, 2), torch.tensor([0.5])
         >>> FLOW_MATCHING.decompose(x_t, velocity, sigma)
         (tensor([[0., 0.]]), tensor([[1., 1.]]))
@@ -161,7 +161,7 @@ class Parameterization:
         with :meth:`check_invertible`.
 
         >>> import torch
-        >>> from dsf.schedules import FLOW_MATCHING
+        >>> from dsf.diffusion.schedules import FLOW_MATCHING
         >>> FLOW_MATCHING.decompose_unchecked(torch.ones(1, 1), torch.zeros(1, 1), torch.tensor([0.5]))[0]
         tensor([[1.]])
         """
@@ -263,7 +263,7 @@ def training_weights(sigmas: torch.Tensor) -> torch.Tensor:
     """Per-timestep loss weights over a training grid: a Gaussian bump around σ=0.5, shifted to
     reach 0 and scaled to mean 1 over 1000 steps (DiffSynth's rule for other lengths applies).
 
-    >>> from dsf.schedules import WAN
+    >>> from dsf.diffusion.schedules import WAN
     >>> w = training_weights(WAN.training_sigmas())
     >>> round(w.mean().item(), 4), round(w.max().item(), 4), w[0].item()
     (1.0, 2.0764, 0.0)
@@ -299,7 +299,7 @@ class FlowSchedule:
     ``"empirical"`` (:func:`empirical_mu`), else the fixed ``mu``. Then ``shift_terminal``
     (:func:`stretch_to_terminal`) if set.
 
-    >>> from dsf.schedules import FlowSchedule
+    >>> from dsf.diffusion.schedules import FlowSchedule
     >>> FlowSchedule(shift=3.0).sigmas(4)
     tensor([1.0000, 0.9000, 0.7500, 0.5000])
     """
@@ -336,7 +336,7 @@ class FlowSchedule:
     def mu_for(self, num_steps: int, image_seq_len: int | None = None) -> float | None:
         """The exponential-shift μ used for ``num_steps`` at ``image_seq_len`` tokens (None: no exponential shift).
 
-        >>> from dsf.schedules import QWEN_IMAGE, FLUX2
+        >>> from dsf.diffusion.schedules import QWEN_IMAGE, FLUX2
         >>> QWEN_IMAGE.mu_for(30), round(QWEN_IMAGE.mu_for(30, image_seq_len=6889), 6)
         (0.8, 0.834325)
         >>> round(FLUX2.mu_for(4, image_seq_len=4096), 6)
@@ -360,7 +360,7 @@ class FlowSchedule:
         appends the final 0). ``denoising_strength < 1`` starts lower, for image-to-image;
         ``image_seq_len`` (the image token count) matters only with ``dynamic_shift``.
 
-        >>> from dsf.schedules import WAN
+        >>> from dsf.diffusion.schedules import WAN
         >>> WAN.sigmas(4, denoising_strength=0.5)
         tensor([0.8333, 0.7500, 0.6250, 0.4167])
         """
@@ -382,7 +382,7 @@ class FlowSchedule:
         """The ``num_train_timesteps`` σ's training draws from (DiffSynth ``set_timesteps(1000, training=True)``:
         no image token count, so dynamic schedules use their fixed ``mu``).
 
-        >>> from dsf.schedules import FLUX1
+        >>> from dsf.diffusion.schedules import FLUX1
         >>> FLUX1.training_sigmas().shape
         torch.Size([1000])
         """

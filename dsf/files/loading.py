@@ -17,8 +17,8 @@ from typing import Any, Callable, Collection, Iterable, Mapping
 
 import torch
 
-from dsf.hub import ModelSource, resolve
-from dsf.io import Source, load_state_dict, read_json
+from dsf.files.hub import ModelSource, resolve
+from dsf.files.io import Source, load_state_dict, read_json
 from dsf.tree import unflatten_dict
 
 EXAMPLES = 5  # keys shown per kind of mismatch in errors

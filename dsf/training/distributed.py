@@ -5,10 +5,10 @@ tells each its place through environment variables; :func:`init` reads them and 
 (NCCL on GPUs, gloo on CPUs). Without torchrun it does nothing, and every function here then acts
 as for a single process: one rank, nothing to reduce, nothing to gather.
 
-:func:`dsf.train.train` reads the job from :func:`world`:
+:func:`dsf.training.train.train` reads the job from :func:`world`:
 
 - data: rank ``r`` of ``n`` takes, of each ``n`` consecutive batches of ``data(position)``, the
-  ``r``-th (:func:`rank_batches`; from :func:`dsf.data.batches` it loads only those); its micro-batch
+  ``r``-th (:func:`rank_batches`; from :func:`dsf.training.data.batches` it loads only those); its micro-batch
   ``m`` is the global micro-batch ``m·n + r`` of the step, which keys its randomness
   (:meth:`World.micro_batch_index`). ``n`` ranks with ``gradient_accumulation_steps=a`` therefore
   see the batches and keys of one process with ``a·n`` micro-batches, and make the same update (to
@@ -41,7 +41,7 @@ import optree
 import torch
 import torch.distributed as dist
 
-from dsf import checkpoint, optim
+from dsf.training import checkpoint, optim
 from dsf.tree import NAMESPACE
 
 if dist.is_available():
@@ -137,10 +137,10 @@ def mesh() -> DeviceMesh:
     >>> mesh()
     Traceback (most recent call last):
     ...
-    RuntimeError: a device mesh needs a torchrun job: call dsf.distributed.init() in a process started by torchrun
+    RuntimeError: a device mesh needs a torchrun job: call dsf.training.distributed.init() in a process started by torchrun
     """
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("a device mesh needs a torchrun job: call dsf.distributed.init() in a process started by torchrun")
+        raise RuntimeError("a device mesh needs a torchrun job: call dsf.training.distributed.init() in a process started by torchrun")
     current = world()
     return init_device_mesh(current.device.type, (current.size,))
 
@@ -175,10 +175,10 @@ def distribute(tensor: torch.Tensor, device_mesh: DeviceMesh) -> DTensor:
     >>> distribute(torch.ones(2), None)
     Traceback (most recent call last):
     ...
-    ValueError: distribute needs a device mesh (dsf.distributed.mesh()), got None
+    ValueError: distribute needs a device mesh (dsf.training.distributed.mesh()), got None
     """
     if device_mesh is None:
-        raise ValueError("distribute needs a device mesh (dsf.distributed.mesh()), got None")
+        raise ValueError("distribute needs a device mesh (dsf.training.distributed.mesh()), got None")
     placements = [Shard(0)] if tensor.ndim else [Replicate()]
     return distribute_tensor(tensor.detach(), device_mesh, placements, src_data_rank=None)
 
@@ -256,7 +256,7 @@ def _shard_of(local: torch.Tensor, like: DTensor, path: str) -> DTensor:
 def shardwise(optimizer: optim.Optimizer) -> optim.Optimizer:
     """``optimizer`` run on each rank's local shards of DTensor leaves, its state sharded like them.
 
-    Exact for elementwise optimizers such as :func:`dsf.optim.adamw`; plain leaves pass as they are.
+    Exact for elementwise optimizers such as :func:`dsf.training.optim.adamw`; plain leaves pass as they are.
 
     >>> opt = shardwise(optim.adamw(learning_rate=0.1, weight_decay=0.0))
     >>> trainable = {"w": torch.zeros(1)}
@@ -279,7 +279,7 @@ def _split_over_ranks(value) -> bool:
 
 
 def global_norm(grads: dict[str, torch.Tensor]) -> torch.Tensor:
-    """:func:`dsf.optim.global_norm` of gradients of which some may be sharded (their squares summed over ranks).
+    """:func:`dsf.training.optim.global_norm` of gradients of which some may be sharded (their squares summed over ranks).
 
     >>> global_norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])})
     tensor(5.)
@@ -295,7 +295,7 @@ def global_norm(grads: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def clip_by_global_norm(grads: dict[str, torch.Tensor], max_norm: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """:func:`dsf.optim.clip_by_global_norm` of gradients of which some may be sharded.
+    """:func:`dsf.training.optim.clip_by_global_norm` of gradients of which some may be sharded.
 
     >>> clipped, norm = clip_by_global_norm({"g": torch.tensor([6.0, 8.0])}, max_norm=5.0)
     >>> clipped["g"], norm
@@ -316,7 +316,7 @@ def rank_batches(stream: Iterator[tuple[Any, Any]], world: World) -> Iterator[tu
     batches the ``world.rank``-th, with the position after the last of them (where every rank resumes).
 
     A stream with a ``skip()`` method returning the position after the batch it passes (what
-    :func:`dsf.data.batches` returns) passes the other ranks' batches without loading them; any
+    :func:`dsf.training.data.batches` returns) passes the other ranks' batches without loading them; any
     other stream is drawn in full on every rank.
 
     >>> stream = ((position, f"batch {position - 1}") for position in range(1, 7))
@@ -440,7 +440,7 @@ def latest_step(directory: str) -> int | None:
 
 
 def save_state(directory: str, step: int, state: dict, keep_last: int | None = None) -> None:
-    """:func:`dsf.checkpoint.save_state` for a job: a state holding shards is written by every rank
+    """:func:`dsf.training.checkpoint.save_state` for a job: a state holding shards is written by every rank
     (its local shards, in its own ``directory``), a replicated one by the main rank; returns when all are done.
 
     >>> import tempfile

@@ -7,8 +7,8 @@ wrap the call in ``torch.no_grad()`` for inference, leave it on to differentiate
 
 Example:
     >>> import torch
-    >>> from dsf.sampling import sample
-    >>> from dsf.schedules import WAN
+    >>> from dsf.diffusion.sampling import sample
+    >>> from dsf.diffusion.schedules import WAN
     >>> x0 = torch.ones(1, 4)
     >>> def velocity(params, x, sigma):  # the exact flow towards x0
     ...     return (x - x0) / sigma[:, None]
@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from dsf.schedules import FLOW_MATCHING, Parameterization
+from dsf.diffusion.schedules import FLOW_MATCHING, Parameterization
 
 ModelFn = Callable[..., torch.Tensor]
 
@@ -95,7 +95,7 @@ def sample(
     needs ``negative_cond``.
 
     >>> import torch
-    >>> from dsf.schedules import FLUX1
+    >>> from dsf.diffusion.schedules import FLUX1
     >>> def model(params, x, sigma, scale):
     ...     return params * scale * x
     >>> noise = torch.ones(1, 1, 2, 2)
@@ -130,7 +130,7 @@ def start_latents(
     ``sigmas[0]`` for image-to-image (``sigmas`` from ``schedule.sigmas(N, denoising_strength=...)``).
 
     >>> import torch
-    >>> from dsf.schedules import WAN
+    >>> from dsf.diffusion.schedules import WAN
     >>> start_latents(WAN.sigmas(4, denoising_strength=0.5), torch.ones(1, 2), x0=torch.zeros(1, 2))
     tensor([[0.8333, 0.8333]])
     """

@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 
 from tqdm.auto import tqdm
 
-from dsf.data import resolve_data_path
+from dsf.training.data import resolve_data_path
 
 INDEX_NAME = "index.json"
 FORMAT, VERSION = "dsf-cache", 1
@@ -142,7 +142,7 @@ def _split_sample(index: int, sample: Mapping[str, Any]) -> tuple[dict[str, torc
 
 
 class CachedDataset:
-    """The samples of a cache folder; ``len`` is samples × ``repeat``; usable with :func:`dsf.data.batches`.
+    """The samples of a cache folder; ``len`` is samples × ``repeat``; usable with :func:`dsf.training.data.batches`.
 
     Item ``i`` is sample ``i % samples`` as a dict: its fields and its tensors, read from the
     memory-mapped shard. Every shard the index names is checked to lie inside the folder and to
@@ -150,7 +150,7 @@ class CachedDataset:
 
     >>> import tempfile, torch
     >>> from pathlib import Path
-    >>> from dsf.data import batches
+    >>> from dsf.training.data import batches
     >>> folder = Path(tempfile.mkdtemp()) / "cache"
     >>> _ = write_cache(folder, [{"x": torch.full((2,), float(i)), "label": i} for i in range(4)])
     >>> position, batch = next(batches(CachedDataset(folder), 2, None, shuffle=False))

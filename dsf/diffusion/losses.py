@@ -6,7 +6,7 @@ randomness comes from the key: the same key gives the same loss bit-for-bit.
 
 Example:
     >>> import torch, dsf
-    >>> from dsf.losses import flow_matching_loss
+    >>> from dsf.diffusion.losses import flow_matching_loss
     >>> def model(params, x, sigma):
     ...     return params * x
     >>> loss = flow_matching_loss(model, torch.tensor(1.0), torch.zeros(2, 4), dsf.random.key(0))
@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 from dsf import random
-from dsf.schedules import FLOW_MATCHING, FLUX1, FlowSchedule, Parameterization, training_weights
+from dsf.diffusion.schedules import FLOW_MATCHING, FLUX1, FlowSchedule, Parameterization, training_weights
 
 
 def timestep_range(
@@ -95,7 +95,7 @@ def flow_matching_loss(
 
     Per sample: an index into ``schedule.training_sigmas()`` (see :func:`timestep_indices`), noise
     ε ~ N(0, 1) drawn in float32 and cast to ``x0``'s dtype, ``x_t = add_noise(x0, ε, σ)``. ``w`` is
-    :func:`dsf.schedules.training_weights` (all 1 when ``weighted=False``). The key is split into an
+    :func:`dsf.diffusion.schedules.training_weights` (all 1 when ``weighted=False``). The key is split into an
     index key and a noise key. ``scored`` picks the part of prediction and target the error is taken
 over (e.g. ``lambda t: t[:, :, 1:]`` leaves out a conditioning first frame); all of it when None.
 

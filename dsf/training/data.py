@@ -499,7 +499,7 @@ def _require_key(key) -> None:
 
 class _BatchStream:
     """The iterator :func:`batches` returns; ``skip()`` passes a batch without loading it (another rank's,
-    see :func:`dsf.distributed.rank_batches`)."""
+    see :func:`dsf.training.distributed.rank_batches`)."""
 
     def __init__(self, dataset, batch_size, key, start, shuffle, collate_fn):
         self.dataset, self.batch_size, self.key, self.shuffle, self.collate_fn = dataset, batch_size, key, shuffle, collate_fn

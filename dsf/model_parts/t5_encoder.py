@@ -7,7 +7,7 @@ layout: the token embedding ``shared.weight`` and the stack ``encoder.*``, whose
 
 Example:
     >>> from transformers import T5Config, T5EncoderModel
-    >>> from dsf.modules import meta_module
+    >>> from dsf.model_parts.modules import meta_module
     >>> module = meta_module(T5EncoderModel, T5Config(vocab_size=8, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2))
     >>> sorted(encoder_shapes(module))[:2]
     ['encoder.block.0.layer.0.SelfAttention.k.weight', 'encoder.block.0.layer.0.SelfAttention.o.weight']
@@ -19,8 +19,8 @@ from typing import Callable, Mapping
 
 import torch
 
-from dsf import loading
-from dsf.modules import pure_module, state_shapes
+from dsf.files import loading
+from dsf.model_parts.modules import pure_module, state_shapes
 from dsf.tree import flatten_dict
 from dsf.weight import materialize_tree
 
