@@ -57,6 +57,8 @@ from dsf.training.cache import CachedDataset, encode_into_cache
 from dsf.training.checkpoint import save_safetensors
 from dsf.training.data import FolderDataset
 from dsf.files.hub import ModelSource, resolve
+from dsf.files.model_files import recognize_model_files, require_components
+from dsf.models import flux
 from dsf.models.flux import load_clip, load_dit, load_t5, load_vae
 from dsf.models.flux.pipeline import FluxPipeline
 from dsf.models.flux.training import (
@@ -64,16 +66,14 @@ from dsf.models.flux.training import (
     SampleEncoder,
     check_native_resolution,
     direct_distill_loss,
-    recognize_model_files,
     recognize_tokenizers,
-    require_components,
     sft_loss,
 )
 from dsf.training.train import train
 from dsf.cli.training_flags import add_training_flags, batch_stream, train_config
 from dsf.transforms import checkpoint, fp8, load_lora, lora, lora_trainable, merge_lora, save_lora, trainable
 from dsf.transforms.lora import TRAINED
-from dsf.transforms.lora_layouts import LAYOUTS
+from dsf.files.lora_files import LAYOUTS
 from dsf.transforms.shard import shard, unshard
 from dsf.weight import dense_tree
 
@@ -235,8 +235,8 @@ def main(argv: list[str]):
 
     # 1. The model files, recognized by their keys; only the components the task needs are loaded.
     needed = NEEDED[args.task]
-    files = recognize_model_files(fetch_in_turn(lambda: model_files(args)))
-    require_components(files, needed, MODEL_FLAGS)
+    files = recognize_model_files(fetch_in_turn(lambda: model_files(args)), flux.FAMILY)
+    require_components(files, needed, MODEL_FLAGS, flux.FAMILY)
     models, params = load_components(files, needed, args, dtype, device)
 
     # 2. The data: images and prompts, or the encoded samples of a data-processing run.

@@ -17,12 +17,12 @@ import dsf
 from dsf.training.data import write_image_folder
 from dsf.models import flux
 from dsf.models.digits.training import digit_images
-from dsf.models.flux.keys import to_ours
+from dsf.models.flux.keys import DIT
 from dsf.models.flux.pipeline import load_pipeline
 from dsf.models.flux.training import recognize_tokenizers
 from dsf.transforms import load_lora, lora, save_lora
 from dsf.transforms.lora import linear_weight_shapes
-from dsf.transforms.lora_layouts import detect_lora_layout, read_lora
+from dsf.files.lora_files import detect_lora_layout, read_lora
 from dsf.weight import dense_tree
 from tiny_flux import DIT_TINY, write_tiny_flux_bfl_files
 
@@ -124,7 +124,7 @@ def diffusers_velocity(tiny, lora_path: Path, inputs: dict) -> torch.Tensor:
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
     model = FluxTransformer2DModel(**DIT_TINY, guidance_embeds=True).eval()
-    model.load_state_dict(to_ours(load_file(tiny["dit"])))
+    model.load_state_dict(DIT.to_ours(load_file(tiny["dit"]))[0])
     state_dict, alphas = FluxPipeline.lora_state_dict(str(lora_path), return_alphas=True)
     model.load_lora_adapter(state_dict, network_alphas=alphas, prefix="transformer", adapter_name="trained")
     latents = inputs["latents"]

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 import dsf
 from dsf.models.flux import vae as vae_module
 from dsf.models.flux.vae import FluxVAEConfig, init_vae, tiled_apply, vae_param_shapes, vae_params_meta
-from dsf.models.flux.vae_keys import detect_layout, ldm_to_ours, load_vae, ours_to_ldm
+from dsf.models.flux.vae_keys import VAE, ldm_to_ours, load_vae, ours_to_ldm
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL  # noqa: E402
@@ -93,7 +93,7 @@ def test_diffusers_layout_matches_diffusers(reference):
 
 def test_ldm_file_matches_diffusers(reference, tmp_path):
     ldm = ours_to_ldm(reference.state_dict())
-    assert detect_layout(ldm) == "ldm"
+    assert VAE.detect_layout(ldm) == "ldm"
     save_file({k: v.contiguous() for k, v in ldm.items()}, tmp_path / "ae.safetensors")
     vae, vparams = load_vae(tmp_path / "ae.safetensors", config={"norm_num_groups": 8})
     _assert_matches_diffusers(reference, vae, vparams)

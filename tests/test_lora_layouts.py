@@ -12,7 +12,7 @@ import dsf
 from dsf.models import flux
 from dsf.models.flux.keys import ours_to_bfl
 from dsf.transforms.lora import clear_lora, load_lora, lora, merge_lora, save_lora
-from dsf.transforms.lora_layouts import LAYOUTS, detect_lora_layout, read_lora
+from dsf.files.lora_files import LAYOUTS, detect_lora_layout, read_lora
 from dsf.weight import dense
 
 CFG = flux.FluxConfig(num_heads=2, head_dim=16, axes_dims_rope=(4, 6, 6), num_double_blocks=1,
@@ -174,7 +174,7 @@ def test_wrong_modules_and_shapes_are_listed(base):
 
 def test_bfl_layout_needs_flux(tmp_path):
     params = lora(rank=1).init({"q": {"weight": torch.ones(2, 2)}}, dsf.random.key(0))
-    with pytest.raises(ValueError, match="not FLUX.1: use layout='dsf' or 'diffusers'"):
+    with pytest.raises(ValueError, match="has none: use layout='dsf' or 'diffusers'"):
         save_lora(params, tmp_path / "q.safetensors", "bfl")
     assert not list(tmp_path.iterdir())
 

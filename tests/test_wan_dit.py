@@ -180,7 +180,7 @@ def test_original_layout_is_what_diffusers_converts():
 
 def test_round_trip_ours_original_ours_is_exact():
     ours = dict(_reference_model("i2v").state_dict())
-    back = keys.to_ours(keys.ours_to_original(ours))
+    back, _ = keys.DIT.to_ours(keys.ours_to_original(ours))
     assert back.keys() == ours.keys()
     assert all(back[k] is ours[k] for k in ours)
 

@@ -21,7 +21,7 @@ from dsf.models.wan.vae import (
     vae_params_meta,
 )
 from dsf.models.wan.vae22 import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
-from dsf.models.wan.vae_keys import detect_vae_layout, load_vae, original_vae_to_ours, ours_to_original_vae
+from dsf.models.wan.vae_keys import VAE, load_vae, original_vae_to_ours, ours_to_original_vae
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKLWan  # noqa: E402
@@ -107,7 +107,7 @@ def reference22():
 
 def _original_safetensors(model: AutoencoderKLWan, path, prefix: str = ""):
     original = ours_to_original_vae(model.state_dict())
-    assert detect_vae_layout(original) == "original"
+    assert VAE.detect_layout(original) == "original"
     save_file({prefix + k: v.contiguous() for k, v in original.items()}, path)
     return path
 

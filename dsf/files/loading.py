@@ -264,26 +264,6 @@ def tensor_shapes(flat: Mapping[str, Any]) -> dict[str, tuple]:
     return {key: tuple(tensor.shape) for key, tensor in flat.items()}
 
 
-def marked_layout(
-    keys: Iterable[str], prefixes: Mapping[str, tuple[str, ...]], infixes: Mapping[str, tuple[str, ...]] | None = None
-) -> str:
-    """The first layout of ``prefixes`` (in order) one of whose marks starts a key, or (``infixes``) stands inside one;
-    ``"unknown"`` when none does.
-
-    >>> marks = {"ldm": ("encoder.down.",), "diffusers": ("encoder.down_blocks.",)}
-    >>> marked_layout(["encoder.down_blocks.0.w"], marks), marked_layout(["x.attn.w"], marks)
-    ('diffusers', 'unknown')
-    >>> marked_layout(["blocks.0.self_attn.q.weight"], {"original": ("head.",)}, {"original": (".self_attn.",)})
-    'original'
-    """
-    keys = list(keys)
-    for layout, marks in prefixes.items():
-        inner = (infixes or {}).get(layout, ())
-        if any(key.startswith(marks) or any(mark in key for mark in inner) for key in keys):
-            return layout
-    return "unknown"
-
-
 def strip_wrapper_prefix(
     flat: Mapping[str, Any], prefixes: tuple[str, ...], parts: tuple[str, ...] = ("",)
 ) -> tuple[dict[str, Any], str]:
@@ -312,31 +292,6 @@ def check_checkpoint_keys(expected: Mapping[str, tuple], shapes: Mapping[str, tu
     ValueError: checkpoint (ldm layout) does not fit a toy VAE: 1 missing keys, e.g. ['a']. Pass config=.
     """
     check_keys(expected, shapes, f"checkpoint ({layout} layout) does not fit {model}", hint)
-
-
-def unwrapped_in_ours(
-    flat: Mapping[str, Any],
-    prefixes: tuple[str, ...],
-    parts: tuple[str, ...],
-    detect_layout: Callable[[Iterable[str]], str],
-    converters: Mapping[str, Callable[[dict[str, Any]], dict[str, Any]]],
-) -> tuple[dict[str, Any], str]:
-    """``(entries in our layout, layout name)`` of a model's checkpoint, maybe inside a larger file.
-
-    The entries are those under the wrapper prefix (:func:`strip_wrapper_prefix`), converted by the converter of the
-    layout ``detect_layout`` finds in them (kept as they are for a layout without one); the name adds the prefix, if any.
-
-    >>> detect = lambda keys: "old" if any(k.startswith("encoder.conv1.") for k in keys) else "unknown"
-    >>> convert = {"old": lambda flat: {k.replace("conv1", "conv_in"): v for k, v in flat.items()}}
-    >>> unwrapped_in_ours({"model.encoder.conv1.w": 1, "cond.w": 2}, ("model.",), ("encoder.",), detect, convert)
-    ({'encoder.conv_in.w': 1}, "old (prefix 'model.')")
-    >>> unwrapped_in_ours({"encoder.x": 1}, ("model.",), ("encoder.",), detect, convert)
-    ({'encoder.x': 1}, 'unknown')
-    """
-    unwrapped, prefix = strip_wrapper_prefix(flat, prefixes, parts)
-    layout = detect_layout(unwrapped)
-    converted = converters[layout](unwrapped) if layout in converters else unwrapped
-    return converted, f"{layout} (prefix {prefix!r})" if prefix else layout
 
 
 def numbered_count(keys: Iterable[str], prefix: str) -> int:
@@ -398,33 +353,3 @@ def config_fields(base: Mapping, config_json: Mapping | None, config: Mapping | 
     fields.update(from_diffusers(config_json or {}, strict=False))
     fields.update(from_diffusers(config or {}, strict=True))
     return fields
-
-
-def checkpoint_params(
-    source: Source,
-    config: Any,
-    class_name: str,
-    to_ours: Callable[[Mapping[str, torch.Tensor]], tuple[dict[str, torch.Tensor], str]],
-    resolve_config: Callable[[dict[str, tuple], dict | None, Any], Any],
-    check_keys: Callable[[dict[str, tuple], Any, str], None],
-    *,
-    dtype: torch.dtype | None = None,
-    device: str | torch.device = "cpu",
-) -> tuple[Any, dict]:
-    """``(resolved config, params tree)`` of a model checkpoint.
-
-    ``source`` is read (cast to ``dtype``, on ``device``) and put in our layout by ``to_ours``, which also names the
-    layout it found; the config is ``resolve_config(shapes, config_json, config)``, with the ``config.json`` beside the
-    weights when its ``_class_name`` is ``class_name`` or absent; ``check_keys(shapes, resolved, layout)`` raises on a misfit.
-
-    >>> resolve = lambda shapes, config_json, config: {"width": shapes["w"][0], **config}
-    >>> check = lambda shapes, resolved, layout: None
-    >>> checkpoint_params({"w": torch.zeros(2)}, {"depth": 1}, "Toy", lambda flat: (dict(flat), "ours"), resolve, check)
-    ({'width': 2, 'depth': 1}, {'w': tensor([0., 0.])})
-    """
-    flat, layout = to_ours(load_state_dict(source, dtype=dtype, device=device))
-    shapes = tensor_shapes(flat)
-    config_json = config_of_kind(source, "_class_name", class_name, absent_ok=True)
-    resolved = resolve_config(shapes, config_json, config)
-    check_keys(shapes, resolved, layout)
-    return resolved, unflatten_dict(flat)

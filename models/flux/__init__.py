@@ -13,7 +13,8 @@ Example:
 """
 
 from dsf.models.flux.config import FluxConfig
-from dsf.models.flux.keys import bfl_to_ours, load_dit, ours_to_bfl, to_ours
+from dsf.model_parts.family import register
+from dsf.models.flux.keys import DIT, bfl_to_ours, load_dit, ours_to_bfl
 from dsf.models.flux.text import (
     CLIP_L_CONFIG,
     T5_XXL_CONFIG,
@@ -27,7 +28,7 @@ from dsf.models.flux.text import (
     t5_to_ours,
 )
 from dsf.models.flux.vae import FluxVAE, FluxVAEConfig, init_vae, vae_param_shapes, vae_params_meta
-from dsf.models.flux.vae_keys import ldm_to_ours, load_vae, ours_to_ldm
+from dsf.models.flux.vae_keys import VAE, ldm_to_ours, load_vae, ours_to_ldm
 from dsf.models.flux.model import (
     FluxDiT,
     apply,
@@ -39,8 +40,14 @@ from dsf.models.flux.model import (
     position_ids,
     unpatchify,
 )
+from dsf.models.flux.family import FAMILY
+
+register(FAMILY)
 
 __all__ = [
+    "DIT",
+    "FAMILY",
+    "VAE",
     "CLIP_L_CONFIG",
     "T5_XXL_CONFIG",
     "TextEncoder",
@@ -71,6 +78,5 @@ __all__ = [
     "param_shapes",
     "patchify",
     "position_ids",
-    "to_ours",
     "unpatchify",
 ]

@@ -4,7 +4,8 @@ Our parameter tree mirrors diffusers' ``FluxTransformer2DModel`` state dict. The
 (``flux1-dev.safetensors``) differs by names, by fused projections (``img_attn.qkv`` = q, k, v;
 single-block ``linear1`` = q, k, v, MLP-in) and by the final modulation, whose two halves are
 (shift, scale) in BFL and (scale, shift) in diffusers. ComfyUI files put ``model.diffusion_model.``
-before BFL keys. :func:`load_dit` reads any of them, detected from the keys.
+before BFL keys. :data:`DIT` (the family contract's checkpoint record) and :func:`load_dit` read any of
+them, detected from the keys.
 
 Example:
     >>> import dsf
@@ -15,8 +16,9 @@ Example:
     >>> bfl = ours_to_bfl(init_dit(cfg, dsf.random.key(0)))
     >>> tuple(bfl["single_blocks.0.linear1.weight"].shape)
     (112, 16)
-    >>> sorted(to_ours(bfl)) == sorted(dsf.tree.flatten_dict(init_dit(cfg, dsf.random.key(0))))
-    True
+    >>> ours, layout = DIT.to_ours(bfl)
+    >>> layout, sorted(ours) == sorted(dsf.tree.flatten_dict(init_dit(cfg, dsf.random.key(0))))
+    ('bfl', True)
 """
 
 from __future__ import annotations
@@ -27,20 +29,14 @@ from typing import Mapping
 
 import torch
 
-from dsf.files import loading
-from dsf.files.hub import local_source
 from dsf.files.io import Source
 from dsf.models.flux.config import FluxConfig, resolve_config
+from dsf.model_parts.family import Checkpoint, Layout
 from dsf.models.flux.model import FluxDiT, param_shapes
 from dsf.tree import flatten_dict
 
 COMFY_PREFIX = "model.diffusion_model."
 SHIFT_SCALE_SWAPPED = "final_layer.adaLN_modulation.1"  # BFL (shift, scale) halves = diffusers norm_out (scale, shift)
-_LAYOUT_MARKS = {  # layout -> key prefixes only it has, checked in this order
-    "comfyui": (COMFY_PREFIX,),
-    "bfl": ("double_blocks.", "single_blocks.", "img_in.", "final_layer."),
-    "diffusers": ("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "time_text_embed."),
-}
 _MISFIT_HINT = (  # the end of the error for a checkpoint that does not fit its config
     "Known layouts: diffusers (x_embedder.weight, transformer_blocks.N...), BFL (img_in.weight, double_blocks.N...), "
     f"BFL with ComfyUI's {COMFY_PREFIX!r} prefix. If the sizes differ, pass config= (diffusers config keys)."
@@ -200,42 +196,21 @@ def ours_to_bfl(params) -> dict[str, torch.Tensor]:
     return bfl
 
 
-def detect_layout(keys) -> str:
-    """``"comfyui"``, ``"bfl"``, ``"diffusers"`` (ours) or ``"unknown"``, from the key names.
-
-    >>> detect_layout(["model.diffusion_model.img_in.weight"]), detect_layout(["double_blocks.0.img_mod.lin.weight"])
-    ('comfyui', 'bfl')
-    """
-    return loading.marked_layout(keys, _LAYOUT_MARKS)
-
-
-def to_ours(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A flat FLUX.1 DiT state dict of any known layout in ours (diffusers); an unknown layout is kept as is.
-
-    With the ComfyUI prefix, only the ``model.diffusion_model.`` keys are kept (an all-in-one file
-    also holds its VAE and text encoders).
-
-    >>> list(to_ours({"model.diffusion_model.img_in.weight": torch.zeros(1), "first_stage_model.x": torch.zeros(1)}))
-    ['x_embedder.weight']
-    """
-    state_dict, _ = loading.strip_wrapper_prefix(state_dict, (COMFY_PREFIX,))
-    layout = detect_layout(state_dict)
-    return bfl_to_ours(state_dict) if layout == "bfl" else state_dict
-
-
-def _to_ours_and_layout(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
-    return to_ours(state_dict), detect_layout(state_dict)
-
-
-def check_keys(shapes: Mapping[str, tuple], config: FluxConfig, layout: str = "diffusers") -> None:
-    """Raise an error listing missing, unexpected and wrongly shaped keys of a checkpoint (ours) against ``config``.
-
-    >>> check_keys({"x_embedder.weight": (3072, 64), "bogus.weight": (1,)}, FluxConfig())  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    ValueError: checkpoint (diffusers layout) does not fit ... 1 unexpected keys, e.g. ['bogus.weight']...
-    """
-    loading.check_checkpoint_keys(param_shapes(config), shapes, layout, f"a FLUX.1 DiT with {config}", _MISFIT_HINT)
+DIT = Checkpoint(
+    what="FLUX.1 DiT",
+    class_name="FluxTransformer2DModel",
+    folder="transformer",
+    layouts=(
+        Layout("bfl", marks=("double_blocks.", "single_blocks.", "img_in.", "final_layer."), to_ours=bfl_to_ours,
+               from_ours=ours_to_bfl),
+        Layout("diffusers", marks=("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "time_text_embed.")),
+    ),
+    resolve_config=resolve_config,
+    param_shapes=param_shapes,
+    build=FluxDiT,
+    misfit_hint=_MISFIT_HINT,
+    wrapper_prefixes=(COMFY_PREFIX,),
+)
 
 
 def load_dit(source: Source, config: Mapping | FluxConfig | None = None, *, dtype: torch.dtype | None = None, device="cpu"):
@@ -253,8 +228,4 @@ def load_dit(source: Source, config: Mapping | FluxConfig | None = None, *, dtyp
     >>> dit.config.guidance_embeds, len(params["single_transformer_blocks"])
     (False, 1)
     """
-    source = loading.pipeline_subfolder(local_source(source), "transformer")
-    resolved, params = loading.checkpoint_params(
-        source, config, "FluxTransformer2DModel", _to_ours_and_layout, resolve_config, check_keys, dtype=dtype, device=device
-    )
-    return FluxDiT(resolved), params
+    return DIT.load(source, config, dtype=dtype, device=device)

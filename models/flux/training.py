@@ -1,8 +1,9 @@
-"""FLUX.1 training pieces: recognizing model files and tokenizers, the per-sample encoding, and the losses.
+"""FLUX.1 training pieces: its model files and tokenizers, the per-sample encoding, and the losses.
 
-Model files are recognized by their key names, never by their file names: a DiT in the BFL,
-diffusers or ComfyUI layout, a VAE in the LDM/BFL or diffusers layout, a CLIP text encoder, a T5
-encoder (one all-in-one file may hold several). Tokenizer folders are recognized by their files.
+Model files are recognized by their key names (:mod:`dsf.files.model_files` with :data:`COMPONENTS`):
+a DiT in the BFL, diffusers or ComfyUI layout, a VAE in the LDM/BFL or diffusers layout, a CLIP text
+encoder, a T5 encoder (one all-in-one file may hold several). Tokenizer folders are recognized by
+their files.
 
 Training splits into the gradient-free steps, run once per sample by :class:`SampleEncoder` (VAE
 encoding of the image, T5 and CLIP encoding of the prompt), and the loss on what they produce:
@@ -30,20 +31,18 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from PIL import Image
-from safetensors import safe_open
 
 from dsf.training.data import size_within_max_pixels
-from dsf.files.io import safetensors_files
 from dsf.diffusion.losses import flow_matching_loss
-from dsf.models.flux import keys as dit_keys
-from dsf.models.flux import vae_keys
+from dsf.model_parts.family import Component
+from dsf.models.flux.keys import DIT
+from dsf.models.flux.vae_keys import VAE
 from dsf.models.flux.model import FluxDiT
 from dsf.models.flux.pipeline import FluxPipeline, device_of, dtype_of
 from dsf.models.flux.text import CLIP_MARKER, T5_MARKER, TextEncoder
 from dsf.models.flux.vae import FluxVAE
 from dsf.diffusion.schedules import FLUX1, FlowSchedule
 
-COMPONENTS = {"dit": "DiT", "vae": "VAE", "clip": "CLIP", "t5": "T5"}
 TOKENIZERS = {"clip": "CLIP tokenizer", "t5": "T5 tokenizer"}
 TRAINING_GUIDANCE = 1.0  # FLUX.1 training feeds the distilled-guidance embedder 1.0 (DiffSynth's train.py)
 IMAGE_KEY, PROMPT_KEY = "image", "prompt"
@@ -53,107 +52,17 @@ LORA_TARGETS = (
     "img_mod.lin,txt_mod.lin,linear1,linear2,modulation.lin"
 )
 
-ModelFile = Any  # a path, or a list of paths (the shards of one model)
 
 
 # ----------------------------------------------------------------------------- model files
 
 
-def components_of(keys) -> list[str]:
-    """The FLUX.1 components (``dit``, ``vae``, ``clip``, ``t5``) whose weights a checkpoint's key names hold.
-
-    >>> components_of(["double_blocks.0.img_mod.lin.weight"]), components_of(["encoder.down.0.block.0.conv1.weight"])
-    (['dit'], ['vae'])
-    >>> components_of(["text_model.embeddings.token_embedding.weight", "encoder.block.0.layer.0.SelfAttention.q.weight"])
-    ['clip', 't5']
-    """
-    keys = list(keys)
-    vae_prefixes = ("", *vae_keys.LDM_PREFIXES)
-    found = {
-        "dit": dit_keys.detect_layout(keys) != "unknown",
-        "vae": any(vae_keys.detect_layout([k.removeprefix(p) for k in keys if k.startswith(p)]) != "unknown" for p in vae_prefixes),
-        "clip": any(k.endswith(CLIP_MARKER) for k in keys),
-        "t5": any(k.endswith(T5_MARKER) for k in keys),
-    }
-    return [component for component in COMPONENTS if found[component]]
-
-
-def checkpoint_keys(model_file: ModelFile) -> list[str]:
-    """The tensor names of a safetensors file, folder or shard list, read from the file headers only.
-
-    >>> import tempfile
-    >>> from safetensors.torch import save_file
-    >>> path = Path(tempfile.mkdtemp()) / "a.safetensors"
-    >>> save_file({"img_in.weight": torch.zeros(1)}, path)
-    >>> checkpoint_keys(path)
-    ['img_in.weight']
-    """
-    names = []
-    for file in safetensors_files(model_file):
-        with safe_open(str(file), framework="pt") as shard:
-            names.extend(shard.keys())
-    return names
-
-
-def describe(model_file: ModelFile) -> str:
-    """A model file's name for messages: the file name, or the shard names in brackets.
-
-    >>> describe("/models/ae.safetensors"), describe(["/m/a-1.safetensors", "/m/a-2.safetensors"])
-    ('ae.safetensors', '[a-1.safetensors, a-2.safetensors]')
-    """
-    if isinstance(model_file, (str, os.PathLike)):
-        return Path(model_file).name
-    return "[" + ", ".join(Path(path).name for path in model_file) + "]"
-
-
-def recognize_model_files(model_files: Sequence[ModelFile]) -> dict[str, ModelFile]:
-    """``{component: model file}`` of the FLUX.1 components among ``model_files``, recognized by their keys.
-
-    A file holding several components (an all-in-one checkpoint) serves each of them. A file with
-    no FLUX.1 component, or a component found in two files, is an error naming the files.
-
-    >>> import tempfile
-    >>> from safetensors.torch import save_file
-    >>> folder = Path(tempfile.mkdtemp())
-    >>> save_file({"decoder.up.0.block.0.conv1.weight": torch.zeros(1)}, folder / "x.safetensors")
-    >>> {component: path.name for component, path in recognize_model_files([folder / "x.safetensors"]).items()}
-    {'vae': 'x.safetensors'}
-    """
-    found: dict[str, ModelFile] = {}
-    for model_file in model_files:
-        names = checkpoint_keys(model_file)
-        components = components_of(names)
-        if not components:
-            raise ValueError(
-                f"{describe(model_file)} holds no FLUX.1 component (DiT, VAE, CLIP or T5 weights): its keys look like "
-                f"{sorted(names)[:5]}; pass only FLUX.1 model files"
-            )
-        for component in components:
-            if component in found:
-                raise ValueError(
-                    f"two {COMPONENTS[component]}s among the model files: {describe(found[component])} and "
-                    f"{describe(model_file)}; pass one of them"
-                )
-            found[component] = model_file
-    return found
-
-
-def require_components(found: Mapping[str, ModelFile], needed: Sequence[str], given_by: str) -> None:
-    """Raise an error naming the first of ``needed`` that ``found`` lacks, and what was found instead.
-
-    >>> require_components({"dit": "a.safetensors"}, ["dit", "vae"], "--model_paths")
-    Traceback (most recent call last):
-    ...
-    ValueError: no VAE among --model_paths: found DiT (a.safetensors); add the VAE's file (FLUX.1's ae.safetensors)
-    """
-    hints = {"dit": "flux1-dev.safetensors", "vae": "ae.safetensors", "clip": "text_encoder/", "t5": "text_encoder_2/"}
-    for component in needed:
-        if component not in found:
-            listed = ", ".join(f"{name} ({describe(found[c])})" for c, name in COMPONENTS.items() if c in found) or "nothing"
-            raise ValueError(
-                f"no {COMPONENTS[component]} among {given_by}: found {listed}; add the {COMPONENTS[component]}'s file "
-                f"(FLUX.1's {hints[component]})"
-            )
+COMPONENTS = {  # what a FLUX.1 training recipe's --model_paths hold, recognized by their keys
+    "dit": Component("DiT", lambda keys: DIT.detect_layout(keys) != "unknown", "flux1-dev.safetensors"),
+    "vae": Component("VAE", lambda keys: VAE.detect_layout(keys) != "unknown", "ae.safetensors"),
+    "clip": Component("CLIP", lambda keys: any(k.endswith(CLIP_MARKER) for k in keys), "text_encoder/"),
+    "t5": Component("T5", lambda keys: any(k.endswith(T5_MARKER) for k in keys), "text_encoder_2/"),
+}
 
 
 # ----------------------------------------------------------------------------- tokenizers

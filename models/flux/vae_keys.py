@@ -4,8 +4,8 @@ The LDM layout (BFL's ``ae.safetensors``, Stable Diffusion's ``first_stage_model
 ``encoder.down.N.block.M`` and ``decoder.up.N...`` with the decoder levels numbered in reverse
 (``up.0`` is the last, full-resolution level), the mid block ``mid.block_1 / attn_1 / block_2``,
 the shortcut ``nin_shortcut`` and the head ``norm_out``; its attention q/k/v/proj_out are 1×1 conv
-weights (C, C, 1, 1) where diffusers has linear ones (C, C). :func:`load_vae` reads either layout,
-detected from the keys.
+weights (C, C, 1, 1) where diffusers has linear ones (C, C). :data:`VAE` (the family contract's
+checkpoint record) and :func:`load_vae` read either layout, detected from the keys.
 
 A loaded VAE's config is: the FLUX.1 defaults < what the checkpoint's shapes say < the diffusers
 ``config.json`` beside the weights < the ``config=`` the caller passes (``AutoencoderKL`` config
@@ -32,8 +32,8 @@ from typing import Mapping
 import torch
 
 from dsf.files import loading
-from dsf.files.hub import local_source
 from dsf.files.io import Source
+from dsf.model_parts.family import Checkpoint, Layout
 from dsf.models.flux.vae import FluxVAE, FluxVAEConfig, vae_param_shapes
 from dsf.tree import flatten_dict
 
@@ -63,10 +63,6 @@ _RENAMES = (
     ("{part}.mid_block.attentions.0.to_out.0.", "{part}.mid.attn_1.proj_out."),
 )
 _ATTENTION_WEIGHT = re.compile(r"mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$")
-_LAYOUT_MARKS = {  # layout -> key prefixes only it has, checked in this order
-    "ldm": ("encoder.down.", "decoder.up.", "encoder.mid.", "decoder.mid.", "encoder.norm_out."),
-    "diffusers": ("encoder.down_blocks.", "decoder.up_blocks.", "encoder.mid_block.", "decoder.mid_block."),
-}
 _PLACEHOLDER_PATTERNS = {"part": "encoder|decoder", "i": r"\d+", "j": r"\d+", "r": r"\d+"}
 
 
@@ -132,25 +128,6 @@ def ours_to_ldm(params) -> dict[str, torch.Tensor]:
         _rename(key, to_ldm=True, levels=levels): tensor[:, :, None, None] if _ATTENTION_WEIGHT.search(key) else tensor
         for key, tensor in flat.items()
     }
-
-
-def detect_layout(keys) -> str:
-    """``"diffusers"`` (ours), ``"ldm"`` or ``"unknown"``, from the key names (after any LDM prefix is stripped).
-
-    >>> detect_layout(["encoder.down.0.block.0.conv1.weight"]), detect_layout(["encoder.down_blocks.0.resnets.0.conv1.weight"])
-    ('ldm', 'diffusers')
-    """
-    return loading.marked_layout(keys, _LAYOUT_MARKS)
-
-
-def to_ours(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
-    """``(flat state dict in our layout, layout name)`` of a VAE checkpoint; an unknown layout is kept as is.
-
-    >>> flat, layout = to_ours({"first_stage_model.encoder.norm_out.bias": torch.zeros(1), "model.x": torch.zeros(1)})
-    >>> list(flat), layout
-    (['encoder.conv_norm_out.bias'], "ldm (prefix 'first_stage_model.')")
-    """
-    return loading.unwrapped_in_ours(state_dict, LDM_PREFIXES, ("encoder.", "decoder."), detect_layout, {"ldm": ldm_to_ours})
 
 
 DIFFUSERS_REQUIRED = {  # AutoencoderKL config keys with one value the FLUX VAE supports: (check, what it must be)
@@ -228,15 +205,22 @@ def resolve_vae_config(
     return FluxVAEConfig(**loading.config_fields(fields_from_shapes(shapes), config_json, config, fields_from_diffusers))
 
 
-def check_keys(shapes: Mapping[str, tuple], config: FluxVAEConfig, layout: str = "diffusers") -> None:
-    """Raise an error listing missing, unexpected and wrongly shaped keys of a checkpoint (ours) against ``config``.
-
-    >>> check_keys({"encoder.conv_in.weight": (128, 3, 3, 3), "bogus.weight": (1,)}, FluxVAEConfig())  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    ValueError: checkpoint (diffusers layout) does not fit a FLUX VAE with ... 1 unexpected keys, e.g. ['bogus.weight']...
-    """
-    loading.check_checkpoint_keys(vae_param_shapes(config), shapes, layout, f"a FLUX VAE with {config}", _MISFIT_HINT)
+VAE = Checkpoint(
+    what="FLUX VAE",
+    class_name="AutoencoderKL",
+    folder="vae",
+    layouts=(
+        Layout("ldm", marks=("encoder.down.", "decoder.up.", "encoder.mid.", "decoder.mid.", "encoder.norm_out."),
+               to_ours=ldm_to_ours, from_ours=ours_to_ldm),
+        Layout("diffusers", marks=("encoder.down_blocks.", "decoder.up_blocks.", "encoder.mid_block.", "decoder.mid_block.")),
+    ),
+    resolve_config=resolve_vae_config,
+    param_shapes=vae_param_shapes,
+    build=FluxVAE,
+    misfit_hint=_MISFIT_HINT,
+    wrapper_prefixes=LDM_PREFIXES,
+    wrapper_parts=("encoder.", "decoder."),
+)
 
 
 def load_vae(source: Source, config: Mapping | FluxVAEConfig | None = None, *, dtype: torch.dtype | None = None, device="cpu"):
@@ -253,8 +237,4 @@ def load_vae(source: Source, config: Mapping | FluxVAEConfig | None = None, *, d
     >>> vae.config == cfg, len(vparams["decoder"]["up_blocks"][0]["resnets"])
     (True, 2)
     """
-    source = loading.pipeline_subfolder(local_source(source), "vae")
-    resolved, vparams = loading.checkpoint_params(
-        source, config, "AutoencoderKL", to_ours, resolve_vae_config, check_keys, dtype=dtype, device=device
-    )
-    return FluxVAE(resolved), vparams
+    return VAE.load(source, config, dtype=dtype, device=device)

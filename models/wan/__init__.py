@@ -20,13 +20,13 @@ from dsf.models.wan.config import (
     WAN22_TI2V_5B,
     WanConfig,
 )
+from dsf.model_parts.family import register
 from dsf.models.wan.keys import (
-    detect_layout,
+    DIT,
     load_dit,
     load_two_expert_dit,
     original_to_ours,
     ours_to_original,
-    to_ours,
 )
 from dsf.models.wan.text import (
     CLIP_VIT_H_CONFIG,
@@ -50,7 +50,7 @@ from dsf.models.wan.vae import (
     vae_param_shapes,
     vae_params_meta,
 )
-from dsf.models.wan.vae_keys import load_vae, original_vae_to_ours, ours_to_original_vae
+from dsf.models.wan.vae_keys import VAE, load_vae, original_vae_to_ours, ours_to_original_vae
 from dsf.models.wan.pipeline import DEFAULT_NEGATIVE_PROMPT, WanPipeline, load_pipeline
 from dsf.models.wan.model import (
     TwoExpertDiT,
@@ -65,8 +65,14 @@ from dsf.models.wan.model import (
     position_ids,
     unpatchify,
 )
+from dsf.models.wan.family import FAMILY
+
+register(FAMILY)
 
 __all__ = [
+    "DIT",
+    "FAMILY",
+    "VAE",
     "WAN21_I2V_14B",
     "WAN21_T2V_1_3B",
     "WAN21_T2V_14B",
@@ -74,12 +80,10 @@ __all__ = [
     "WAN22_T2V_A14B_EXPERT",
     "WAN22_TI2V_5B",
     "WanConfig",
-    "detect_layout",
     "load_dit",
     "load_two_expert_dit",
     "original_to_ours",
     "ours_to_original",
-    "to_ours",
     "CLIP_VIT_H_CONFIG",
     "UMT5_XXL_CONFIG",
     "ImageEncoder",

@@ -4,8 +4,8 @@ Our parameter tree mirrors diffusers' state dict. The original layout (Wan-AI's
 ``diffusion_pytorch_model*.safetensors``, DiffSynth-Studio's) differs by names only: one tensor per
 tensor, same shapes. Its cross-attention LayerNorm is ``norm3`` where diffusers says ``norm2``
 (the other two block norms have no weights). ComfyUI files put ``model.diffusion_model.`` before
-original keys. :func:`load_dit` reads any of them, detected from the keys; :func:`load_two_expert_dit`
-reads a Wan2.2 A14B folder.
+original keys. :data:`DIT` (the family contract's checkpoint record) and :func:`load_dit` read any of
+them, detected from the keys; :func:`load_two_expert_dit` reads a Wan2.2 A14B folder.
 
 Example:
     >>> import dsf
@@ -15,8 +15,9 @@ Example:
     >>> original = ours_to_original(init_dit(cfg, dsf.random.key(0)))
     >>> tuple(original["blocks.0.modulation"].shape), "head.head.weight" in original
     ((1, 6, 12), True)
-    >>> sorted(to_ours(original)) == sorted(dsf.tree.flatten_dict(init_dit(cfg, dsf.random.key(0))))
-    True
+    >>> ours, layout = DIT.to_ours(original)
+    >>> layout, sorted(ours) == sorted(dsf.tree.flatten_dict(init_dit(cfg, dsf.random.key(0))))
+    ('original', True)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 from dsf.files import loading
 from dsf.files.hub import local_source
 from dsf.files.io import Source, read_json
+from dsf.model_parts.family import Checkpoint, Layout
 from dsf.models.wan.config import WanConfig, resolve_config
 from dsf.models.wan.model import TwoExpertDiT, WanDiT, default_boundary, param_shapes
 from dsf.tree import flatten_dict
@@ -38,12 +40,6 @@ from dsf.tree import flatten_dict
 COMFY_PREFIX = "model.diffusion_model."
 UNUSED_DIFFUSERS_KEY = re.compile(r"blocks\.\d+\.attn2\.norm_added_q\.weight")  # in early diffusers I2V files; diffusers skips it
 EXPERT_FOLDERS = (("transformer", "transformer_2"), ("high_noise_model", "low_noise_model"))  # (high, low): diffusers, Wan-AI
-_LAYOUT_MARKS = {  # layout -> key prefixes only it has, checked in this order
-    "comfyui": (COMFY_PREFIX,),
-    "original": ("head.", "time_embedding.", "text_embedding."),
-    "diffusers": ("condition_embedder.", "proj_out."),
-}
-_BLOCK_MARKS = {"original": (".self_attn.",), "diffusers": (".attn1.",)}  # layout -> what only its block keys hold
 _MISFIT_HINT = (  # the end of the error for a checkpoint that does not fit its config
     "Known layouts: diffusers (condition_embedder.*, blocks.N.attn1...), original Wan (text_embedding.*, "
     f"blocks.N.self_attn...), original with ComfyUI's {COMFY_PREFIX!r} prefix. If the sizes differ, pass config= "
@@ -141,46 +137,6 @@ def ours_to_original(params) -> dict[str, torch.Tensor]:
     return original
 
 
-def detect_layout(keys) -> str:
-    """``"comfyui"``, ``"original"``, ``"diffusers"`` (ours) or ``"unknown"``, from the key names.
-
-    >>> detect_layout(["blocks.0.self_attn.q.weight"]), detect_layout(["condition_embedder.time_proj.weight"])
-    ('original', 'diffusers')
-    """
-    return loading.marked_layout(keys, _LAYOUT_MARKS, _BLOCK_MARKS)
-
-
-def to_ours(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A flat Wan DiT state dict of any known layout in ours (diffusers); an unknown layout is kept as is.
-
-    With the ComfyUI prefix only the ``model.diffusion_model.`` keys are kept (an all-in-one file
-    also holds other models).
-
-    >>> list(to_ours({"model.diffusion_model.head.head.weight": torch.zeros(1), "vae.x": torch.zeros(1)}))
-    ['proj_out.weight']
-    """
-    state_dict, _ = loading.strip_wrapper_prefix(state_dict, (COMFY_PREFIX,))
-    layout = detect_layout(state_dict)
-    if layout == "original":
-        return original_to_ours(state_dict)
-    return {k: v for k, v in state_dict.items() if not UNUSED_DIFFUSERS_KEY.fullmatch(k)}
-
-
-def _to_ours_and_layout(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
-    return to_ours(state_dict), detect_layout(state_dict)
-
-
-def check_keys(shapes: Mapping[str, tuple], config: WanConfig, layout: str = "diffusers") -> None:
-    """Raise an error listing missing, unexpected and wrongly shaped keys of a checkpoint (ours) against ``config``.
-
-    >>> check_keys({"proj_out.weight": (64, 5120), "bogus.weight": (1,)}, WanConfig())  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    ValueError: checkpoint (diffusers layout) does not fit a Wan DiT with ... 1 unexpected keys, e.g. ['bogus.weight']...
-    """
-    loading.check_checkpoint_keys(param_shapes(config), shapes, layout, f"a Wan DiT with {config}", _MISFIT_HINT)
-
-
 def _transformer_folder(source: Source) -> Source:
     """A diffusers pipeline folder stands for its ``transformer/``; a two-expert folder is an error."""
     if not isinstance(source, (str, os.PathLike)):
@@ -194,6 +150,25 @@ def _transformer_folder(source: Source) -> Source:
             f"load both with load_two_expert_dit({str(root)!r}), or one with load_dit on its folder"
         )
     return loading.pipeline_subfolder(root, "transformer")
+
+
+DIT = Checkpoint(
+    what="Wan DiT",
+    class_name="WanTransformer3DModel",
+    folder="transformer",
+    layouts=(
+        Layout("original", marks=("head.", "time_embedding.", "text_embedding."), infixes=(".self_attn.",),
+               to_ours=original_to_ours, from_ours=ours_to_original),
+        Layout("diffusers", marks=("condition_embedder.", "proj_out."), infixes=(".attn1.",)),
+    ),
+    resolve_config=resolve_config,
+    param_shapes=param_shapes,
+    build=WanDiT,
+    misfit_hint=_MISFIT_HINT,
+    wrapper_prefixes=(COMFY_PREFIX,),
+    dropped_keys=UNUSED_DIFFUSERS_KEY,
+    locate=_transformer_folder,
+)
 
 
 def load_dit(source: Source, config: Mapping | WanConfig | None = None, *, dtype: torch.dtype | None = None, device="cpu"):
@@ -211,11 +186,7 @@ def load_dit(source: Source, config: Mapping | WanConfig | None = None, *, dtype
     >>> dit.config == cfg, len(params["blocks"])
     (True, 2)
     """
-    source = _transformer_folder(local_source(source))
-    resolved, params = loading.checkpoint_params(
-        source, config, "WanTransformer3DModel", _to_ours_and_layout, resolve_config, check_keys, dtype=dtype, device=device
-    )
-    return WanDiT(resolved), params
+    return DIT.load(source, config, dtype=dtype, device=device)
 
 
 def _expert_folders(root: Path) -> tuple[Path, Path]:

@@ -30,7 +30,12 @@ from dsf.training.data import image_to_tensor, load_image, read_metadata, resize
 from dsf.files.io import read_json
 from dsf.diffusion.losses import flow_matching_loss
 from dsf.models.flux.pipeline import device_of, dtype_of, to_pil
+from dsf.model_parts.family import Component
+from dsf.model_parts.t5_encoder import MARKER as T5_MARKER
 from dsf.models.wan.config import WanConfig
+from dsf.models.wan.keys import DIT
+from dsf.models.wan.text import CLIP_MARKER, WAN_T5_MARKER
+from dsf.models.wan.vae_keys import VAE
 from dsf.models.wan.model import default_boundary, expert_timestep_ranges
 from dsf.models.wan.pipeline import IMAGE_TO_VIDEO, TEXT_IMAGE_TO_VIDEO, WanPipeline
 from dsf.diffusion.schedules import WAN
@@ -39,6 +44,14 @@ from dsf.files.video import read_video
 VIDEO_KEY, IMAGE_KEY, PROMPT_KEY = "video", "image", "prompt"
 # DiffSynth's Wan LoRA targets (q,k,v,o,ffn.0,ffn.2 in Wan's names): every attention projection and the MLP
 LORA_TARGETS = "to_q,to_k,to_v,to_out.0,ffn.net.0.proj,ffn.net.2"
+COMPONENTS = {  # the files of a Wan model, recognized by their keys
+    "dit": Component("DiT", lambda keys: DIT.detect_layout(keys) != "unknown", "diffusion_pytorch_model.safetensors"),
+    "vae": Component("VAE", lambda keys: VAE.detect_layout(keys) != "unknown", "Wan2.1_VAE.safetensors"),
+    "t5": Component("umT5", lambda keys: any(k.endswith((T5_MARKER, WAN_T5_MARKER)) for k in keys),
+                    "models_t5_umt5-xxl-enc-bf16.safetensors"),
+    "clip": Component("CLIP", lambda keys: any(k.endswith(CLIP_MARKER) for k in keys),
+                      "models_clip_open-clip-xlm-roberta-large-vit-huge-14.safetensors"),
+}
 
 
 def usable_frames(available: int, wanted: int, temporal_factor: int = 4) -> int:

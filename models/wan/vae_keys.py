@@ -8,8 +8,8 @@ prefixes it ``model.``) names the stems ``encoder.conv1`` / ``head.0`` / ``head.
 ``decoder.upsamples.K``: the residual blocks of each level, then its resampler); diffusers splits
 the decoder's into ``up_blocks.N.resnets.M`` / ``upsamplers.0``. Wan 2.2 nests them
 (``encoder.downsamples.N.downsamples.M``), diffusers names them ``down_blocks.N.resnets.M`` /
-``downsampler`` (``up_blocks.N.resnets.M`` / ``upsampler``). :func:`load_vae` reads either layout,
-detected from the keys.
+``downsampler`` (``up_blocks.N.resnets.M`` / ``upsampler``). :data:`VAE` (the family contract's
+checkpoint record) and :func:`load_vae` read either layout, detected from the keys.
 
 A loaded VAE's config is: the Wan 2.1 defaults (Wan 2.2's for a checkpoint with residual levels) <
 what the checkpoint's shapes say < the diffusers ``config.json`` beside the weights < the
@@ -38,8 +38,8 @@ from dataclasses import fields
 import torch
 
 from dsf.files import loading
-from dsf.files.hub import local_source
 from dsf.files.io import Source
+from dsf.model_parts.family import Checkpoint, Layout
 from dsf.models.wan.vae import WAN21_VAE_CONFIG, WAN22_VAE_CONFIG, WanVAE, WanVAEConfig, vae_param_shapes
 from dsf.tree import flatten_dict
 
@@ -66,11 +66,6 @@ _PART_STEMS = (
     ("mid_block.attentions.0.", "middle.1."),
     ("mid_block.resnets.1.", "middle.2."),
 )
-_LAYOUT_MARKS = {  # layout -> key prefixes only it has, checked in this order
-    "original": tuple(f"{part}.{name}." for part in ("encoder", "decoder") for name in ("conv1", "middle", "head"))
-    + ("encoder.downsamples.", "decoder.upsamples."),
-    "diffusers": ("encoder.conv_in.", "encoder.down_blocks.", "encoder.mid_block.", "decoder.up_blocks.", "decoder.mid_block."),
-}
 
 
 def _level_modules(residual: bool, levels: int, blocks: int) -> list[tuple[str, str]]:
@@ -188,27 +183,6 @@ def ours_to_original_vae(params) -> dict[str, torch.Tensor]:
     return {_rename(key, renames, _RESIDUAL_PARTS): tensor for key, tensor in flat.items()}
 
 
-def detect_vae_layout(keys) -> str:
-    """``"diffusers"`` (ours), ``"original"`` or ``"unknown"``, from the key names (after any ``model.`` prefix is stripped).
-
-    >>> detect_vae_layout(["encoder.conv1.weight"]), detect_vae_layout(["decoder.mid_block.resnets.0.norm1.gamma"])
-    ('original', 'diffusers')
-    """
-    return loading.marked_layout(keys, _LAYOUT_MARKS)
-
-
-def to_ours(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
-    """``(flat state dict in our layout, layout name)`` of a Wan VAE checkpoint; an unknown layout is kept as is.
-
-    >>> flat, layout = to_ours({"model.encoder.head.0.gamma": torch.zeros(1)})
-    >>> list(flat), layout
-    (['encoder.norm_out.gamma'], "original (prefix 'model.')")
-    """
-    return loading.unwrapped_in_ours(
-        state_dict, ORIGINAL_PREFIXES, ("encoder.", "decoder."), detect_vae_layout, {"original": original_vae_to_ours}
-    )
-
-
 DIFFUSERS_REQUIRED = {  # AutoencoderKLWan config keys with one value the Wan VAE supports: (check, what it must be)
     "attn_scales": (lambda v: not v, "[] (attention inside the levels is not implemented; no released Wan VAE has it)"),
 }
@@ -298,15 +272,23 @@ def resolve_vae_config(
     return WanVAEConfig(**loading.config_fields(defaults_and_shapes, config_json, config, fields_from_diffusers))
 
 
-def check_keys(shapes: Mapping[str, tuple], config: WanVAEConfig, layout: str = "diffusers") -> None:
-    """Raise an error listing missing, unexpected and wrongly shaped keys of a checkpoint (ours) against ``config``.
-
-    >>> check_keys({"encoder.conv_in.weight": (96, 3, 3, 3, 3), "bogus.weight": (1,)}, WAN21_VAE_CONFIG)  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    ValueError: checkpoint (diffusers layout) does not fit a Wan VAE with ... 1 unexpected keys, e.g. ['bogus.weight']...
-    """
-    loading.check_checkpoint_keys(vae_param_shapes(config), shapes, layout, f"a Wan VAE with {config}", _MISFIT_HINT)
+VAE = Checkpoint(
+    what="Wan VAE",
+    class_name="AutoencoderKLWan",
+    folder="vae",
+    layouts=(
+        Layout("original", marks=tuple(f"{part}.{name}." for part in ("encoder", "decoder") for name in ("conv1", "middle", "head"))
+               + ("encoder.downsamples.", "decoder.upsamples."), to_ours=original_vae_to_ours, from_ours=ours_to_original_vae),
+        Layout("diffusers", marks=("encoder.conv_in.", "encoder.down_blocks.", "encoder.mid_block.", "decoder.up_blocks.",
+                                   "decoder.mid_block.")),
+    ),
+    resolve_config=resolve_vae_config,
+    param_shapes=vae_param_shapes,
+    build=WanVAE,
+    misfit_hint=_MISFIT_HINT,
+    wrapper_prefixes=ORIGINAL_PREFIXES,
+    wrapper_parts=("encoder.", "decoder."),
+)
 
 
 def load_vae(source: Source, config: Mapping | WanVAEConfig | None = None, *, dtype: torch.dtype | None = None, device="cpu"):
@@ -323,8 +305,4 @@ def load_vae(source: Source, config: Mapping | WanVAEConfig | None = None, *, dt
     >>> vae.config == cfg, len(vparams["decoder"]["up_blocks"][0]["resnets"])
     (True, 3)
     """
-    source = loading.pipeline_subfolder(local_source(source), "vae")
-    resolved, vparams = loading.checkpoint_params(
-        source, config, "AutoencoderKLWan", to_ours, resolve_vae_config, check_keys, dtype=dtype, device=device
-    )
-    return WanVAE(resolved), vparams
+    return VAE.load(source, config, dtype=dtype, device=device)

@@ -20,11 +20,12 @@ scale is ``alpha / rank`` where a ``.alpha`` key is present, else ``lora_alpha /
 file's metadata (``lora_alpha``, ``network_alpha``, kohya's ``ss_network_alpha`` or diffusers'
 ``lora_adapter_metadata``), else 1 (the PEFT/diffusers convention ``W + B @ A``).
 
-Native module names are the model's original ones. For FLUX.1 they are BFL's (``img_attn.qkv``,
-``linear1``), whose fused weights hold several of ours as row blocks; for other models they are
-ours. A fused LoRA is exactly several LoRAs sharing ``down`` with ``up`` split into row blocks
-(and a LoRA on a weight whose rows BFL orders otherwise, FLUX's final modulation, has its ``up``
-rows permuted alike).
+Native module names are those of the model family's native layout (its family record's
+``native_layout``, :mod:`dsf.model_parts.family`; the family is found by the weight paths). For
+FLUX.1 they are BFL's (``img_attn.qkv``, ``linear1``), whose fused weights hold several of ours as
+row blocks; for a family without one, and a model of no registered family, they are ours. A fused
+LoRA is exactly several LoRAs sharing ``down`` with ``up`` split into row blocks (and a LoRA on a
+weight whose rows BFL orders otherwise, FLUX's final modulation, has its ``up`` rows permuted alike).
 Writing fuses our LoRAs back: with one shared ``down`` and scale, ``up`` is concatenated; otherwise
 the ranks are stacked (``down`` concatenated, ``up`` block-diagonal, each part's scale folded into
 its ``up`` block when the scales differ), which is exact too, and the rank of each part is kept in
@@ -57,6 +58,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dsf.files.io import Source, load_state_dict
+from dsf.model_parts.family import Family, family_of, registered
 
 LAYOUTS = ("dsf", "diffusers", "kohya", "comfyui", "bfl")
 RANK_SPLIT_KEY = "dsf_rank_split"
@@ -106,7 +108,6 @@ _ROLES = {  # key suffix -> role, longest first so ".lora_down.weight" wins over
 }
 
 _METADATA_ALPHAS = ("lora_alpha", "network_alpha", "ss_network_alpha")
-_FLUX_MODULES = ("x_embedder/weight", "context_embedder/weight", "proj_out/weight", "norm_out/linear/weight")
 
 
 # ----------------------------------------------------------------------------- module names
@@ -128,16 +129,18 @@ def _weight_path(module: str) -> str:
     return module.replace(".", "/") + "/weight"
 
 
-def _is_flux(shapes: Mapping[str, tuple]) -> bool:
-    return all(name in shapes for name in _FLUX_MODULES)
+def _native_family(shapes: Mapping[str, tuple]) -> Family | None:
+    """The registered family of a model with weights of ``shapes`` if its LoRA files use native names, else None."""
+    family = family_of(shapes)
+    return family if family is not None and family.native_layout is not None else None
 
 
 def native_modules(shapes: Mapping[str, tuple]) -> dict[str, Fusion] | None:
     """The native module names of a model by its 2-D weight shapes (``None``: the names are ours).
 
-    For FLUX.1, ``dsf.models.flux.keys.ours_to_bfl`` runs on tensors that label each row with its
-    (module, row), so every rename, fusion and half swap of the weight conversion is read off,
-    never restated.
+    The family's native conversion (``family.dit.from_ours(..., family.native_layout)``) runs on
+    tensors that label each row with its (module, row), so every rename, fusion and half swap of the
+    weight conversion is read off, never restated.
 
     >>> from dsf.models import flux
     >>> cfg = flux.FluxConfig(num_heads=1, head_dim=16, axes_dims_rope=(4, 6, 6), num_double_blocks=1,
@@ -146,13 +149,12 @@ def native_modules(shapes: Mapping[str, tuple]) -> dict[str, Fusion] | None:
     >>> native_modules(shapes)["double_blocks.0.img_attn.qkv"].parts
     ('transformer_blocks.0.attn.to_q', 'transformer_blocks.0.attn.to_k', 'transformer_blocks.0.attn.to_v')
     """
-    return _flux_fusions(tuple(shapes.items())) if _is_flux(shapes) else None
+    family = _native_family(shapes)
+    return None if family is None else _fusions(family, tuple(shapes.items()))
 
 
 @functools.lru_cache(maxsize=4)
-def _flux_fusions(shapes: tuple[tuple[str, tuple], ...]) -> dict[str, Fusion]:
-    from dsf.models.flux.keys import ours_to_bfl
-
+def _fusions(family: Family, shapes: tuple[tuple[str, tuple], ...]) -> dict[str, Fusion]:
     modules = [_module(path) for path, _ in shapes]
     outs = torch.tensor([shape[0] for _, shape in shapes])
     labels = {
@@ -160,7 +162,7 @@ def _flux_fusions(shapes: tuple[tuple[str, tuple], ...]) -> dict[str, Fusion]:
         for i, (module, out) in enumerate(zip(modules, outs.tolist()))
     }
     fusions = {}
-    for key, label in ours_to_bfl(labels).items():
+    for key, label in family.dit.from_ours(labels, family.native_layout).items():
         ids = torch.tensor(list(dict.fromkeys(torch.unique_consecutive(label[:, 0]).tolist())))
         part_index = torch.empty(len(modules), dtype=torch.long)
         part_index[ids] = torch.arange(len(ids))
@@ -276,16 +278,18 @@ def detect_lora_layout(keys) -> str:
     if any(k.startswith("diffusion_model.") for k in keys):
         return "comfyui"
     if any(re.search(r"\.lora_(A|B|down|up)\.", k) for k in keys):
-        from dsf.models.flux.keys import detect_layout
-
         names = [k.removeprefix("transformer.") for k in keys]
-        return "bfl" if detect_layout(names) == "bfl" else "diffusers"
+        return "bfl" if any(_names_native(family, names) for family in registered()) else "diffusers"
     raise ValueError(
         f"unknown LoRA layout: keys like {keys[:EXAMPLES]}; known layouts: "
         "dsf (<weight path>.lora_down/.lora_up/.lora_scale), diffusers/PEFT ([transformer.]<module>.lora_A[.default].weight), "
         "kohya (lora_unet_<module>.lora_down.weight, .alpha), comfyui (diffusion_model.<module>.lora_down.weight), "
         "bfl (double_blocks.N.img_attn.qkv.lora_A.weight)"
     )
+
+
+def _names_native(family: Family, names: list[str]) -> bool:
+    return family.native_layout is not None and family.dit.detect_layout(names) == family.native_layout
 
 
 def _split_role(key: str) -> tuple[str, str]:
@@ -373,8 +377,9 @@ def parse_lora(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple],
     if layout == "dsf":
         lora = {name.replace(".", "/"): f for name, f in factors.items()}
     elif _STYLES[layout].native_names:
-        if layout == "bfl" and not _is_flux(shapes):
-            raise ValueError("a LoRA in the BFL layout targets FLUX.1; this model is not FLUX.1")
+        if layout == "bfl" and _native_family(shapes) is None:
+            raise ValueError("a LoRA with native (BFL) module names targets a family with a native layout, e.g. FLUX.1; "
+                             "this model has none")
         lora = _from_native(factors, json.loads(metadata.get(RANK_SPLIT_KEY, "{}")), shapes)
     else:
         lora = {_weight_path(name): f for name, f in factors.items()}
@@ -398,8 +403,9 @@ def lora_state_dict(lora: Mapping[str, Factors], layout: str, shapes: Mapping[st
     if layout == "dsf":
         named = {path.replace("/", "."): f for path, f in lora.items()}
     elif style.native_names:
-        if layout == "bfl" and not _is_flux(shapes):
-            raise ValueError("the BFL layout names FLUX.1 modules; this model is not FLUX.1: use layout='dsf' or 'diffusers'")
+        if layout == "bfl" and _native_family(shapes) is None:
+            raise ValueError("the BFL layout names a family's native modules (FLUX.1's); this model has none: "
+                             "use layout='dsf' or 'diffusers'")
         named, splits = _to_native(lora, shapes)
     else:
         named = {_module(path): f for path, f in lora.items()}
