@@ -73,7 +73,7 @@ from dsf.training.train import train
 from dsf.cli.training_flags import add_training_flags, batch_stream, train_config
 from dsf.transforms import checkpoint, fp8, load_lora, lora, lora_trainable, merge_lora, save_lora, trainable
 from dsf.transforms.lora import TRAINED
-from dsf.files.lora_files import LAYOUTS
+from dsf.model_parts.lora_files import LAYOUTS
 from dsf.transforms.shard import shard, unshard
 from dsf.weight import dense_tree
 

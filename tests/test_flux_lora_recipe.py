@@ -22,7 +22,7 @@ from dsf.models.flux.pipeline import load_pipeline
 from dsf.models.flux.training import recognize_tokenizers
 from dsf.transforms import load_lora, lora, save_lora
 from dsf.transforms.lora import linear_weight_shapes
-from dsf.files.lora_files import detect_lora_layout, read_lora
+from dsf.model_parts.lora_files import detect_lora_layout, read_lora
 from dsf.weight import dense_tree
 from tiny_flux import DIT_TINY, write_tiny_flux_bfl_files
 

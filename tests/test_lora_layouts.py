@@ -12,7 +12,7 @@ import dsf
 from dsf.models import flux
 from dsf.models.flux.keys import ours_to_bfl
 from dsf.transforms.lora import clear_lora, load_lora, lora, merge_lora, save_lora
-from dsf.files.lora_files import LAYOUTS, detect_lora_layout, read_lora
+from dsf.model_parts.lora_files import LAYOUTS, detect_lora_layout, read_lora
 from dsf.weight import dense
 
 CFG = flux.FluxConfig(num_heads=2, head_dim=16, axes_dims_rope=(4, 6, 6), num_double_blocks=1,

@@ -17,7 +17,7 @@ from dsf.models.wan.model import WanDiT
 from dsf.models.wan.pipeline import load_pipeline
 from dsf.transforms import load_lora
 from dsf.transforms.lora import linear_weight_shapes
-from dsf.files.lora_files import read_lora
+from dsf.model_parts.lora_files import read_lora
 from dsf.files.video import read_video, write_mp4
 
 pytest.importorskip("diffusers")

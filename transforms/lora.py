@@ -16,7 +16,7 @@ Several adapters share a weight's one adapt slot, by name: the trained one and f
 Data functions (verbs, not transforms): :func:`load_lora` attaches a file unfused (hot),
 :func:`clear_lora` detaches attached files exactly, :func:`merge_lora` folds adapters into the
 stored weights (cold), :func:`save_lora` writes one adapter in any layout of
-:mod:`dsf.files.lora_files`.
+:mod:`dsf.model_parts.lora_files`.
 
 Example:
     >>> import torch, dsf
@@ -49,7 +49,7 @@ from dsf.random import Key, fold_in, uniform
 from dsf.transform import Transform
 from dsf.tree import NAMESPACE, Where, as_predicate, leaves_with_paths
 from dsf.weight import Cast, Stage, Weight, as_weight, map_weights, stage
-from dsf.files.lora_files import Factors, LAYOUTS, module_aliases, read_lora, write_lora
+from dsf.model_parts.lora_files import Factors, LAYOUTS, module_aliases, read_lora, write_lora
 
 TRAINED = "lora"  # the adapter name that `lora` gives by default
 
@@ -387,7 +387,7 @@ def save_lora(params, path: str | os.PathLike, layout: str = "dsf", name: str | 
     """Write the adapter ``name`` (default: the only one) as a safetensors file in ``layout``.
 
     ``layout`` is one of ``dsf``, ``diffusers``, ``kohya``, ``comfyui``, ``bfl`` (see
-    :mod:`dsf.files.lora_files`); the file is written under a temporary name, then renamed.
+    :mod:`dsf.model_parts.lora_files`); the file is written under a temporary name, then renamed.
 
     >>> import tempfile, torch, dsf
     >>> from pathlib import Path

@@ -11,7 +11,7 @@ A :class:`Family` gathers a family's pieces: its DiT and VAE checkpoints, its co
 pure functions, its LoRA conventions (default targets; the layout whose module names kohya and
 ComfyUI LoRA files use, from whose conversion the fused-weight splits are read), its pipeline
 loader, its training pieces and a tiny pipeline for tests. Generic code takes the record instead of
-importing a family: LoRA files (:mod:`dsf.files.lora_files`) find the family of a parameter tree with
+importing a family: LoRA files (:mod:`dsf.model_parts.lora_files`) find the family of a parameter tree with
 :func:`family_of`, model files are recognized by :func:`dsf.files.model_files.recognize_model_files`.
 A family registers its record when its package is imported.
 

@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 
 import dsf
 from dsf.training.data import image_to_tensor, resize_and_crop, to_rgb
-from dsf.files.hub import local_source
 from dsf.files.io import read_json
 from dsf.models.flux.keys import load_dit
 from dsf.models.flux.model import FluxDiT
@@ -34,7 +31,7 @@ from dsf.models.flux.text import TextEncoder, load_clip, load_t5
 from dsf.models.flux.vae import FluxVAE
 from dsf.models.flux.vae_keys import load_vae
 from dsf.diffusion.sampling import sample, start_latents
-from dsf.weight import compute_device, compute_dtype
+from dsf.model_parts.pipelines import check_size, component_options, component_source, device_of, dtype_of, pipeline_root, to_pil
 from dsf.diffusion.schedules import FlowSchedule, from_diffusers_config
 
 # FLUX.1-dev's scheduler_config.json: μ linear in the image token count (0.5 at 256, 1.15 at 4096)
@@ -48,40 +45,6 @@ def pipeline_schedule(scheduler_config: dict) -> FlowSchedule:
     """The σ schedule of a FLUX.1 scheduler config as diffusers' FluxPipeline runs it: the grid
     ``linspace(1, 1/N, N)`` then the config's shift (dynamic in the image token count for dev)."""
     return dataclasses.replace(from_diffusers_config(scheduler_config), sigma_min=None)
-
-
-def _first_param(tree):
-    return next(p for _, p in dsf.tree.leaves_with_paths(tree, is_leaf=lambda x: isinstance(x, dsf.Weight)))
-
-
-def device_of(tree) -> torch.device:
-    """Where a component computes: the compute device of its first parameter (offload's target if any)."""
-    return compute_device(_first_param(tree))
-
-
-def dtype_of(tree) -> torch.dtype:
-    """What a component computes in: the compute dtype of its first parameter (fp8 decodes to it)."""
-    return compute_dtype(_first_param(tree))
-
-
-def check_size(height: int, width: int, multiple: int) -> None:
-    """Refuse an image size the VAE and the 2×2 patches cannot tile, naming the nearest sizes that work.
-
-    >>> check_size(1000, 1024, 16)
-    Traceback (most recent call last):
-    ...
-    ValueError: height 1000 is not a multiple of 16; use 992 or 1008
-    """
-    for name, value in (("height", height), ("width", width)):
-        if value <= 0 or value % multiple:
-            lower, upper = max(multiple, value // multiple * multiple), (value // multiple + 1) * multiple
-            raise ValueError(f"{name} {value} is not a multiple of {multiple}; use {lower} or {upper}")
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """Images (B, 3, H, W) in [-1, 1] as PIL images (diffusers' rounding: (x/2 + 0.5)·255, rounded)."""
-    pixels = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(np.ascontiguousarray(p)) for p in pixels]
 
 
 @dataclass(frozen=True)
@@ -195,10 +158,6 @@ class FluxPipeline:
         return self.generate(self.params, prompt, **kwargs)
 
 
-def _per_component(value, name: str):
-    return value.get(name) if isinstance(value, dict) else value
-
-
 def load_pipeline(
     source=None,
     *,
@@ -224,22 +183,14 @@ def load_pipeline(
     The σ schedule comes from ``scheduler/scheduler_config.json`` when the folder has one, else
     FLUX.1-dev's.
     """
-    root = None if source is None else local_source(source)
-    if root is not None and not isinstance(root, Path):
-        raise ValueError(f"a FLUX.1 pipeline source must be one folder, got {root!r}; pass component sources instead")
-
-    def pick(component, name: str):
-        if component is not None:
-            return component
-        if root is None:
-            raise ValueError(f"no source for the {name}: pass source= (a FLUX.1 pipeline folder) or {name}=")
-        return root
+    root = pipeline_root(source, "FLUX.1")
 
     def options(name):
-        return {"dtype": _per_component(dtype, name), "device": _per_component(device, name)}
+        return component_options(dtype, device, name)
 
-    sources = {"dit": pick(dit, "dit"), "vae": pick(vae, "vae"), "clip": pick(text_encoder, "text_encoder"),
-               "t5": pick(text_encoder_2, "text_encoder_2")}
+    given = {"dit": (dit, "dit"), "vae": (vae, "vae"), "clip": (text_encoder, "text_encoder"),
+             "t5": (text_encoder_2, "text_encoder_2")}
+    sources = {key: component_source(value, root, name, "FLUX.1") for key, (value, name) in given.items()}
     dit_model, dit_params = load_dit(sources["dit"], dit_config, **options("dit"))
     vae_model, vae_params = load_vae(sources["vae"], vae_config, **options("vae"))
     clip = load_clip(sources["clip"], tokenizer, **options("clip"))

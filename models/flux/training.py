@@ -38,7 +38,8 @@ from dsf.model_parts.family import Component
 from dsf.models.flux.keys import DIT
 from dsf.models.flux.vae_keys import VAE
 from dsf.models.flux.model import FluxDiT
-from dsf.models.flux.pipeline import FluxPipeline, device_of, dtype_of
+from dsf.model_parts.pipelines import device_of, dtype_of
+from dsf.models.flux.pipeline import FluxPipeline
 from dsf.models.flux.text import CLIP_MARKER, T5_MARKER, TextEncoder
 from dsf.models.flux.vae import FluxVAE
 from dsf.diffusion.schedules import FLUX1, FlowSchedule

@@ -41,7 +41,7 @@ from PIL import Image
 import dsf
 from dsf.training.data import image_to_tensor, resize_and_crop, to_rgb
 from dsf.files.hub import local_source
-from dsf.models.flux.pipeline import check_size, device_of, dtype_of, to_pil
+from dsf.model_parts.pipelines import check_size, component_options, component_source, device_of, dtype_of, pipeline_root, to_pil
 from dsf.models.wan.config import WanConfig
 from dsf.models.wan.keys import EXPERT_FOLDERS, load_dit, load_two_expert_dit
 from dsf.models.wan.model import TwoExpertDiT, WanDiT
@@ -330,10 +330,6 @@ class WanPipeline:
         return self.generate(self.params, prompt, **kwargs)
 
 
-def _per_component(value, name: str, default=None):
-    return value.get(name, default) if isinstance(value, dict) else value
-
-
 def holds_two_experts(source) -> bool:
     """Whether ``source`` is a Wan2.2 A14B folder (``transformer/`` + ``transformer_2/``, or Wan-AI's expert folders).
 
@@ -398,19 +394,13 @@ def load_pipeline(
     ...
     ValueError: no source for the dit: pass source= (a Wan pipeline folder) or dit=
     """
-    root = None if source is None else local_source(source)
-    if root is not None and not isinstance(root, Path):
-        raise ValueError(f"a Wan pipeline source must be one folder, got {root!r}; pass component sources instead")
+    root = pipeline_root(source, "Wan")
 
     def pick(component, name: str):
-        if component is not None:
-            return local_source(component)
-        if root is None:
-            raise ValueError(f"no source for the {name}: pass source= (a Wan pipeline folder) or {name}=")
-        return root
+        return local_source(component_source(component, root, name, "Wan"))
 
     def options(name):
-        return {"dtype": _per_component(dtype, name), "device": _per_component(device, name, "cpu")}
+        return component_options(dtype, device, name)
 
     def beside_root(given, folder: str):
         return given if given is not None or root is None or not (root / folder).is_dir() else root / folder

@@ -29,7 +29,7 @@ import torch
 from dsf.training.data import image_to_tensor, load_image, read_metadata, resize_and_crop, resolve_data_path, to_rgb
 from dsf.files.io import read_json
 from dsf.diffusion.losses import flow_matching_loss
-from dsf.models.flux.pipeline import device_of, dtype_of, to_pil
+from dsf.model_parts.pipelines import device_of, dtype_of, to_pil
 from dsf.model_parts.family import Component
 from dsf.model_parts.t5_encoder import MARKER as T5_MARKER
 from dsf.models.wan.config import WanConfig

@@ -1,0 +1,98 @@
+"""What every family's pipeline does alike: where a component computes, image sizes and images out,
+and which source and options each component of ``load_pipeline`` gets.
+
+Example:
+    >>> import torch
+    >>> device_of({"w": torch.zeros(1)}), dtype_of({"w": torch.zeros(1, dtype=torch.bfloat16)})
+    (device(type='cpu'), torch.bfloat16)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import dsf
+from dsf.files.hub import local_source
+from dsf.weight import compute_device, compute_dtype
+
+
+def _first_param(tree):
+    return next(p for _, p in dsf.tree.leaves_with_paths(tree, is_leaf=lambda x: isinstance(x, dsf.Weight)))
+
+
+def device_of(tree) -> torch.device:
+    """Where a component computes: the compute device of its first parameter (offload's target if any)."""
+    return compute_device(_first_param(tree))
+
+
+def dtype_of(tree) -> torch.dtype:
+    """What a component computes in: the compute dtype of its first parameter (fp8 decodes to it)."""
+    return compute_dtype(_first_param(tree))
+
+
+def check_size(height: int, width: int, multiple: int) -> None:
+    """Refuse an image size the VAE and the patches cannot tile, naming the nearest sizes that work.
+
+    >>> check_size(1000, 1024, 16)
+    Traceback (most recent call last):
+    ...
+    ValueError: height 1000 is not a multiple of 16; use 992 or 1008
+    """
+    for name, value in (("height", height), ("width", width)):
+        if value <= 0 or value % multiple:
+            lower, upper = max(multiple, value // multiple * multiple), (value // multiple + 1) * multiple
+            raise ValueError(f"{name} {value} is not a multiple of {multiple}; use {lower} or {upper}")
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """Images (B, 3, H, W) in [-1, 1] as PIL images (diffusers' rounding: (x/2 + 0.5)·255, rounded).
+
+    >>> to_pil(torch.zeros(1, 3, 2, 2))[0].getpixel((0, 0))
+    (128, 128, 128)
+    """
+    pixels = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(p)) for p in pixels]
+
+
+def pipeline_root(source, family: str) -> Path | None:
+    """The local folder of a whole pipeline (a path or a hub source), or None; anything else is an error.
+
+    >>> pipeline_root(None, "FLUX.1") is None
+    True
+    """
+    root = None if source is None else local_source(source)
+    if root is not None and not isinstance(root, Path):
+        raise ValueError(f"a {family} pipeline source must be one folder, got {root!r}; pass component sources instead")
+    return root
+
+
+def component_source(given, root: Path | None, name: str, family: str):
+    """A component's own source where one is given (as it is), else the pipeline folder.
+
+    >>> component_source(None, None, "dit", "Wan")
+    Traceback (most recent call last):
+    ...
+    ValueError: no source for the dit: pass source= (a Wan pipeline folder) or dit=
+    """
+    if given is not None:
+        return given
+    if root is None:
+        raise ValueError(f"no source for the {name}: pass source= (a {family} pipeline folder) or {name}=")
+    return root
+
+
+def component_options(dtype, device, component: str) -> dict:
+    """``{"dtype", "device"}`` of one component, from one value for all or a dict per component (a component
+    a dict leaves out gets its checkpoint's dtype, on the CPU).
+
+    >>> component_options({"dit": torch.bfloat16}, "cpu", "vae")
+    {'dtype': None, 'device': 'cpu'}
+    """
+    return {
+        "dtype": dtype.get(component) if isinstance(dtype, dict) else dtype,
+        "device": device.get(component, "cpu") if isinstance(device, dict) else device,
+    }
