@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import chex
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -188,7 +189,7 @@ def test_full_size_meta_params_match_diffusers(guidance_embeds):
     config = flux.FluxConfig(guidance_embeds=guidance_embeds)
     params = flux.dit_params_meta(config)
     assert dsf.tree.num_params(params) == sum(p.numel() for p in reference.parameters())
-    assert {k: tuple(v.shape) for k, v in dsf.tree.flatten_dict(params).items()} == ref_shapes
+    chex.assert_trees_all_equal_shapes(dsf.tree.flatten_dict(params), dict(reference.state_dict()))
     if guidance_embeds:
         assert dsf.tree.num_params(params) == 11_901_408_320
     bfl = keys.ours_to_bfl(params)

@@ -29,7 +29,6 @@ ALLOWED = {  # layer -> the layers it may import
     "models": {"engine", "files", "diffusion", "training", "model_parts", "transforms", "models"},
     "cli": {"engine", "files", "diffusion", "training", "model_parts", "transforms", "models", "cli"},
 }
-PUBLIC_FACE = "dsf"  # dsf/__init__.py re-exports what the tours use: the engine and the diffusion math
 FAMILIES = ("flux", "wan")  # packages with a family record
 EXAMPLES = ("digits", "moving_digits")
 
@@ -76,8 +75,7 @@ def arrows() -> list[tuple[str, str]]:
 
 def wrong_way(importer: str, name: str) -> str | None:
     """Why ``importer`` may not import ``name``, or None."""
-    allowed = ALLOWED[layer(importer)] | ({"diffusion"} if importer == PUBLIC_FACE else set())
-    if layer(name) not in allowed:
+    if layer(name) not in ALLOWED[layer(importer)]:
         return f"{importer} ({layer(importer)}) imports {name} ({layer(name)})"
     home, other = family(importer), family(name)
     if home in FAMILIES and other is not None and other != home:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import chex
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -232,9 +233,8 @@ def test_config_precedence(tmp_path):
 def test_full_size_meta_params_match_diffusers(config, diffusers_kwargs, billions):
     with torch.device("meta"):
         reference = WanTransformer3DModel(**diffusers_kwargs)
-    ref_shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
     params = wan.dit_params_meta(config)
-    assert {k: tuple(v.shape) for k, v in dsf.tree.flatten_dict(params).items()} == ref_shapes
+    chex.assert_trees_all_equal_shapes(dsf.tree.flatten_dict(params), dict(reference.state_dict()))
     assert dsf.tree.num_params(params) == sum(p.numel() for p in reference.parameters())
     assert round(dsf.tree.num_params(params) / 1e9, 2) == billions
     assert config.rope_axes_dims == (44, 42, 42)
