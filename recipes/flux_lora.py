@@ -70,7 +70,7 @@ from dsf.models.flux.training import (
     sft_loss,
 )
 from dsf.training.train import train
-from dsf.cli.training_flags import add_training_flags, batch_stream, train_config
+from dsf.cli.training_flags import add_dataset_flags, add_training_flags, batch_stream, train_config
 from dsf.transforms import checkpoint, fp8, load_lora, lora, lora_trainable, merge_lora, save_lora, trainable
 from dsf.transforms.lora import TRAINED
 from dsf.model_parts.lora_files import LAYOUTS
@@ -91,13 +91,8 @@ MODEL_FLAGS = "--model_paths/--model_id_with_origin_paths"
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Fine-tune FLUX.1 (LoRA or full) with DiffSynth-Studio's flags.")
-    data = p.add_argument_group("data")
-    data.add_argument("--dataset_base_path", required=True, help="the dataset folder (sft:train: the cache folder)")
-    data.add_argument("--dataset_metadata_path", help="csv, json or jsonl with image and prompt columns")
-    data.add_argument("--dataset_repeat", type=int, default=1)
+    data = add_dataset_flags(p, "image and prompt")
     data.add_argument("--data_file_keys", default="image", help="comma list of the metadata columns holding file paths")
-    data.add_argument("--height", type=int)
-    data.add_argument("--width", type=int)
     data.add_argument("--max_pixels", type=int, default=1024 * 1024, help="bound on the image area without --height/--width")
     data.add_argument("--max_sequence_length", type=int, default=512, help="T5 tokens per prompt")
     models = p.add_argument_group("models")

@@ -22,19 +22,13 @@ from PIL import Image
 import dsf
 from dsf.files.hub import ModelSource
 from dsf.models.flux.pipeline import load_pipeline
-from dsf.cli.inference_flags import add_memory_flags, lora_scales, memory_transforms, storage_device
+from dsf.cli.inference_flags import add_memory_flags, add_model_flags, lora_scales, memory_transforms, storage_device
 from dsf.transforms import load_lora
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="FLUX.1 text-to-image.")
-    p.add_argument("--model_path", help="a diffusers FLUX.1 pipeline folder")
-    p.add_argument("--model_id", help="a hub repo, e.g. black-forest-labs/FLUX.1-dev")
-    p.add_argument("--dit", help="a DiT file or folder (diffusers, BFL or ComfyUI layout)")
-    p.add_argument("--vae", help="a VAE file or folder (diffusers or BFL ae.safetensors)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative_prompt", default="")
-    p.add_argument("--seed", type=int, default=0)
+    add_model_flags(p, "FLUX.1", "black-forest-labs/FLUX.1-dev", "diffusers, BFL or ComfyUI", "diffusers or BFL ae.safetensors")
     p.add_argument("--num_inference_steps", type=int, default=30)
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)

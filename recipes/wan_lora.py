@@ -44,7 +44,7 @@ from dsf.files.hub import ModelSource, local_source
 from dsf.models.wan.pipeline import EXPERTS, holds_two_experts, load_pipeline
 from dsf.models.wan.training import LORA_TARGETS, SampleEncoder, VideoDataset, expert_timestep_boundaries, sft_loss
 from dsf.training.train import train
-from dsf.cli.training_flags import add_training_flags, batch_stream, train_config
+from dsf.cli.training_flags import add_dataset_flags, add_training_flags, batch_stream, train_config
 from dsf.transforms import checkpoint, fp8, load_lora, lora, lora_trainable, save_lora
 from dsf.transforms.lora import TRAINED
 
@@ -56,12 +56,7 @@ NOT_RUN = {"sft": (), "sft:data_process": ("dit",), "sft:train": ("vae", "t5", "
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train a LoRA on a Wan DiT with DiffSynth-Studio's flags.")
-    data = p.add_argument_group("data")
-    data.add_argument("--dataset_base_path", required=True, help="the dataset folder (sft:train: the cache folder)")
-    data.add_argument("--dataset_metadata_path", help="csv, json or jsonl with video or image, and prompt")
-    data.add_argument("--dataset_repeat", type=int, default=1)
-    data.add_argument("--height", type=int, default=480)
-    data.add_argument("--width", type=int, default=832)
+    data = add_dataset_flags(p, "video or image, and prompt", height=480, width=832)
     data.add_argument("--num_frames", type=int, default=81, help="frames per video, 1 + 4k")
     data.add_argument("--max_sequence_length", type=int, default=512, help="umT5 tokens per prompt")
     models = p.add_argument_group("models")

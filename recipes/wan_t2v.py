@@ -25,21 +25,16 @@ import dsf
 from dsf.files.hub import ModelSource
 from dsf.models.wan.model import TwoExpertDiT
 from dsf.models.wan.pipeline import DEFAULT_NEGATIVE_PROMPT, FPS, load_pipeline
-from dsf.cli.inference_flags import add_memory_flags, lora_scales, memory_transforms, storage_device
+from dsf.cli.inference_flags import add_memory_flags, add_model_flags, lora_scales, memory_transforms, storage_device
 from dsf.transforms import load_lora
 from dsf.files.video import write_mp4
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Wan text-to-video and image-to-video.")
-    p.add_argument("--model_path", help="a diffusers Wan pipeline folder")
-    p.add_argument("--model_id", help="a hub repo, e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
-    p.add_argument("--dit", help="a DiT file or folder (diffusers, Wan original or ComfyUI layout; A14B: its folder)")
-    p.add_argument("--vae", help="a VAE file or folder (diffusers or Wan original layout)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT)
+    add_model_flags(p, "Wan", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "diffusers, Wan original or ComfyUI; A14B: its folder",
+                    "diffusers or Wan original", negative_prompt=DEFAULT_NEGATIVE_PROMPT)
     p.add_argument("--image", help="image-to-video: the first frame")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_frames", type=int, default=81, help="1 + 4k")
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)

@@ -22,6 +22,24 @@ import dsf
 from dsf.transforms import fp8, offload
 
 
+def add_model_flags(parser: argparse.ArgumentParser, family: str, example_repo: str, dit_layouts: str, vae_layouts: str,
+                    negative_prompt: str = "") -> None:
+    """Add where the model comes from (--model_path, --model_id, --dit, --vae), --prompt, --negative_prompt and --seed.
+
+    >>> parser = argparse.ArgumentParser()
+    >>> add_model_flags(parser, "FLUX.1", "black-forest-labs/FLUX.1-dev", "diffusers, BFL or ComfyUI", "diffusers or BFL")
+    >>> parser.parse_args(["--prompt", "a cat", "--dit", "flux1-dev.safetensors"]).dit
+    'flux1-dev.safetensors'
+    """
+    parser.add_argument("--model_path", help=f"a diffusers {family} pipeline folder")
+    parser.add_argument("--model_id", help=f"a hub repo, e.g. {example_repo}")
+    parser.add_argument("--dit", help=f"a DiT file or folder ({dit_layouts} layout)")
+    parser.add_argument("--vae", help=f"a VAE file or folder ({vae_layouts} layout)")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative_prompt", default=negative_prompt)
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def add_memory_flags(parser: argparse.ArgumentParser, lora_help: str) -> None:
     """Add --dtype, --device, --fp8, --offload, --vram_limit, --lora (``lora_help``) and --lora_scale; see the module example."""
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))

@@ -23,6 +23,24 @@ from dsf.random import Key
 from dsf.training.train import TrainConfig
 
 
+def add_dataset_flags(parser: argparse.ArgumentParser, columns: str, height: int | None = None, width: int | None = None):
+    """Add the ``data`` group (--dataset_base_path, --dataset_metadata_path naming its ``columns``, --dataset_repeat,
+    --height, --width) and return it, for a recipe to add its own data flags to.
+
+    >>> parser = argparse.ArgumentParser()
+    >>> _ = add_dataset_flags(parser, "image and prompt")
+    >>> parser.parse_args(["--dataset_base_path", "data"]).dataset_repeat
+    1
+    """
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_base_path", required=True, help="the dataset folder (sft:train: the cache folder)")
+    data.add_argument("--dataset_metadata_path", help=f"csv, json or jsonl with {columns} columns")
+    data.add_argument("--dataset_repeat", type=int, default=1)
+    data.add_argument("--height", type=int, default=height)
+    data.add_argument("--width", type=int, default=width)
+    return data
+
+
 def add_training_flags(
     parser: argparse.ArgumentParser,
     *,
