@@ -34,7 +34,7 @@ EXAMPLES = ("digits", "moving_digits")
 
 
 def module_name(path: Path) -> str:
-    for package, folder in sorted(SOURCES.items(), key=lambda item: -len(str(item[1]))):
+    for package, folder in SOURCES.items():
         if path.is_relative_to(folder):
             parts = [*package.split("."), *path.relative_to(folder).with_suffix("").parts]
             return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -60,8 +60,7 @@ def imported(path: Path) -> list[str]:
 
 
 def library_files() -> list[Path]:
-    files = {path for folder in SOURCES.values() for path in folder.rglob("*.py")}
-    return sorted(path for path in files if "cli" not in path.relative_to(ROOT).parts or path.is_relative_to(SOURCES["dsf.cli"]))
+    return sorted(path for folder in SOURCES.values() for path in folder.rglob("*.py"))
 
 
 def family(module: str) -> str | None:
