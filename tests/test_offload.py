@@ -1,6 +1,7 @@
 """Offload: identity on one device, prefetch order, disk streaming, the vram budget and transfer accounting."""
 
 import contextlib
+import gc
 import sys
 import weakref
 
@@ -337,3 +338,38 @@ def test_lora_factors_and_their_gradients_stay_on_the_compute_device_in_either_o
         grads = dsf.grad(t(loss), where=lora_trainable)(params, torch.ones(3, DIM, device="meta"), adapted_block)
     assert {x.device.type for x in dsf.tree.tensors(grads)} == {"meta"}
     assert moved.bytes == dsf.tree.nbytes(plain)  # the factors never travel
+
+
+def test_cuda_storage_is_one_exactly_sized_page_locked_buffer_per_block(monkeypatch):
+    registered, unregistered = {}, []
+    monkeypatch.setattr(offload_module, "_register", lambda pointer, size: registered.update({pointer: size}) or True)
+    monkeypatch.setattr(offload_module, "_unregister", unregistered.append)
+    plain = stack()
+    stored = offload("cuda").init(plain)  # nothing here touches a GPU: storage is host memory
+    for block, original in zip(stored["blocks"], plain["blocks"]):
+        assert len({w.data.untyped_storage().data_ptr() for w in block.values()}) == 1  # views of one buffer
+        assert all(torch.equal(w.data, original[name]) for name, w in block.items())
+    aligned = lambda tensor: -(-tensor.nbytes // offload_module.BUFFER_ALIGNMENT) * offload_module.BUFFER_ALIGNMENT
+    block_size = aligned(plain["blocks"][0]["w"]) + aligned(plain["blocks"][0]["b"])
+    assert sorted(registered.values()) == sorted([aligned(plain["head"])] + [block_size] * BLOCKS)
+    del stored, block
+    gc.collect()
+    assert sorted(unregistered) == sorted(registered)  # each buffer unregistered once its last view is gone
+
+
+def test_disk_offload_opens_each_file_once_per_call(tmp_path, monkeypatch):
+    import dsf.files.disk as disk
+
+    plain, x = stack(), torch.randn(3, DIM)
+    save_file(dsf.tree.flatten_dict(plain), tmp_path / "stack.safetensors")
+    opened = []
+    real_open = disk.safe_open
+    monkeypatch.setattr(disk, "safe_open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    for level in ("block", "component"):
+        t = offload("cpu", level=level)
+        params = t.init(lazy_load(tmp_path / "stack.safetensors"))
+        opened.clear()
+        with record_reads() as reads:
+            for _ in range(2):
+                assert torch.equal(t(loss)(params, x), loss(plain, x))
+        assert len(reads) == 2 * (2 * BLOCKS + 1) and len(opened) == 2, level  # one open per call, not per tensor
