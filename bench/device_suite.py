@@ -201,10 +201,14 @@ def seconds_per_call(fn: Callable, device: torch.device, repeats: int) -> float:
 
 
 def peaks(fn: Callable, device: torch.device) -> dict:
-    """``flux_dit.memory_peaks`` of one call on CUDA (GiB allocated, reserved, active above before, retries); {} elsewhere."""
+    """``flux_dit.memory_peaks`` of one call on CUDA (GiB allocated, reserved, active above before, retries); {} elsewhere.
+
+    The allocator's cached segments are released first, so reserved memory counts what the call itself needs.
+    """
     if device.type != "cuda":
         fn()
         return {}
+    free_memory(device)
     found = flux_dit.memory_peaks(fn, device)
     return {**{f"peak_{kind}_gib": round(found[kind], 3) for kind in ("allocated", "reserved", "active")},
             "alloc_retries": found["retries"]}

@@ -187,6 +187,8 @@ def _pinned_together(params: list) -> list:
     """
     leaves, structure = optree.tree_flatten(params, namespace=NAMESPACE)
     chosen = [i for i, x in enumerate(leaves) if type(x) is torch.Tensor and x.device.type == "cpu"]
+    if not chosen:  # weights left on disk, or DTensor shards
+        return params
     offsets, total = [], 0
     for i in chosen:
         offsets.append(total)
