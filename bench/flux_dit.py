@@ -5,6 +5,12 @@ both alike; prints the median seconds of each and the ratio dsf/diffusers (goal 
 
     python bench/flux_dit.py                      # small config, fp32, CPU
     python bench/flux_dit.py --device cuda --full # full-size random bf16 DiT at 1024x1024 (needs a GPU)
+
+With ``--full`` both sides share one set of random bf16 weights on the GPU (23.8 GB; the reference
+is built on ``meta`` and filled in place, dsf's tree views its tensors), and forward+backward
+differentiates the last ``GRADIENT_BLOCKS`` single blocks only: two full gradient sets beside 4,608
+tokens of activations would not fit 80 GB. Each side frees the other's gradients before its pass,
+and peak memory is reported above the memory allocated before the pass (the weights).
 """
 
 from __future__ import annotations
@@ -23,13 +29,42 @@ SMALL = dict(num_layers=2, num_single_layers=4, attention_head_dim=64, num_atten
              joint_attention_dim=256, pooled_projection_dim=128, axes_dims_rope=(8, 28, 28))
 
 
+GRADIENT_BLOCKS = 8  # --full: forward+backward differentiates the last 8 single blocks
+
+
 def reference_model(full: bool, device, dtype):
+    """diffusers' FluxTransformer2DModel: the small config built on ``device``, or the full-size one
+    built on ``meta`` and filled in place on ``device`` with random ``dtype`` weights (never in fp32)."""
     from diffusers import FluxTransformer2DModel
 
-    config = {} if full else SMALL
-    with torch.device(device):
-        model = FluxTransformer2DModel(**config, guidance_embeds=True).to(dtype).eval()
-    return model
+    if not full:
+        with torch.device(device):
+            return FluxTransformer2DModel(**SMALL, guidance_embeds=True).to(dtype).eval()
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(guidance_embeds=True).to(dtype)
+    model.to_empty(device=device)
+    generator = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if tensor.ndim >= 2:
+                tensor.normal_(0, 0.02, generator=generator)
+            else:
+                tensor.fill_(1.0 if name.endswith(".weight") else 0.0)  # 1-D weights: the q/k RMS norm scales
+    return model.eval()
+
+
+def trained_subset(reference, full: bool) -> str | None:
+    """The ``where`` of the parameters forward+backward differentiates: all (None), or with ``full``
+    the last :data:`GRADIENT_BLOCKS` single blocks, whose ``requires_grad`` alone is set on the reference."""
+    if not full:
+        reference.requires_grad_(True)
+        return None
+    reference.requires_grad_(False)
+    count = len(reference.single_transformer_blocks)
+    chosen = range(count - GRADIENT_BLOCKS, count)
+    for index in chosen:
+        reference.single_transformer_blocks[index].requires_grad_(True)
+    return rf"^single_transformer_blocks/({'|'.join(map(str, chosen))})/"
 
 
 def inputs(model, batch: int, latent_size: int, text_len: int, device, dtype, seed: int = 0):
@@ -108,17 +143,19 @@ def interleaved(pairs, repeats: int, device) -> list[tuple[str, float, float]]:
     return rows
 
 
-def timed_passes(ours, params, reference, theirs) -> list[tuple[str, Callable, Callable]]:
+def timed_passes(ours, params, reference, theirs, where=None, free_both: bool = False) -> list[tuple[str, Callable, Callable]]:
     """The passes both speed benches time, as (name, dsf call, diffusers call): the forward under
     no_grad, and forward+backward of the mean squared output, dsf through ``value_and_grad`` and
-    diffusers through ``.backward()``, each freeing its old gradients right before computing new ones.
-    ``ours(params)`` and ``theirs()`` are the two forwards; ``reference`` is the diffusers module.
+    diffusers through ``.backward()``, each freeing its old gradients right before computing new ones
+    (with ``free_both``, the other side's too, so one gradient set is alive at a time: GPU memory).
+    ``ours(params)`` and ``theirs()`` are the two forwards; ``reference`` is the diffusers module, whose
+    ``requires_grad`` flags must select what ``where`` selects of ``params`` (default: everything).
 
     >>> passes = timed_passes(lambda p: p["w"] * 2, {"w": torch.ones(2)}, torch.nn.Linear(1, 1), lambda: torch.ones(2))
     >>> [name for name, _, _ in passes], passes[0][1]().tolist()
     (['forward', 'forward+backward'], [2.0, 2.0])
     """
-    loss_and_grads = dsf.value_and_grad(lambda p: ours(p).float().square().mean())
+    loss_and_grads = dsf.value_and_grad(lambda p: ours(p).float().square().mean(), where=where)
 
     def ours_forward():
         with torch.no_grad():
@@ -128,21 +165,42 @@ def timed_passes(ours, params, reference, theirs) -> list[tuple[str, Callable, C
         with torch.no_grad():
             return theirs()
 
+    ours_backward = holding_the_last_result(lambda: loss_and_grads(params))
+
+    def ours_backward_alone():
+        reference.zero_grad(set_to_none=True)
+        return ours_backward()
+
     def theirs_backward():
         reference.zero_grad(set_to_none=True)
+        if free_both:
+            ours_backward.held.clear()
         theirs().float().square().mean().backward()
 
-    reference.requires_grad_(True)
     return [("forward", ours_forward, theirs_forward),
-            ("forward+backward", holding_the_last_result(lambda: loss_and_grads(params)), theirs_backward)]
+            ("forward+backward", ours_backward_alone if free_both else ours_backward, theirs_backward)]
 
 
 def peak_memory(fn, device) -> float | None:
-    if device.type != "cuda":
-        return None
-    torch.cuda.reset_peak_memory_stats()
+    """GiB allocated at the peak of ``fn()`` above what was allocated before it (CUDA; None elsewhere)."""
+    return None if device.type != "cuda" else memory_peaks(fn, device)["allocated"]
+
+
+def memory_peaks(fn, device) -> dict[str, float]:
+    """GiB at the peak of ``fn()`` above the level before it, on a CUDA ``device``: ``allocated`` (tensors),
+    ``reserved`` (the caching allocator's segments) and ``active`` (allocated blocks plus freed ones
+    whose stream has not passed their use yet), and the allocator's ``retries`` during the call (each
+    an out-of-memory retry that freed every cached segment first).
+    """
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_stats(device)
+    torch.cuda.reset_peak_memory_stats(device)
     fn()
-    return torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.synchronize(device)
+    after = torch.cuda.memory_stats(device)
+    gib = lambda kind: (after.get(f"{kind}_bytes.all.peak", 0) - before.get(f"{kind}_bytes.all.current", 0)) / 2**30
+    return {"allocated": gib("allocated"), "reserved": gib("reserved"), "active": gib("active"),
+            "retries": after.get("num_alloc_retries", 0) - before.get("num_alloc_retries", 0)}
 
 
 def main() -> None:
@@ -158,18 +216,23 @@ def main() -> None:
     latent_size, text_len = (128, 512) if args.full else (32, 64)
 
     reference = reference_model(args.full, device, dtype)
-    dit, params = flux.load_dit(reference.state_dict(), config={"axes_dims_rope": list(reference.config.axes_dims_rope)})
+    dit, params = flux.load_dit(reference.state_dict(), config={"axes_dims_rope": list(reference.config.axes_dims_rope)},
+                                device=device, dtype=dtype)  # same device and dtype: dsf's tree views the reference's tensors
     x = inputs(reference, 1, latent_size, text_len, device, dtype)
 
-    passes = timed_passes(lambda p: dit(p, **x), params, reference, lambda: diffusers_call(reference, **x))
+    where = trained_subset(reference, args.full)
+    passes = timed_passes(lambda p: dit(p, **x), params, reference, lambda: diffusers_call(reference, **x),
+                          where=where, free_both=args.full)
     with torch.no_grad():
         ours, theirs = passes[0][1](), passes[0][2]()
     error = float((ours - theirs).abs().max() / theirs.abs().max())
     print(f"device {device}, dtype {dtype}, {'full-size dev' if args.full else 'small'} config, "
-          f"{latent_size // 2 * latent_size // 2} image + {text_len} text tokens; max relative difference {error:.2e}")
+          f"{latent_size // 2 * latent_size // 2} image + {text_len} text tokens; max relative difference {error:.2e}"
+          + (f"; backward differentiates the last {GRADIENT_BLOCKS} single blocks" if args.full else ""))
     memory = [(peak_memory(ours, device), peak_memory(theirs, device)) for _, ours, theirs in passes]
     rows = [(*row, *peaks) for row, peaks in zip(interleaved(passes, args.repeats, device), memory)]
-    print(f"{'pass':18} {'dsf s':>9} {'diffusers s':>12} {'dsf/diffusers':>14} {'dsf GiB':>8} {'diffusers GiB':>14}")
+    print(f"{'pass':18} {'dsf s':>9} {'diffusers s':>12} {'dsf/diffusers':>14} {'dsf GiB':>8} {'diffusers GiB':>14}"
+          "  (GiB: peak allocated above the weights)")
     for name, ours_s, theirs_s, ours_gb, theirs_gb in rows:
         memory = f"{ours_gb:8.2f} {theirs_gb:14.2f}" if ours_gb is not None else f"{'-':>8} {'-':>14}"
         print(f"{name:18} {ours_s:9.4f} {theirs_s:12.4f} {ours_s / theirs_s:14.3f} {memory}")

@@ -7,7 +7,7 @@ subprocesses, (a) with every weight loaded in RAM and (b) streamed from the file
 process's baseline after imports, against the model's size and its largest block.
 
 ``--device cuda`` (UNVERIFIED: written on a machine without a GPU): the full-size FLUX.1-dev DiT
-with random bf16 weights, one 1024² forward per step; peak ``torch.cuda.max_memory_allocated`` and
+with random bf16 weights, one 1024² forward per step; peak allocated, reserved and active GPU memory and
 seconds per step for resident, component offload, block offload, block offload + fp8, and
 diffusers' group offloading (leaf level, streams) and layerwise fp8 casting on the same weights.
 
@@ -151,8 +151,13 @@ def random_flux_params(config: FluxConfig, device: str) -> dict:
     return dsf.tree.unflatten_dict(flat)
 
 
-def timed(call, steps: int = 3) -> tuple[float, float]:
-    """(peak GiB allocated, seconds per call) over ``steps`` calls after one warm-up."""
+def timed(call, steps: int = 3) -> tuple[float, float, float, float]:
+    """(peak GiB allocated, reserved, active, seconds per call) over ``steps`` calls after one warm-up.
+
+    Reserved memory is what the caching allocator holds (what another process cannot use); active
+    counts freed blocks that a stream has not passed yet. Block offload that let the CPU run ahead of
+    the copies would show here, not in the allocated peak.
+    """
     call()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -160,7 +165,9 @@ def timed(call, steps: int = 3) -> tuple[float, float]:
     for _ in range(steps):
         call()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**30, (time.perf_counter() - start) / steps
+    seconds = (time.perf_counter() - start) / steps
+    active = torch.cuda.memory_stats().get("active_bytes.all.peak", 0)
+    return torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30, active / 2**30, seconds
 
 
 def diffusers_call(model, inputs: tuple):
@@ -187,14 +194,14 @@ def diffusers_model(config: FluxConfig, flat: dict):
     return model.eval()
 
 
-def dsf_row(name: str, t, stored: dict, config: FluxConfig, inputs: tuple) -> tuple[str, float, float]:
-    """(name, peak GiB, s/step) of dsf's DiT under transform ``t`` over ``stored`` (params ``t`` initialized)."""
+def dsf_row(name: str, t, stored: dict, config: FluxConfig, inputs: tuple) -> tuple:
+    """(name, peak GiB allocated, reserved, active, s/step) of dsf's DiT under transform ``t`` over ``stored``."""
     dit = t(FluxDiT(config))
     return (name, *timed(lambda: dit(stored, *inputs)))
 
 
-def diffusers_row(name: str, model, inputs: tuple) -> tuple[str, float, float]:
-    """(name, peak GiB, s/step) of a prepared diffusers model."""
+def diffusers_row(name: str, model, inputs: tuple) -> tuple:
+    """(name, peak GiB allocated, reserved, active, s/step) of a prepared diffusers model."""
     return (name, *timed(diffusers_call(model, inputs)))
 
 
@@ -223,9 +230,10 @@ def cuda_table(config: FluxConfig) -> str:
         rows.append(diffusers_row("diffusers layerwise fp8", cast, inputs))
     lines = [
         f"FLUX.1-dev DiT, random bf16, 1024² forward ({torch.cuda.get_device_name()}); UNVERIFIED bench code",
-        f"{'variant':<26}{'peak GiB':>9}{'s/step':>8}{'× resident':>12}",
+        f"{'variant':<26}{'allocated':>10}{'reserved':>9}{'active':>8}{'s/step':>8}{'× resident':>12}  (peak GiB)",
     ]
-    lines += [f"{name:<26}{gib:>9.2f}{sec:>8.3f}{sec / rows[0][2]:>12.2f}" for name, gib, sec in rows]
+    lines += [f"{name:<26}{gib:>10.2f}{reserved:>9.2f}{active:>8.2f}{sec:>8.3f}{sec / rows[0][-1]:>12.2f}"
+              for name, gib, reserved, active, sec in rows]
     return "\n".join(lines)
 
 

@@ -57,7 +57,9 @@ def ours_from(reference, text_len: int):
     >>> dit.config.text_len, dit.config.hidden_size, len(params["blocks"])
     (64, 256, 4)
     """
-    dit, params = wan.load_dit(dict(reference.state_dict()), config={"attention_head_dim": reference.config.attention_head_dim})
+    first = next(reference.parameters())
+    dit, params = wan.load_dit(dict(reference.state_dict()), config={"attention_head_dim": reference.config.attention_head_dim},
+                               device=first.device, dtype=first.dtype)  # same device and dtype: views, no copy
     return wan.WanDiT(dataclasses.replace(dit.config, text_len=text_len)), params
 
 
@@ -96,6 +98,7 @@ def ratio_table(repeats: int, device: torch.device) -> str:
     dit, params = ours_from(reference, SMALL_TEXT_LEN)
     x = inputs(SMALL_SHAPE, SMALL_TEXT_LEN, reference.config.text_dim, device, dtype)
 
+    reference.requires_grad_(True)
     passes = timed_passes(lambda p: dit(p, **x), params, reference, lambda: diffusers_call(reference, **x))
     with torch.no_grad():
         ours, theirs = passes[0][1](), passes[0][2]()

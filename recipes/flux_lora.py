@@ -183,11 +183,22 @@ def fetch_in_turn(fetch):
     return fetched if world.local_rank == 0 else fetch()
 
 
-def load_components(files: dict, needed, args, dtype, device) -> tuple[dict, dict]:
-    """``(models, params)`` of the components the task needs."""
+def dit_load_device(args, world, device) -> torch.device:
+    """Where the DiT is loaded: the CPU when ``--shard`` splits it over several processes (``shard``'s init
+    then places each rank's shard on its GPU, tensor by tensor, so no GPU ever holds the whole DiT), else ``device``.
+
+    >>> from argparse import Namespace
+    >>> dit_load_device(Namespace(shard=True), distributed.World(rank=0, size=8), torch.device("cuda", 0))
+    device(type='cpu')
+    """
+    return torch.device("cpu") if args.shard and world.size > 1 else device
+
+
+def load_components(files: dict, needed, args, dtype, device, dit_device=None) -> tuple[dict, dict]:
+    """``(models, params)`` of the components the task needs; the DiT on ``dit_device`` (default ``device``)."""
     models, params = {}, {}
     if "dit" in needed:
-        models["dit"], params["dit"] = load_dit(files["dit"], dtype=dtype, device=device)
+        models["dit"], params["dit"] = load_dit(files["dit"], dtype=dtype, device=dit_device or device)
     if "vae" in needed:
         models["vae"], params["vae"] = load_vae(files["vae"], dtype=dtype, device=device)
     if "clip" in needed:
@@ -232,7 +243,7 @@ def main(argv: list[str]):
     needed = NEEDED[args.task]
     files = recognize_model_files(fetch_in_turn(lambda: model_files(args)), flux.FAMILY)
     require_components(files, needed, MODEL_FLAGS, flux.FAMILY)
-    models, params = load_components(files, needed, args, dtype, device)
+    models, params = load_components(files, needed, args, dtype, device, dit_device=dit_load_device(args, world, device))
 
     # 2. The data: images and prompts, or the encoded samples of a data-processing run.
     image_size = (args.height, args.width) if args.height else None

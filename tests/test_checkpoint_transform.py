@@ -81,3 +81,24 @@ def test_one_transform_object_wraps_sampler_and_loss():
     assert counter[0] == 3 * records_per_pass(params)  # three steps, no recompute when gradients are off
     value, grads = dsf.value_and_grad(t(loss), where=r"^blocks/")(params, x0, text, dsf.random.key(4))
     assert torch.isfinite(value) and grads["blocks"][0]["qkv"]["weight"].data.abs().sum() > 0
+
+
+def test_offload_activations_packs_every_tensor_of_a_tuple_carry(monkeypatch):
+    packed = []
+
+    class RecordingPacker(torch.autograd.graph.saved_tensors_hooks):
+        def __init__(self, pin_memory=False, device_type="cuda"):
+            super().__init__(lambda t: packed.append(t.data_ptr()) or t, lambda t: t)
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", RecordingPacker)
+    carried = []
+
+    def double_stream(p, carry, scale):
+        img, txt = carry
+        carried.append({img.data_ptr(), txt.data_ptr()})
+        return torch.tanh(img @ p["w"]) * scale, torch.tanh(txt @ p["w"])
+
+    blocks = [{"w": torch.randn(4, 4, requires_grad=True)} for _ in range(3)]
+    f = lambda p, x: sum(t.sum() for t in dsf.run_blocks(double_stream, p, (x, x + 1), torch.tensor(2.0)))
+    dsf.grad(checkpoint(offload_activations=True)(f))(blocks, torch.randn(2, 4))
+    assert all(inputs <= set(packed) for inputs in carried[:3])  # (img, txt) of each block went through the packer

@@ -317,3 +317,14 @@ def test_hub_models_with_their_tokenizers(tiny, digits, hub, tmp_path, monkeypat
                     "--max_sequence_length", str(TOKENS), "--lora_rank", "4", "--max_steps", "1",
                     "--output_path", str(tmp_path)])
     assert len(losses(tmp_path)) == 1 and (tmp_path / "step-1.safetensors").is_file()
+
+
+def test_sharded_runs_load_the_dit_to_the_cpu_so_only_shards_reach_a_gpu():
+    from argparse import Namespace
+
+    from dsf.training.distributed import World
+
+    gpu = torch.device("cuda", 0)
+    assert flux_lora.dit_load_device(Namespace(shard=True), World(rank=1, size=8), gpu) == torch.device("cpu")
+    assert flux_lora.dit_load_device(Namespace(shard=True), World(), gpu) == gpu  # one process: nothing to split
+    assert flux_lora.dit_load_device(Namespace(shard=False), World(rank=1, size=8), gpu) == gpu

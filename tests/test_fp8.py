@@ -123,3 +123,13 @@ def test_low_rank_adapt_over_fp8_trains_and_commutes():
     assert factors.down.abs().sum() > 0 and factors.up.abs().sum() > 0
     assert grads["w"].data is None and adapt_first["w"].data.dtype == FP8
     assert isinstance(adapt_first["w"].stages["decode"], Dequantize)
+
+
+def test_a_bf16_dequantize_rounds_once():
+    """bf16 and float32 dequantization differ by the final rounding only (the scale is not rounded to bf16 first)."""
+    from dsf.transforms.fp8 import dequantize, quantize
+
+    weight = torch.randn(64, 48, generator=torch.Generator().manual_seed(3)) * 0.02
+    for granularity in ("tensor", "channel"):
+        data, scale = quantize(weight, granularity)
+        assert torch.equal(dequantize(data, scale, torch.bfloat16), dequantize(data, scale, torch.float32).to(torch.bfloat16))

@@ -1,5 +1,10 @@
 """Offload: identity on one device, prefetch order, disk streaming, the vram budget and transfer accounting."""
 
+import contextlib
+import gc
+import sys
+import weakref
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -11,6 +16,8 @@ from dsf.models.flux import FluxConfig, FluxDiT, init_dit
 from dsf.transforms import checkpoint
 from dsf.transforms.fp8 import FP8, fp8
 from dsf.transforms.offload import GIB, count_transfers, offload
+
+offload_module = sys.modules["dsf.transforms.offload"]
 from dsf.weight import Stage, Weight, map_weights, stage
 
 CFG = FluxConfig(
@@ -117,18 +124,128 @@ def test_block_weights_live_on_the_device_only_while_their_block_runs():
     assert {w.data.device.type for b in params["blocks"] for w in b.values()} == {"cpu"}
 
 
-def test_component_offload_moves_the_params_for_the_call_only():
+def test_component_offload_moves_one_component_at_a_time_for_the_call_only():
     t = offload("meta", level="component")
-    plain = stack()
+    plain = {"dit": stack(), "vae": {"w": torch.randn(DIM, DIM)}}
     params = t.init(plain)
-    seen = []
-    f = t(lambda p, x: seen.append({leaf.device.type for leaf in dsf.tree.tensors(p)}) or x)
+    dit_copies, alive_when_vae_runs = [], []
+
+    def watched(p, h):
+        dit_copies.extend(weakref.ref(w) for w in p.values())
+        return h @ p["w"] + p["b"]
+
+    def pipeline(p, x):
+        for _ in range(3):  # three denoising steps: the DiT moves once
+            x = dsf.run_blocks(watched, p["dit"]["blocks"], x)
+        vae = dsf.materialize(p["vae"]["w"])
+        alive_when_vae_runs.append(sum(ref() is not None for ref in dit_copies))
+        return x @ vae
+
+    f = t(pipeline)
     with count_transfers() as moved:
-        f(params, 1)
-        f(params, 2)
-    assert seen == [{"meta"}, {"meta"}]
-    assert moved.bytes == 2 * dsf.tree.nbytes(plain) and moved.blocks == []
-    assert all(a is b for a, b in zip(dsf.tree.tensors(params), dsf.tree.tensors(plain), strict=True))
+        f(params, torch.ones(1, DIM, device="meta"))
+        f(params, torch.ones(1, DIM, device="meta"))
+    assert moved.components == ["dit", "vae", "dit", "vae"]
+    assert moved.bytes == 2 * (dsf.tree.nbytes(plain["dit"]["blocks"]) + dsf.tree.nbytes(plain["vae"]))
+    assert alive_when_vae_runs == [0, 0]  # the DiT left the device when the VAE entered
+    assert {x.device.type for x in dsf.tree.tensors(params)} == {"cpu"}
+
+
+def test_component_offload_of_the_pipeline_gives_its_image_moving_each_component_once():
+    from dsf.models.flux.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    kwargs = dict(height=32, width=32, num_inference_steps=3, progress=False)
+    reference = pipe.generate(pipe.params, "a cat", **kwargs)
+    t = offload("cpu", level="component")
+    with count_transfers() as moved:
+        image = t(pipe.generate)(t.init(pipe.params), "a cat", **kwargs)
+    assert sorted(moved.components) == ["clip", "dit", "t5", "vae"] and moved.components[-2:] == ["dit", "vae"]
+    assert moved.bytes <= dsf.tree.nbytes(pipe.params)  # weights never used (the VAE's encoder) never move
+    assert image.tobytes() == reference.tobytes()
+
+
+class FakeCuda:
+    """Stands in for torch.cuda's stream API on a machine without a GPU, logging every call."""
+
+    def __init__(self, log):
+        self.log, self.made = log, 0
+        self.compute = FakeStream("compute", log)
+
+    def Stream(self, device):
+        self.made += 1
+        return FakeStream(f"side{self.made}", self.log)
+
+    def current_stream(self, device=None):
+        return self.compute
+
+    @contextlib.contextmanager
+    def stream(self, stream):
+        self.log.append(f"enter {stream.name}")
+        yield
+        self.log.append(f"leave {stream.name}")
+
+
+class FakeStream:
+    def __init__(self, name, log):
+        self.name, self.log, self.events = name, log, 0
+
+    def wait_stream(self, other):
+        self.log.append(f"{self.name} waits {other.name}")
+
+    def record_event(self):
+        self.events += 1
+        return f"{self.name} event {self.events}"
+
+    def wait_event(self, event):
+        self.log.append(f"{self.name} waits {event}")
+
+
+def test_cuda_prefetch_waits_for_compute_then_copies_on_one_side_stream(monkeypatch):
+    log = []
+    fake = FakeCuda(log)
+    for name in ("Stream", "current_stream", "stream"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    monkeypatch.setattr(offload_module, "_uses_streams", lambda device: True)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda *a: log.append("record_stream"), raising=False)
+    t = offload("meta")
+    params = t.init(stack())
+
+    def computed(p, h):
+        log.append("compute")
+        return h @ p["w"] + p["b"]
+
+    f = t(lambda p, h: dsf.run_blocks(computed, p["blocks"], h))
+    for _ in range(2):
+        f(params, torch.ones(1, DIM, device="meta"))
+    copy = ["side1 waits compute", "enter side1", "leave side1"]  # the copy of i + 1 waits for what compute was given: up to i - 1
+    expected = lambda first: (copy + ["compute"]
+                              + [f"compute waits side1 event {first}"] + copy + ["compute"]
+                              + [f"compute waits side1 event {first + 1}"] + copy + ["compute"]
+                              + [f"compute waits side1 event {first + 2}", "compute"])
+    assert log == expected(1) + expected(4)  # one side stream for every call, and no record_stream
+    assert fake.made == 1
+
+
+def test_block_prefetch_keeps_two_fetched_blocks_alive(monkeypatch):
+    fetched = []
+    fetch = offload_module._fetched
+    monkeypatch.setattr(offload_module, "_fetched", lambda record, device: _kept(fetched, fetch(record, device)))
+    t = offload("meta")
+    params = t.init(stack())
+    alive = []
+
+    def counted(p, h):
+        alive.append(sum(ref() is not None for ref in fetched) // 2)  # two tensors a block
+        return h @ p["w"] + p["b"]
+
+    t(lambda p, h: dsf.run_blocks(counted, p["blocks"], h))(params, torch.ones(1, DIM, device="meta"))
+    assert alive == [2, 2, 2, 1]
+
+
+def _kept(refs, record):
+    refs.append(weakref.ref(record.data))
+    return record
 
 
 def test_disk_offload_reads_each_block_when_it_runs(tmp_path):
@@ -202,3 +319,57 @@ def test_adapt_factors_train_through_fp8_block_offload_and_checkpoint():
     grads = dsf.grad(t(loss), where="adapt")(t.init(params), x)
     pairs = list(zip(dsf.tree.tensors(reference), dsf.tree.tensors(grads), strict=True))
     assert len(pairs) == 2 * BLOCKS and all(torch.equal(a, b) and a.abs().sum() > 0 for a, b in pairs)
+
+
+@pytest.mark.parametrize("lora_first", [True, False])
+def test_lora_factors_and_their_gradients_stay_on_the_compute_device_in_either_order(lora_first):
+    from dsf.transforms import lora, lora_trainable
+
+    pair = [lora(rank=2, where=r"^blocks/\d+/weight$"), offload("meta")]
+    t = dsf.chain(*(pair if lora_first else pair[::-1]))
+    plain = stack()
+    plain["blocks"] = [{"weight": b["w"], "b": b["b"]} for b in plain["blocks"]]
+    adapted_block = lambda p, h: torch.tanh(ops.linear(h, p["weight"], p["b"]))
+    params = t.init(plain, dsf.random.key(0))
+    factors = dsf.tree.select(params, lora_trainable)
+    assert len(factors) == 2 * BLOCKS and {x.device.type for x in factors.values()} == {"meta"}
+    assert {w.data.device.type for b in params["blocks"] for w in b.values()} == {"cpu"}
+    with count_transfers() as moved:
+        grads = dsf.grad(t(loss), where=lora_trainable)(params, torch.ones(3, DIM, device="meta"), adapted_block)
+    assert {x.device.type for x in dsf.tree.tensors(grads)} == {"meta"}
+    assert moved.bytes == dsf.tree.nbytes(plain)  # the factors never travel
+
+
+def test_cuda_storage_is_one_exactly_sized_page_locked_buffer_per_block(monkeypatch):
+    registered, unregistered = {}, []
+    monkeypatch.setattr(offload_module, "_register", lambda pointer, size: registered.update({pointer: size}) or True)
+    monkeypatch.setattr(offload_module, "_unregister", unregistered.append)
+    plain = stack()
+    stored = offload("cuda").init(plain)  # nothing here touches a GPU: storage is host memory
+    for block, original in zip(stored["blocks"], plain["blocks"]):
+        assert len({w.data.untyped_storage().data_ptr() for w in block.values()}) == 1  # views of one buffer
+        assert all(torch.equal(w.data, original[name]) for name, w in block.items())
+    aligned = lambda tensor: -(-tensor.nbytes // offload_module.BUFFER_ALIGNMENT) * offload_module.BUFFER_ALIGNMENT
+    block_size = aligned(plain["blocks"][0]["w"]) + aligned(plain["blocks"][0]["b"])
+    assert sorted(registered.values()) == sorted([aligned(plain["head"])] + [block_size] * BLOCKS)
+    del stored, block
+    gc.collect()
+    assert sorted(unregistered) == sorted(registered)  # each buffer unregistered once its last view is gone
+
+
+def test_disk_offload_opens_each_file_once_per_call(tmp_path, monkeypatch):
+    import dsf.files.disk as disk
+
+    plain, x = stack(), torch.randn(3, DIM)
+    save_file(dsf.tree.flatten_dict(plain), tmp_path / "stack.safetensors")
+    opened = []
+    real_open = disk.safe_open
+    monkeypatch.setattr(disk, "safe_open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    for level in ("block", "component"):
+        t = offload("cpu", level=level)
+        params = t.init(lazy_load(tmp_path / "stack.safetensors"))
+        opened.clear()
+        with record_reads() as reads:
+            for _ in range(2):
+                assert torch.equal(t(loss)(params, x), loss(plain, x))
+        assert len(reads) == 2 * (2 * BLOCKS + 1) and len(opened) == 2, level  # one open per call, not per tensor

@@ -86,3 +86,18 @@ def test_clip_by_global_norm_matches_torch(max_norm):
 def test_clip_by_global_norm_rejects_non_positive_max_norm():
     with pytest.raises(ValueError, match="max_grad_norm=None"):
         optim.clip_by_global_norm({"g": torch.ones(1)}, 0.0)
+
+
+def test_bf16_leaves_train_through_float32_master_weights():
+    """Steps of 1e-3 are below half the bf16 spacing of weights near 1.5: in place they would all be lost."""
+    weight = torch.tensor([1.5, -1.25, 0.75, 1.0])  # exact in bf16
+    grads = {"w": torch.tensor([0.5, -0.25, 1.0, 0.125])}
+    opt = optim.adamw(learning_rate=1e-3, weight_decay=0.01)
+    full, half = {"w": weight}, {"w": weight.to(torch.bfloat16)}
+    full_state, half_state = opt.init(full), opt.init(half)
+    for _ in range(100):
+        full, full_state = opt.update(grads, full_state, full)
+        half, half_state = opt.update({"w": grads["w"].to(torch.bfloat16)}, half_state, half)
+    assert torch.equal(half_state["master"]["w"], full["w"])
+    assert half["w"].dtype == torch.bfloat16 and torch.equal(half["w"], full["w"].to(torch.bfloat16))
+    assert not torch.equal(half["w"], weight.to(torch.bfloat16))

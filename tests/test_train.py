@@ -1,5 +1,6 @@
 """dsf.training.train: a tiny MLP regression trained, accumulated, resumed, interrupted and saved."""
 
+import contextlib
 import csv
 import math
 import os
@@ -164,6 +165,18 @@ def test_compute_dtype_runs_the_loss_under_autocast():
     trained = train(loss_fn, init_params(), samples(4), cfg, where=TRAINED, key=dsf.random.key(0))
     assert dtypes == [torch.bfloat16]
     assert trained["layers"][0]["weight"].dtype == torch.float32
+
+
+def test_autocast_runs_on_the_device_offloaded_weights_compute_on(monkeypatch):
+    from dsf.transforms.offload import Fetch
+
+    devices = []
+    monkeypatch.setattr(torch, "autocast", lambda device_type, dtype: devices.append(device_type) or contextlib.nullcontext())
+    params = init_params()
+    params["streamed"] = dsf.Weight(torch.ones(2)).with_stage(Fetch(torch.device("cuda")))  # stored on the CPU, used on CUDA
+    cfg = config(max_steps=1, compute_dtype=torch.bfloat16)
+    train(plain_loss, params, samples(4), cfg, where=TRAINED, key=dsf.random.key(0))
+    assert devices == ["cuda"]
 
 
 def interrupt_at(step):

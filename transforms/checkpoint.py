@@ -2,7 +2,8 @@
 
 Inside a checkpointed block nothing is saved for backward but the block's inputs; the block (its
 weight materialization included) runs again during backward. With ``offload_activations=True`` the
-saved block inputs live in CPU memory (pinned when CUDA is available) until backward needs them.
+saved block inputs, every tensor of a tuple carry included, live in CPU memory (pinned when CUDA is
+available) until backward needs them.
 When gradients are off (sampling) the hook steps aside, so one transform object serves the sampler
 and the loss.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 
+import optree
 import torch
 import torch.utils.checkpoint
 
@@ -34,8 +36,16 @@ def _checkpointed(call, site: BlockSite, offload_activations: bool):
             if offload_activations
             else contextlib.nullcontext()
         )
-        with saving:
-            return torch.utils.checkpoint.checkpoint(call, block_params, carry, *args, use_reentrant=False, **kwargs)
+        carried, structure = optree.tree_flatten(carry)
+
+        def flat_call(block_params, *flat_and_args, **kwargs):
+            rebuilt = optree.tree_unflatten(structure, flat_and_args[: len(carried)])
+            return call(block_params, rebuilt, *flat_and_args[len(carried) :], **kwargs)
+
+        with saving:  # the carry's tensors go in as top-level arguments: torch saves (and offloads) only those
+            return torch.utils.checkpoint.checkpoint(
+                flat_call, block_params, *carried, *args, use_reentrant=False, **kwargs
+            )
 
     return run
 

@@ -56,7 +56,8 @@ def quantize(weight: torch.Tensor, granularity: str = "tensor") -> tuple[torch.T
     """``(data, scale)``: float8_e4m3fn data and the float32 scale with ``weight ≈ data * scale``.
 
     The scale maps the largest magnitude (of the tensor, or of each output channel) to the fp8
-    maximum 448; an all-zero tensor or channel gets scale 1, never a NaN.
+    maximum 448; an all-zero tensor or channel gets scale 1, never a NaN. One float32 copy of the
+    weight is made, and worked on in place.
 
     >>> data, scale = quantize(torch.tensor([[1.0, -2.0], [0.0, 0.0]]), "channel")
     >>> data.dtype, scale.flatten().tolist()
@@ -64,20 +65,23 @@ def quantize(weight: torch.Tensor, granularity: str = "tensor") -> tuple[torch.T
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    weight = weight.detach().float()
-    reduce_dims = tuple(range(1, weight.ndim)) if granularity == "channel" else tuple(range(weight.ndim))
-    amax = weight.abs().amax(dim=reduce_dims, keepdim=granularity == "channel")
+    weight = weight.detach().to(torch.float32, copy=True)
+    rows = weight.reshape(weight.shape[0], -1) if granularity == "channel" and weight.ndim else weight.reshape(1, -1)
+    low, high = torch.aminmax(rows, dim=1, keepdim=True)
+    amax = torch.maximum(-low, high)
+    amax = amax.reshape(weight.shape[0], *[1] * (weight.ndim - 1)) if granularity == "channel" else amax.reshape(())
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    return (weight / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    return weight.div_(scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
 def dequantize(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """``data * scale`` computed in ``dtype``.
+    """``data * scale`` in ``dtype``, multiplied in float32 and rounded once (a bf16 scale would add a
+    rounding of its own, the same bias over a whole tensor).
 
     >>> dequantize(*quantize(torch.tensor([3.0, -1.5])), torch.float32).tolist()
     [3.0, -1.5]
     """
-    return data.to(dtype) * scale.to(dtype)
+    return (data.to(torch.float32) * scale.to(torch.float32)).to(dtype)
 
 
 def fp8(where: Where = None, granularity: str = "tensor", compute_dtype: torch.dtype = torch.bfloat16) -> Transform:

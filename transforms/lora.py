@@ -48,7 +48,7 @@ from dsf.files.io import Source
 from dsf.random import Key, fold_in, uniform
 from dsf.transform import Transform
 from dsf.tree import NAMESPACE, Where, as_predicate, leaves_with_paths
-from dsf.weight import Cast, Stage, Weight, as_weight, map_weights, stage
+from dsf.weight import Cast, Stage, Weight, as_weight, compute_device, map_weights, stage
 from dsf.model_parts.lora_files import Factors, LAYOUTS, module_aliases, read_lora, write_lora
 
 TRAINED = "lora"  # the adapter name that `lora` gives by default
@@ -206,10 +206,6 @@ def _new_adapter(key: Key, path: str, shape: tuple, rank: int, scale: float, dty
     return Adapter(down, torch.zeros(out_dim, rank, dtype=dtype, device=device), scale)
 
 
-def _data(param) -> torch.Tensor:
-    return param.data if isinstance(param, Weight) else param
-
-
 def lora(
     rank: int,
     alpha: float | None = None,
@@ -228,7 +224,8 @@ def lora(
     ``/weight``: ``"to_q,to_k,to_v,to_out.0"``; for FLUX.1 BFL names work too and cover their parts:
     ``"img_attn.qkv"`` is to_q, to_k and to_v of the double blocks, ``"linear1"`` is q, k, v and
     proj_mlp of the single blocks). With neither, every 2-D weight is adapted. ``key`` is used when
-    ``init`` gets none. Factors are stored in ``dtype`` on the weight's device. With
+    ``init`` gets none. Factors are stored in ``dtype`` on the device the weight computes on (an
+    offloaded weight's target, so they and their gradients never travel). With
     ``merge_when_sampling`` a weight is merged at use while gradients are off (fast sampling).
 
     >>> import torch, dsf
@@ -250,8 +247,7 @@ def lora(
         paths = set(_selected_paths(params, where, targets))
 
         def adapt(path: str, param):
-            data = _data(param)
-            adapter = _new_adapter(draw, path, tuple(param.shape), rank, scale, dtype, data.device)
+            adapter = _new_adapter(draw, path, tuple(param.shape), rank, scale, dtype, compute_device(param))
             return as_weight(param).with_stage(LoraStage({name: adapter}, merge_when_sampling))
 
         return map_weights(adapt, params, where=lambda path, _: path in paths)
@@ -308,7 +304,7 @@ def load_lora(params, source: Source, scale: float = 1.0, name: str | None = Non
     name = _free_name(params, source, name)
 
     def attach(path: str, param):
-        device = _data(param).device
+        device = compute_device(param)
         factors = found[path]
         adapter = Adapter(factors.down.to(device), factors.up.to(device), factors.scale * scale, hot=True)
         return as_weight(param).with_stage(LoraStage({name: adapter}))
@@ -376,7 +372,7 @@ def merge_lora(params, names: str | Iterable[str] | None = None):
         compute = torch.promote_types(param.data.dtype, torch.float32)
         merged = param.data.to(compute)
         for adapter in merging:
-            merged = merged + adapter.delta(compute)
+            merged = merged + adapter.delta(compute).to(merged.device)
         kept = {n: a for n, a in adapters.items() if not (chosen is None or n in chosen)}
         return _with_adapters(param, merged.to(param.data.dtype), kept)
 

@@ -2,22 +2,31 @@
 
 Two levels:
 
-- ``offload(device, level="component")``: every selected parameter moves to ``device`` for each call
-  of the function (a function wrap) and the copies are dropped when the call returns; the stored
-  tree never changes.
+- ``offload(device, level="component")``: a component (the parameters under one top-level key of the
+  tree: ``dit``, ``t5``, ``clip``, ``vae``) moves to ``device`` as a whole when one of its weights is
+  first used in a call, and its copies are dropped when another component's weight is used or the
+  call returns, so the device holds one component at a time; the stored tree never changes.
 - ``offload(device)`` (block level): each selected weight record gets a fetch stage that copies the
-  record (its data and every stage tensor: fp8 scale, LoRA factors) to ``device`` when it is used,
+  record (its data and its storage stages' tensors, e.g. an fp8 scale) to ``device`` when it is used,
   and the copy is dropped after. A block hook fetches the next block while the current one computes:
-  on CUDA through a side stream and events, elsewhere synchronously. In backward under
+  on CUDA on one side stream per transform, elsewhere synchronously. The copy of block i+1 waits
+  on the compute stream (for block i−1, the last work it was given), so the memory of block i−1 is
+  reused for block i+1 however far the CPU runs ahead: two blocks in flight. In backward under
   checkpointing the blocks recompute in reverse and the prefetch follows that direction. The first
   block of each block list is fetched when it runs.
 
-Storage is where init leaves the weights: CPU memory, pinned when ``device`` is a CUDA device; or
+Adapt-stage tensors (LoRA factors) are not storage: they live on ``device`` from init on, whatever
+the chain order, so trainable factors get their gradients and optimizer state on the compute device.
+
+Storage is where init leaves the weights: CPU memory, page-locked when ``device`` is a CUDA device
+(one buffer of exactly its bytes per block, the tensors views of it); or
 the disk, for a tree from :func:`dsf.files.disk.lazy_load`, whose fetch reads each tensor from its file
 when its block runs. ``vram_limit`` (GiB of weights) keeps a prefix of the weights resident on
 ``device`` from init on, the weights outside repeated blocks first and then whole blocks in order,
 as long as they fit; the rest stream, and 0 streams everything. Offloading to the device the
-weights already live on changes no value. :func:`count_transfers` counts what the fetches move.
+weights already live on changes no value. :func:`count_transfers` counts what the fetches move
+(in the thread that runs the call: a checkpointed block recomputed in backward by autograd's CUDA
+device thread is fetched there and not counted).
 
 Example:
     >>> import torch, dsf
@@ -40,13 +49,14 @@ import functools
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+import numpy
 import optree
 import torch
 
-from dsf.files.disk import DiskTensor
+from dsf.files.disk import DiskTensor, open_files
 from dsf.lookahead import look_ahead
 from dsf.transform import OFFLOAD_RANK, FunctionWrap, Transform
-from dsf.tree import NAMESPACE, Where, as_predicate, map_with_path, tensors
+from dsf.tree import NAMESPACE, Where, as_predicate, map_with_path
 from dsf.weight import Stage, Weight, as_weight, stage
 
 GIB = 2**30
@@ -59,12 +69,14 @@ class Transfers:
 
     Fetches to the device a tensor already lives on copy nothing but are counted, so CPU tests see
     the traffic a GPU would. ``blocks`` holds each fetched block's index in its block list, in the
-    order the fetches began (prefetches included).
+    order the fetches began (prefetches included); ``components`` each component component offload
+    moved, in order.
     """
 
     tensors: int = 0
     bytes: int = 0
     blocks: list[int] = field(default_factory=list)
+    components: list[str] = field(default_factory=list)
 
 
 _transfers: contextvars.ContextVar[Transfers | None] = contextvars.ContextVar("dsf_offload_transfers", default=None)
@@ -77,7 +89,7 @@ def count_transfers() -> Iterator[Transfers]:
     >>> with count_transfers() as moved:
     ...     pass
     >>> moved
-    Transfers(tensors=0, bytes=0, blocks=[])
+    Transfers(tensors=0, bytes=0, blocks=[], components=[])
     """
     transfers = Transfers()
     token = _transfers.set(transfers)
@@ -111,9 +123,26 @@ def on_device(param, device: str | torch.device):
     return optree.tree_map(lambda leaf: _moved(leaf, device), param, namespace=NAMESPACE)
 
 
+def _placed(tree, device: torch.device):
+    """Every tensor of ``tree`` on ``device``, not counted as a transfer (a no-op where it already is)."""
+    return optree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, tree, namespace=NAMESPACE)
+
+
+def _fetched(record: Weight, device: torch.device) -> Weight:
+    """``record`` without its fetch stage, its storage (data and storage stages) moved to ``device``;
+    its adapt stage (LoRA factors, kept on the device) passes as it is.
+
+    >>> _fetched(Weight(torch.ones(2)).with_stage(Fetch(torch.device("meta"))), torch.device("meta"))
+    Weight((2,) torch.float32 meta, slots=[])
+    """
+    adapt = record.stages.get("adapt")
+    storage = on_device(record.without_stage("fetch").without_stage("adapt"), device)
+    return storage if adapt is None else storage.with_stage(_placed(adapt, device))
+
+
 @stage("fetch")
 class Fetch(Stage):
-    """Fetch stage: the record with all its tensors on ``device`` (disk references read), fetch dropped.
+    """Fetch stage: the record with its storage on ``device`` (disk references read), fetch dropped.
 
     >>> record = Weight(torch.ones(2)).with_stage(Fetch(torch.device("meta")))
     >>> record.stages["fetch"].apply(record)
@@ -123,18 +152,85 @@ class Fetch(Stage):
     device: torch.device = optree.dataclasses.field(pytree_node=False)
 
     def apply(self, record: Weight) -> Weight:
-        return on_device(record, self.device).without_stage("fetch")
+        return _fetched(record, self.device)
 
 
-def _in_storage(param, pin: bool):
-    def place(leaf):
-        if not isinstance(leaf, torch.Tensor):
-            return leaf
-        leaf = leaf.to("cpu")
-        pinnable = type(leaf) is torch.Tensor  # a DTensor shard (shard transform) cannot be pinned
-        return leaf.pin_memory() if pin and pinnable and not leaf.is_pinned() else leaf
+def _in_storage(param):
+    """``param`` with its tensors in CPU memory."""
+    return optree.tree_map(lambda x: x.to("cpu") if isinstance(x, torch.Tensor) else x, param, namespace=NAMESPACE)
 
-    return optree.tree_map(place, param, namespace=NAMESPACE)
+
+def _stored(param, device: torch.device):
+    """``param`` as offload keeps it: storage in CPU memory, its adapt stage's tensors (LoRA factors)
+    on ``device``, where they are used and trained.
+
+    >>> import dsf
+    >>> from dsf.transforms.lora import lora
+    >>> adapted = lora(rank=1).init({"q": {"weight": torch.ones(2, 2)}}, dsf.random.key(0))["q"]["weight"]
+    >>> kept = _stored(adapted, torch.device("meta"))
+    >>> kept.data.device.type, kept.stages["adapt"].adapters["lora"].up.device.type
+    ('cpu', 'meta')
+    """
+    if isinstance(param, Weight) and "adapt" in param.stages:
+        return _in_storage(param.without_stage("adapt")).with_stage(_placed(param.stages["adapt"], device))
+    return _in_storage(param)
+
+
+BUFFER_ALIGNMENT = 512  # bytes: where each tensor starts in a block's host buffer (a multiple of every itemsize)
+
+
+def _pinned_together(params: list) -> list:
+    """``params`` (stored by :func:`_stored`) with their CPU tensors copied into one page-locked host
+    buffer of exactly their bytes, as views. ``pin_memory()`` would round every tensor up to a power
+    of two (FLUX.1-dev bf16: 22.2 GiB of weights in 34.6 GiB). Where the buffer cannot be registered,
+    each tensor is pinned alone. DTensor shards stay as they are.
+    """
+    leaves, structure = optree.tree_flatten(params, namespace=NAMESPACE)
+    chosen = [i for i, x in enumerate(leaves) if type(x) is torch.Tensor and x.device.type == "cpu"]
+    if not chosen:  # weights left on disk, or DTensor shards
+        return params
+    offsets, total = [], 0
+    for i in chosen:
+        offsets.append(total)
+        total += -(-leaves[i].nbytes // BUFFER_ALIGNMENT) * BUFFER_ALIGNMENT
+    buffer = _page_locked(total)
+    with torch.no_grad():
+        for i, offset in zip(chosen, offsets):
+            tensor = leaves[i]
+            if buffer is None:
+                leaves[i] = tensor if tensor.is_pinned() else tensor.pin_memory()
+                continue
+            view = buffer[offset : offset + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
+            leaves[i] = view.copy_(tensor)
+    return optree.tree_unflatten(structure, leaves)
+
+
+class _PageLocked(numpy.ndarray):
+    """Host bytes page-locked in place; unregistered when the last tensor viewing them is freed
+    (``torch.from_numpy`` keeps this array alive exactly as long as its storage)."""
+
+    def __del__(self):
+        try:
+            _unregister(self.ctypes.data)
+        except Exception:  # at interpreter exit the CUDA runtime may be gone before the last weights
+            pass
+
+
+def _page_locked(size: int) -> torch.Tensor | None:
+    """``size`` bytes of page-locked host memory as a uint8 tensor, or None where they cannot be registered."""
+    array = numpy.empty(max(size, 1), dtype=numpy.uint8)
+    if not _register(array.ctypes.data, array.nbytes):
+        return None
+    return torch.from_numpy(array.view(_PageLocked))
+
+
+def _register(pointer: int, size: int) -> bool:
+    """Page-lock host memory in place (``cudaHostRegister``, portable, as torch's checkpoint stager does)."""
+    return int(torch.cuda.cudart().cudaHostRegister(pointer, size, 1)) == 0
+
+
+def _unregister(pointer: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(pointer)
 
 
 def _nbytes(param) -> int:
@@ -181,11 +277,16 @@ def _block_init(params, device: torch.device, vram_limit: float, keep):
     units = [_unit(paths[i]) for i in chosen]
     resident = _resident_units(units, [_nbytes(leaves[i]) for i in chosen], int(vram_limit * GIB))
     leaves = list(leaves)
+    streamed: dict[tuple, list[int]] = {}
     for i, unit in zip(chosen, units):
         if unit in resident:
             leaves[i] = on_device(leaves[i], device)
         else:
-            leaves[i] = as_weight(_in_storage(leaves[i], pin=device.type == "cuda")).with_stage(Fetch(device))
+            streamed.setdefault(unit, []).append(i)
+    for indices in streamed.values():  # one host buffer per block
+        stored = [_stored(leaves[i], device) for i in indices]
+        for i, param in zip(indices, _pinned_together(stored) if device.type == "cuda" else stored):
+            leaves[i] = as_weight(param).with_stage(Fetch(device))
     return optree.tree_unflatten(treedef, leaves)
 
 
@@ -212,12 +313,40 @@ def _fetch_block(block, index: int):
     )
 
 
-class _Prefetcher:
-    """The blocks fetched ahead of their turn during one call, keyed by (block list, index)."""
+def _uses_streams(device: torch.device) -> bool:
+    """Whether fetches to ``device`` copy on a side stream (CUDA) rather than in line."""
+    return device.type == "cuda"
+
+
+class _SideStream:
+    """The one CUDA stream a block-offload transform copies on, for all its calls (made at first use):
+    the caching allocator keeps memory per stream, so a stream per call would spread the fetched
+    blocks over as many pools."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.stream = None
+
+    def get(self):
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(self.device)
+        return self.stream
+
+
+class _Prefetcher:
+    """The blocks fetched ahead of their turn during one call, keyed by (block list, index).
+
+    On CUDA a fetch is copied on the transform's side stream after the side stream waits for the
+    work the compute stream has been given so far (blocks up to i−1 when block i+1 is fetched while
+    block i starts); the compute stream waits for the copy's event before the block runs. The
+    fetched tensors are not ``record_stream``-ed: the allocator reuses a freed block's memory for
+    the next fetch at once, and that fetch's wait orders the copy after the freed block's compute,
+    so the memory in flight stays at two blocks however far ahead the CPU runs.
+    """
+
+    def __init__(self, device: torch.device, side: _SideStream):
+        self.device = device
+        self.stream = side.get() if _uses_streams(device) else None
         self.ahead: dict[tuple[int, int], tuple] = {}
 
     def start(self, blocks: list, index: int) -> None:
@@ -235,23 +364,73 @@ class _Prefetcher:
     def take(self, blocks: list, index: int, block):
         fetched, ready = self.ahead.pop((id(blocks), index), None) or (_fetch_block(block, index), None)
         if ready is not None:
-            current = torch.cuda.current_stream(self.device)
-            current.wait_event(ready)
-            for tensor in tensors(fetched):
-                if tensor.device.type == "cuda":
-                    tensor.record_stream(current)
+            torch.cuda.current_stream(self.device).wait_event(ready)
         return fetched
 
 
-def _component_call(f: Callable, device: torch.device, keep) -> Callable:
+@stage("fetch")
+class ComponentFetch(Stage):
+    """Fetch stage of component offload: inside a call, the record's copy on ``device`` from the
+    copies of its ``component`` (made when the component is entered); outside one, a plain fetch.
+
+    >>> record = Weight(torch.ones(2)).with_stage(ComponentFetch(torch.device("meta"), "dit", "dit/w"))
+    >>> record.stages["fetch"].apply(record)
+    Weight((2,) torch.float32 meta, slots=[])
+    """
+
+    device: torch.device = optree.dataclasses.field(pytree_node=False)
+    component: str = optree.dataclasses.field(pytree_node=False)
+    path: str = optree.dataclasses.field(pytree_node=False)
+
+    def apply(self, record: Weight) -> Weight:
+        residency = _residency.get()
+        return _fetched(record, self.device) if residency is None else residency.copy(self, record)
+
+
+class _Residency:
+    """The one component on the device during a call of a component-offloaded function: its weights'
+    copies, each made at its first use; entering another component drops them all first."""
+
+    def __init__(self):
+        self.component: str | None = None
+        self.copies: dict[tuple[str, int], Weight] = {}
+
+    def copy(self, fetch: ComponentFetch, record: Weight) -> Weight:
+        if fetch.component != self.component:
+            self.copies.clear()
+            self.component = fetch.component
+            transfers = _transfers.get()
+            if transfers is not None:
+                transfers.components.append(fetch.component)
+        key = (fetch.path, id(record.data))
+        if key not in self.copies:
+            self.copies[key] = _fetched(record, fetch.device)
+        return self.copies[key]
+
+
+_residency: contextvars.ContextVar[_Residency | None] = contextvars.ContextVar("dsf_offload_residency", default=None)
+
+
+def _component_init(params, device: torch.device, keep):
+    def store(path: str, param):
+        stored = _stored(param, device)
+        stored = _pinned_together([stored])[0] if device.type == "cuda" else stored
+        return as_weight(stored).with_stage(ComponentFetch(device, path.split("/", 1)[0], path))
+
+    return map_with_path(
+        lambda path, p: store(path, p) if _is_param(p) and keep(path, p) else p, params, is_leaf=lambda x: isinstance(x, Weight)
+    )
+
+
+def _component_call(f: Callable) -> Callable:
     @functools.wraps(f)
     def call(params, *args, **kwargs):
-        moved = map_with_path(
-            lambda path, p: on_device(p, device) if _is_param(p) and keep(path, p) else p,
-            params,
-            is_leaf=lambda x: isinstance(x, Weight),
-        )
-        return f(moved, *args, **kwargs)
+        token = _residency.set(_Residency())
+        try:
+            with open_files():
+                return f(params, *args, **kwargs)
+        finally:
+            _residency.reset(token)
 
     return call
 
@@ -262,14 +441,14 @@ def offload(
     """Keep the parameters selected by ``where`` off ``device`` (default: CUDA if available) until used.
 
     ``level="block"`` streams weight by weight with block prefetch, keeping ``vram_limit`` GiB of
-    weights resident; ``level="component"`` moves the whole tree for each call.
+    weights resident; ``level="component"`` moves one component (top-level key) at a time.
 
     >>> offload("cpu", vram_limit=0.5).name
     'offload(device=cpu, level=block, vram_limit=0.5)'
     >>> offload("cpu", level="component", vram_limit=1)
     Traceback (most recent call last):
     ...
-    ValueError: vram_limit=1 applies to level='block'; component offload moves the whole tree for each call (use level='block' to keep part of it resident)
+    ValueError: vram_limit=1 applies to level='block'; component offload moves whole components, one at a time (use level='block' to keep part of it resident)
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if level not in LEVELS:
@@ -278,26 +457,33 @@ def offload(
         raise ValueError(f"vram_limit is the GiB of weights kept resident: a number >= 0 (0 streams everything), got {vram_limit!r}")
     if level == "component" and vram_limit:
         raise ValueError(
-            f"vram_limit={vram_limit} applies to level='block'; component offload moves the whole tree for each call "
+            f"vram_limit={vram_limit} applies to level='block'; component offload moves whole components, one at a time "
             "(use level='block' to keep part of it resident)"
         )
     keep = as_predicate(where)
     name = f"offload(device={device}, level={level}, vram_limit={vram_limit})"
     if level == "component":
-        pin = device.type == "cuda"
         return Transform(
             name=name,
-            init_fn=lambda params, key=None: map_with_path(
-                lambda path, p: _in_storage(p, pin) if _is_param(p) and keep(path, p) else p,
-                params,
-                is_leaf=lambda x: isinstance(x, Weight),
-            ),
-            wraps=(FunctionWrap(OFFLOAD_RANK, lambda f: _component_call(f, device, keep), "offload"),),
+            init_fn=lambda params, key=None: _component_init(params, device, keep),
+            wraps=(FunctionWrap(OFFLOAD_RANK, _component_call, "offload"),),
         )
-    prefetch, per_call = look_ahead("offload", OFFLOAD_RANK, lambda: _Prefetcher(device))
+    side = _SideStream(device)
+    prefetch, per_call = look_ahead("offload", OFFLOAD_RANK, lambda: _Prefetcher(device, side))
     return Transform(
         name=name,
         init_fn=lambda params, key=None: _block_init(params, device, vram_limit, keep),
         hooks=(prefetch,),
-        wraps=(per_call,),
+        wraps=(per_call, FunctionWrap(OFFLOAD_RANK, _with_open_files, "offload files")),
     )
+
+
+def _with_open_files(f: Callable) -> Callable:
+    """``f`` reading weights from disk through files opened once per call (:func:`dsf.files.disk.open_files`)."""
+
+    @functools.wraps(f)
+    def call(params, *args, **kwargs):
+        with open_files():
+            return f(params, *args, **kwargs)
+
+    return call

@@ -340,7 +340,8 @@ def rank_batches(stream: Iterator[tuple[Any, Any]], world: World) -> Iterator[tu
 
 
 def mean_over_ranks(loss: float, grads: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
-    """The loss and the replicated gradients averaged over the ranks (one all-reduce per dtype).
+    """The loss and the replicated gradients averaged over the ranks (one all-reduce per dtype, on the
+    rank's device, each gradient returned where it was: a CPU-stored weight's gradient under offload).
 
     Gradients of DTensor leaves pass unchanged: their gather's reduce-scatter averaged them.
 
@@ -354,11 +355,11 @@ def mean_over_ranks(loss: float, grads: dict[str, torch.Tensor]) -> tuple[float,
     dist.all_reduce(total_loss)
     averaged = dict(grads)
     for paths in _paths_by_dtype({path: g for path, g in grads.items() if not is_sharded(g)}).values():
-        flat = torch.cat([grads[path].reshape(-1) for path in paths])
+        flat = torch.cat([grads[path].reshape(-1) for path in paths]).to(current.device)  # NCCL reduces GPU memory only
         dist.all_reduce(flat)
         flat /= current.size
         pieces = flat.split([grads[path].numel() for path in paths])
-        averaged.update({path: piece.view_as(grads[path]) for path, piece in zip(paths, pieces)})
+        averaged.update({path: piece.view_as(grads[path]).to(grads[path].device) for path, piece in zip(paths, pieces)})
     return total_loss.item() / current.size, averaged
 
 

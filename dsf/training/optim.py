@@ -83,13 +83,19 @@ def adamw(
     """Adam with decoupled weight decay, step for step the update of ``torch.optim.AdamW``.
 
     Each update first shrinks the parameters by ``lr * weight_decay``, then takes the Adam step with
-    bias-corrected moments. The state holds ``exp_avg`` and ``exp_avg_sq`` (dtype and device of
-    each parameter) and the number of updates made, ``step``.
+    bias-corrected moments. The state holds ``exp_avg`` and ``exp_avg_sq`` and the number of updates
+    made, ``step``. A trainable leaf stored in 16 bits (bf16, fp16) gets a float32 master copy in
+    ``master``, float32 moments, and the update in float32; the leaf is the master rounded. (Updated in
+    place, a bf16 weight would lose every step smaller than half its spacing, ``|w|·2⁻⁸``: most of them
+    at fine-tuning rates.) Per trained 16-bit number that is 12 bytes of state instead of 4.
 
     >>> opt = adamw(learning_rate=constant_with_warmup(1e-2, warmup_steps=10))
     >>> state = opt.init({"w": torch.zeros(3)})
     >>> sorted(state), state["step"]
     (['exp_avg', 'exp_avg_sq', 'step'], 0)
+    >>> state = opt.init({"w": torch.zeros(3, dtype=torch.bfloat16)})
+    >>> sorted(state), state["master"]["w"].dtype, state["exp_avg"]["w"].dtype
+    (['exp_avg', 'exp_avg_sq', 'master', 'step'], torch.float32, torch.float32)
     """
     schedule = as_schedule(learning_rate)
     beta1, beta2 = _checked_betas(betas)
@@ -99,18 +105,21 @@ def adamw(
         raise ValueError(f"weight_decay must be non-negative, got {weight_decay!r}")
 
     def init(trainable: Tensors) -> OptimizerState:
-        return {
+        state = {
             "step": 0,
-            "exp_avg": {path: torch.zeros_like(x) for path, x in trainable.items()},
-            "exp_avg_sq": {path: torch.zeros_like(x) for path, x in trainable.items()},
+            "exp_avg": {path: torch.zeros_like(x, dtype=_update_dtype(x)) for path, x in trainable.items()},
+            "exp_avg_sq": {path: torch.zeros_like(x, dtype=_update_dtype(x)) for path, x in trainable.items()},
         }
+        master = {path: x.detach().float() for path, x in trainable.items() if _update_dtype(x) != x.dtype}
+        return {**state, "master": master} if master else state
 
     @torch.no_grad()
     def update(grads: Tensors, state: OptimizerState, trainable: Tensors) -> tuple[Tensors, OptimizerState]:
         _check_same_paths(grads, trainable)
         paths = list(trainable)
-        params = [trainable[p] for p in paths]
-        grad_list = [grads[p] for p in paths]
+        master = state.get("master", {})
+        params = [master.get(p, trainable[p]) for p in paths]
+        grad_list = [grads[p].to(x.dtype) for p, x in zip(paths, params)]
         step = state["step"] + 1
         lr = schedule(step)
         decayed = torch._foreach_mul(params, 1.0 - lr * weight_decay)
@@ -121,11 +130,18 @@ def adamw(
         denom = torch._foreach_sqrt(exp_avg_sq)
         torch._foreach_div_(denom, math.sqrt(1.0 - beta2**step))
         torch._foreach_add_(denom, eps)
-        new_params = torch._foreach_addcdiv(decayed, exp_avg, denom, value=-step_size)
+        new_params = dict(zip(paths, torch._foreach_addcdiv(decayed, exp_avg, denom, value=-step_size)))
         new_state = {"step": step, "exp_avg": dict(zip(paths, exp_avg)), "exp_avg_sq": dict(zip(paths, exp_avg_sq))}
-        return dict(zip(paths, new_params)), new_state
+        if master:
+            new_state["master"] = {p: new_params[p] for p in master}
+        return {p: new_params[p].to(trainable[p].dtype) for p in paths}, new_state
 
     return Optimizer(init, update)
+
+
+def _update_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a leaf's optimizer state and update use: float32 for 16-bit floats, else its own."""
+    return torch.float32 if x.is_floating_point() and x.element_size() < 4 else x.dtype
 
 
 def global_norm(grads: Tensors) -> torch.Tensor:

@@ -50,6 +50,7 @@ from dsf.autodiff import value_and_grad
 from dsf.training.optim import adamw, constant_with_warmup
 from dsf.random import Key, fold_in
 from dsf.tree import Where, flatten_dict, leaves_with_paths, map_with_path, select
+from dsf.weight import Weight, compute_device
 
 LossFn = Callable[[Any, Any, Key], torch.Tensor]
 DataStream = Callable[[Any], Iterator[tuple[Any, Any]]]
@@ -64,7 +65,7 @@ class TrainConfig:
     """Settings of :func:`train`.
 
     ``max_grad_norm=None`` turns clipping off. ``compute_dtype`` other than float32 runs the loss
-    under ``torch.autocast`` on the device of the parameters. ``output_path=None`` writes nothing;
+    under ``torch.autocast`` on the device the parameters compute on (:func:`compute_device_type`). ``output_path=None`` writes nothing;
     otherwise the trainable leaves are saved every ``save_steps`` steps and after the last one, and
     the resumable state every ``checkpoint_steps`` steps and after the last one (keeping the newest
     ``keep_last``; ``None`` keeps all). ``resume=True`` continues from the newest complete checkpoint
@@ -116,6 +117,21 @@ def step_key(key: Key, step: int, micro_batch: int) -> Key:
     True
     """
     return fold_in(fold_in(key, step), micro_batch)
+
+
+def compute_device_type(params) -> str:
+    """The device type a loss over ``params`` computes on, for ``torch.autocast``: the accelerator a
+    parameter computes on (an offloaded record's fetch target counts, not the CPU it is stored on),
+    else ``"cpu"``.
+
+    >>> from dsf.transforms.offload import Fetch
+    >>> compute_device_type({"w": Weight(torch.ones(1)).with_stage(Fetch(torch.device("cuda"))), "b": torch.ones(1)})
+    'cuda'
+    """
+    types = {compute_device(p).type for _, p in leaves_with_paths(params, is_leaf=lambda x: isinstance(x, Weight))
+             if isinstance(p, (Weight, torch.Tensor))}
+    accelerators = sorted(types - {"cpu", "meta"})
+    return accelerators[0] if accelerators else "cpu"
 
 
 def trainable_leaves(params, where: Where) -> dict[str, torch.Tensor]:
@@ -182,7 +198,7 @@ def train(
         trainable, optimizer_state, position, elapsed = _restored_run(checkpoint_dir, start_step, trainable, key)
     else:
         optimizer_state, position, elapsed = optimizer.init(trainable), 0, 0.0
-    device_type = next(iter(trainable.values())).device.type
+    device_type = compute_device_type(params)
     trainable_paths = set(trainable)
     loss_and_grads = value_and_grad(
         _in_compute_dtype(loss_fn, config.compute_dtype, device_type), where=lambda path, leaf: path in trainable_paths
