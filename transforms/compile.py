@@ -4,9 +4,10 @@ One compiled body per block function (a model's block kind: FLUX.1's double and 
 reused by every block of that kind, every call, and every ``compile`` transform with the same
 settings. The hook ranks above materialization (``COMPILE_RANK``), so weights enter the compiled
 body as arguments, already materialized: offload's fetch, shard's gather, fp8's decode and the LoRA
-form run eagerly around it, inside checkpoint and prefetch as always. (Tracing materialization
-into the compiled body gains nothing today: dynamo cannot trace optree's ``tree_map`` nor the
-``ContextVar`` that counts materializations, so it breaks the graph there and runs them eagerly anyway.)
+form run eagerly around it, inside checkpoint and prefetch as always. (Materialization cannot be
+traced into the compiled body today: dynamo breaks the graph at optree's ``tree_map`` and at the
+``ContextVar`` that counts materializations; run eagerly, it keeps offload's streams, shard's
+collectives and the counters exact.)
 
 Where ``torch.compile`` cannot run (inductor without a C++ compiler on the CPU or without Triton on
 a GPU, a Python that dynamo does not support, a backend that fails), the blocks run eagerly, with
