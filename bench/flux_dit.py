@@ -4,6 +4,7 @@ Forward and forward+backward, runs interleaved (dsf, diffusers, dsf, ...) so mac
 both alike; prints the median seconds of each and the ratio dsf/diffusers (goal <= 1.0).
 
     python bench/flux_dit.py                      # small config, fp32, CPU
+    python bench/flux_dit.py --compile            # compiled against eager on both sides, compile time apart
     python bench/flux_dit.py --device cuda --full # full-size random bf16 DiT at 1024x1024 (needs a GPU)
 
 With ``--full`` both sides share one set of random bf16 weights on the GPU (23.8 GB; the reference
@@ -203,12 +204,84 @@ def memory_peaks(fn, device) -> dict[str, float]:
             "retries": after.get("num_alloc_retries", 0) - before.get("num_alloc_retries", 0)}
 
 
+def first_call_seconds(fn) -> float:
+    """Wall seconds of ``fn``'s first call: mostly compilation, which runs in worker processes too."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved_medians(calls, repeats: int, device) -> list[float]:
+    """The median seconds of each of ``calls``, timed in turn (a, b, c, a, b, c, ...) after one warm-up each.
+
+    >>> len(interleaved_medians([lambda: None, lambda: None], 1, torch.device("cpu")))
+    2
+    """
+    for call in calls:
+        call()
+    times = [[] for _ in calls]
+    for _ in range(repeats):
+        for call, seconds in zip(calls, times):
+            seconds.append(timed(call, device))
+    return [statistics.median(seconds) for seconds in times]
+
+
+def compiled_reference(reference):
+    """A copy of the diffusers module with regional compilation: ``compile_repeated_blocks()`` where
+    the installed diffusers has it, else each repeated block compiled."""
+    import copy
+
+    model = copy.deepcopy(reference)
+    if hasattr(model, "compile_repeated_blocks") and getattr(model, "_repeated_blocks", None):
+        model.compile_repeated_blocks()
+    else:
+        for name in ("transformer_blocks", "single_transformer_blocks", "blocks"):
+            for block in getattr(model, name, []):
+                block.compile()
+    return model
+
+
+def compiled_table(forward, params, reference, reference_call, lora_targets: str, repeats: int, device) -> str:
+    """dsf with ``dsf.transforms.compile`` against diffusers with regional compilation, both against
+    their eager selves, all four interleaved after warm-up; compile time (first-call wall seconds)
+    apart; then the LoRA + checkpoint training step compiled against eager.
+
+    ``forward(params)`` is dsf's model call on fixed inputs, ``reference_call(module)`` diffusers'.
+    """
+    from dsf.transforms import checkpoint, compile, lora, lora_trainable
+
+    compiled_module = compiled_reference(reference)
+    eager = timed_passes(forward, params, reference, lambda: reference_call(reference))
+    compiled = timed_passes(compile()(forward), params, compiled_module, lambda: reference_call(compiled_module))
+    compile_seconds = [(name, first_call_seconds(ours), first_call_seconds(theirs)) for name, ours, theirs in compiled]
+    lines = [f"{'pass':18} {'dsf eager s':>12} {'dsf comp. s':>12} {'diff. eager s':>14} {'diff. comp. s':>14} "
+             f"{'dsf/diff. comp.':>16} {'comp./eager dsf':>16} {'comp./eager diff.':>18}"]
+    for (name, ours_eager, theirs_eager), (_, ours_compiled, theirs_compiled) in zip(eager, compiled):
+        oe, oc, te, tc = interleaved_medians([ours_eager, ours_compiled, theirs_eager, theirs_compiled], repeats, device)
+        lines.append(f"{name:18} {oe:12.4f} {oc:12.4f} {te:14.4f} {tc:14.4f} {oc / tc:16.3f} {oc / oe:16.3f} {tc / te:18.3f}")
+    lines.append("compile (first-call wall s): " + "; ".join(
+        f"{name} dsf {ours:.1f}, diffusers {theirs:.1f}" for name, ours, theirs in compile_seconds))
+
+    adapter = lora(rank=16, targets=lora_targets)
+    trained = adapter.init(params, dsf.random.key(1))
+    steps = []
+    for tx in (dsf.chain(adapter, checkpoint()), dsf.chain(adapter, checkpoint(), compile())):
+        grads = dsf.value_and_grad(tx(lambda p: forward(p).float().square().mean()), where=lora_trainable)
+        steps.append(holding_the_last_result(lambda grads=grads: grads(trained)))
+    step_compile = first_call_seconds(steps[1])
+    eager_step, compiled_step = interleaved_medians(steps, repeats, device)
+    lines.append(f"LoRA rank 16 ({lora_targets}) + checkpoint training step: eager {eager_step:.4f} s, compiled "
+                 f"{compiled_step:.4f} s, compiled/eager {compiled_step / eager_step:.3f} (compile {step_compile:.1f} s)")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--full", action="store_true", help="full-size dev DiT in bf16 at 1024x1024, 512 text tokens")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (CPU time is measured, so 1 is the fair default)")
+    parser.add_argument("--compile", action="store_true", help="compiled against eager, dsf and diffusers (regional compilation)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -219,6 +292,12 @@ def main() -> None:
     dit, params = flux.load_dit(reference.state_dict(), config={"axes_dims_rope": list(reference.config.axes_dims_rope)},
                                 device=device, dtype=dtype)  # same device and dtype: dsf's tree views the reference's tensors
     x = inputs(reference, 1, latent_size, text_len, device, dtype)
+    if args.compile:
+        print(f"FLUX.1 DiT, {'full-size dev' if args.full else 'small'} config, {dtype}, {device.type} "
+              f"({torch.get_num_threads()} threads), {latent_size // 2 * latent_size // 2} image + {text_len} text tokens")
+        print(compiled_table(lambda p: dit(p, **x), params, reference, lambda m: diffusers_call(m, **x),
+                             "to_q,to_k,to_v,to_out.0", args.repeats, device))
+        return
 
     where = trained_subset(reference, args.full)
     passes = timed_passes(lambda p: dit(p, **x), params, reference, lambda: diffusers_call(reference, **x),

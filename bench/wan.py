@@ -10,6 +10,7 @@ seconds per denoising step (one forward) and peak GPU memory for diffusers resid
 dsf block offload (``dsf.transforms.offload``) and dsf fp8 storage (``dsf.transforms.fp8``).
 
     python bench/wan.py                         # small config, fp32, CPU
+    python bench/wan.py --compile               # compiled against eager on both sides, compile time apart
     python bench/wan.py --device cuda --full    # 1.3B at 480p x 81 frames (needs a GPU)
 """
 
@@ -29,7 +30,7 @@ from dsf.transforms.fp8 import fp8
 from dsf.transforms.offload import offload
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flux_dit import interleaved, peak_memory, timed, timed_passes  # noqa: E402
+from flux_dit import compiled_table, interleaved, peak_memory, timed, timed_passes  # noqa: E402
 
 SMALL = dict(num_attention_heads=4, attention_head_dim=64, text_dim=256, freq_dim=256, ffn_dim=1024, num_layers=4)
 FULL = dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30)  # Wan2.1-T2V-1.3B
@@ -171,6 +172,17 @@ def variants_table(steps: int, device: torch.device, full: bool = True) -> str:
     return "\n".join(lines)
 
 
+def compiled_ratio_table(repeats: int, device: torch.device) -> str:
+    """The small config compiled against eager, dsf and diffusers (see ``flux_dit.compiled_table``)."""
+    reference = reference_model(False, device, torch.float32)
+    dit, params = ours_from(reference, SMALL_TEXT_LEN)
+    x = inputs(SMALL_SHAPE, SMALL_TEXT_LEN, reference.config.text_dim, device, torch.float32)
+    title = f"Wan DiT, small config {SMALL}, fp32, {device.type} ({torch.get_num_threads()} threads)"
+    table = compiled_table(lambda p: dit(p, **x), params, reference, lambda m: diffusers_call(m, **x),
+                           "to_q,to_k,to_v,to_out.0", repeats, device)
+    return f"{title}\n{table}"
+
+
 def main() -> None:
     """Parse the command line and print the table of the chosen mode."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -178,11 +190,15 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="Wan2.1-T2V-1.3B in bf16 at 480p x 81 frames (with --device cuda)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (CPU time is measured, so 1 is the fair default)")
+    parser.add_argument("--compile", action="store_true", help="compiled against eager, dsf and diffusers (regional compilation)")
     args = parser.parse_args()
     if args.full and args.device != "cuda":
         parser.error("--full runs the 1.3B DiT on a GPU: pass --device cuda --full")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.compile:
+        print(compiled_ratio_table(args.repeats, device))
+        return
     print(variants_table(args.repeats, device) if args.full else ratio_table(args.repeats, device))
 
 

@@ -1,9 +1,10 @@
 """`run_blocks`: the one loop through which models run their repeated blocks.
 
 The block hooks of the active transforms (checkpoint, offload prefetch, compile) wrap each block
-call by rank; the block's weight records are materialized inside the innermost wrapper, so a
-checkpointed block recomputes its materialization in backward instead of keeping fetched or
-decoded weights alive.
+call by rank, each on the blocks its ``blocks=`` pattern selects. The block's weight records are
+materialized at ``MATERIALIZE_RANK``, inside checkpoint and prefetch, so a checkpointed block
+recomputes its materialization in backward instead of keeping fetched or decoded weights alive;
+hooks ranked above it (compile) wrap the pure block function itself.
 
 Example:
     >>> import torch
@@ -17,8 +18,15 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from dsf.transform import BlockSite, active_hooks
+from dsf.transform import MATERIALIZE_RANK, BlockSite, active_hooks, block_list_path
 from dsf.weight import materialize_tree
+
+
+def _materializing(block_fn: Callable) -> Callable:
+    def call(block_params, carry, *args, **kwargs):
+        return block_fn(materialize_tree(block_params), carry, *args, **kwargs)
+
+    return call
 
 
 def run_blocks(block_fn: Callable, blocks: Sequence, carry, *args, **kwargs):
@@ -28,14 +36,15 @@ def run_blocks(block_fn: Callable, blocks: Sequence, carry, *args, **kwargs):
     ``carry`` is a tensor or a tuple of tensors; ``args``/``kwargs`` are shared by all blocks.
     """
     hooks = active_hooks()
-
-    def body(block_params, carry, *a, **kw):
-        return block_fn(materialize_tree(block_params), carry, *a, **kw)
-
+    list_path = block_list_path(blocks) if any(hook.blocks is not None for hook in hooks) else None
     for index, block in enumerate(blocks):
-        site = BlockSite(index=index, blocks=blocks)
-        call = body
-        for hook in reversed(hooks):
+        site = BlockSite(index=index, blocks=blocks, list_path=list_path)
+        selected = [hook for hook in hooks if hook.selects(site)]
+        call = block_fn
+        for hook in reversed([hook for hook in selected if hook.rank >= MATERIALIZE_RANK]):
+            call = hook.wrap(call, site)
+        call = _materializing(call)
+        for hook in reversed([hook for hook in selected if hook.rank < MATERIALIZE_RANK]):
             call = hook.wrap(call, site)
         carry = call(block, carry, *args, **kwargs)
     return carry

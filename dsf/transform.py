@@ -25,34 +25,90 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import re
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from dsf.random import Key, fold_in
 
-# Block-hook ranks: lower ranks wrap outside higher ranks.
+# Block-hook ranks: lower ranks wrap outside higher ranks. Weight records are materialized at
+# MATERIALIZE_RANK: hooks ranked below it wrap the call on stored records, hooks ranked above it
+# (compile) wrap the pure block function, which receives materialized parameters.
 CHECKPOINT_RANK = 0
 OFFLOAD_RANK = 10
 GATHER_RANK = 15
+MATERIALIZE_RANK = 18
 COMPILE_RANK = 20
 
 
 @dataclass(frozen=True)
 class BlockSite:
-    """Where a hooked block runs: its index in the block list being run and that list."""
+    """Where a hooked block runs: its index in the block list being run, that list, and the list's
+    path in the parameters of the transformed call (``None`` when the list is not found there)."""
 
     index: int
     blocks: list
+    list_path: str | None = None
+
+    @property
+    def path(self) -> str | None:
+        """The block's own path, e.g. ``"single_transformer_blocks/3"``."""
+        if self.list_path is None:
+            return None
+        return f"{self.list_path}/{self.index}" if self.list_path else str(self.index)
 
 
 @dataclass(frozen=True, eq=False)
 class BlockHook:
-    """``wrap(block_call, site) -> block_call``; ``block_call(block_params, carry, *args, **kwargs) -> carry``."""
+    """``wrap(block_call, site) -> block_call``; ``block_call(block_params, carry, *args, **kwargs) -> carry``.
+
+    ``blocks``: the blocks the hook wraps, a regex searched (``re.search``) in each block's path in
+    the params of the transformed call (e.g. ``"single_transformer_blocks"`` matches
+    ``transformer/single_transformer_blocks/3``); ``None`` wraps every block.
+
+    The contract: a hook may see an exception pass through it without its block finishing, because
+    checkpoint's recompute in backward stops early by raising once it has what backward needs. A
+    hook that logs, times or holds a resource therefore uses ``try/finally``:
+
+    >>> import torch, dsf
+    >>> from dsf.transforms import checkpoint
+    >>> log = []
+    >>> def timing(call, site):
+    ...     def run(block_params, carry, *args, **kwargs):
+    ...         log.append("enter")
+    ...         try:
+    ...             return call(block_params, carry, *args, **kwargs)
+    ...         except BaseException as error:
+    ...             log.append(type(error).__name__)
+    ...             raise
+    ...         finally:
+    ...             log.append("exit")
+    ...     return run
+    >>> timer = dsf.Transform("timer", hooks=(BlockHook(rank=5, wrap=timing, blocks="blocks"),))
+    >>> f = lambda p, x: dsf.run_blocks(lambda b, h: torch.tanh(h @ b["w"]), p["blocks"], x).sum()
+    >>> _ = dsf.grad(dsf.chain(checkpoint(), timer)(f))({"blocks": [{"w": torch.eye(2)}]}, torch.ones(1, 2))
+    >>> log  # the forward, then the recompute in backward, stopped early by an exception
+    ['enter', 'exit', 'enter', '_StopRecomputationError', 'exit']
+    """
 
     rank: int
     wrap: Callable[[Callable, BlockSite], Callable]
     name: str = "hook"
+    blocks: str | None = None
+
+    def selects(self, site: BlockSite) -> bool:
+        """Whether this hook wraps the block at ``site``; an error when it selects blocks by path
+        and the block list has none."""
+        if self.blocks is None:
+            return True
+        if site.path is None:
+            raise ValueError(
+                f"{self.name}(blocks={self.blocks!r}) cannot tell which blocks run: run_blocks got a block list "
+                "that is not inside the params of the transformed call; pass the list from the params tree "
+                "itself (not a slice or a copy), or drop blocks= to wrap every block"
+            )
+        return re.search(self.blocks, site.path) is not None
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,7 +141,7 @@ class Transform:
         return self.init_fn(params, None if key is None else fold_in(key, zlib.crc32(self.name.encode())))
 
     def __call__(self, f: Callable) -> Callable:
-        inner = f
+        inner = _seen_as_root(f)
         for w in sorted(self.wraps, key=lambda w: w.rank, reverse=True):
             inner = w.wrap(inner)
 
@@ -137,3 +193,47 @@ def _merge_hooks(active: tuple[BlockHook, ...], new: tuple[BlockHook, ...]) -> t
 def active_hooks() -> tuple[BlockHook, ...]:
     """The block hooks installed by the transforms of the calls in progress, outermost rank first."""
     return tuple(sorted(_active_hooks.get(), key=lambda h: h.rank))
+
+
+_param_roots: contextvars.ContextVar[tuple] = contextvars.ContextVar("dsf_param_roots", default=())
+
+
+def _seen_as_root(f: Callable) -> Callable:
+    """``f`` that records its params (as the whole function wraps left them) for :func:`block_list_path`."""
+
+    @functools.wraps(f)
+    def call(params, *args, **kwargs):
+        token = _param_roots.set(_param_roots.get() + (params,))
+        try:
+            return f(params, *args, **kwargs)
+        finally:
+            _param_roots.reset(token)
+
+    return call
+
+
+def _find_path(node, target, prefix: tuple) -> tuple | None:
+    if node is target:
+        return prefix
+    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, (list, tuple)) else ()
+    for key, child in children:
+        if isinstance(child, (dict, list, tuple)):
+            found = _find_path(child, target, (*prefix, key))
+            if found is not None:
+                return found
+    return None
+
+
+def block_list_path(blocks) -> str | None:
+    """The "/"-joined path of the list ``blocks`` in the params of the outermost transformed call
+    in progress that holds it (``None`` when none does).
+
+    >>> params = {"transformer": {"single_transformer_blocks": [{}]}}
+    >>> Transform("seen")(lambda p: block_list_path(p["transformer"]["single_transformer_blocks"]))(params)
+    'transformer/single_transformer_blocks'
+    """
+    for root in _param_roots.get():
+        found = _find_path(root, blocks, ())
+        if found is not None:
+            return "/".join(str(key) for key in found)
+    return None

@@ -1,8 +1,8 @@
 """Composition laws of the standard transforms on the tiny FLUX.1 DiT.
 
-Every order of chain(lora, fp8, offload, checkpoint) gives the same loss, LoRA gradients and
-samples, bit for bit; the chain equals applying the transforms by hand; one transform object
-wraps both the sampler and the loss.
+Every order of chain(lora, fp8, offload, checkpoint, compile) gives the same loss, LoRA gradients
+and samples, bit for bit, and compiled equals eager within 1e-5 relative; the chain equals applying
+the transforms by hand; one transform object wraps both the sampler and the loss.
 """
 
 import itertools
@@ -15,7 +15,7 @@ from dsf.diffusion.losses import flow_matching_loss
 from dsf.models import flux
 from dsf.diffusion.sampling import sample
 from dsf.diffusion.schedules import FLUX1
-from dsf.transforms import checkpoint, fp8, lora, lora_trainable, offload
+from dsf.transforms import checkpoint, compile, fp8, lora, lora_trainable, offload
 
 CONFIG = flux.FluxConfig(num_heads=2, head_dim=16, axes_dims_rope=(4, 6, 6), num_double_blocks=2,
                          num_single_blocks=2, context_dim=32, pooled_dim=16)
@@ -81,16 +81,36 @@ def assert_identical(a, b):
 
 
 def test_every_order_gives_the_same_loss_gradients_and_samples(base):
+    """Every order of the four, with compile at every position in turn (compile has no init, so its
+    position changes nothing else; running all 120 orders would only repeat runs)."""
     names = list(standard_transforms())
-    reference = run(dsf.chain(*standard_transforms().values()), base)
+    reference = run(dsf.chain(*standard_transforms().values(), compile()), base)
     assert reference[1][0].abs().sum() > 0
-    for order in itertools.permutations(names):
+    for i, order in enumerate(itertools.permutations(names)):
         transforms = standard_transforms()
-        assert_identical(run(dsf.chain(*(transforms[n] for n in order)), base), reference)
+        chain = [transforms[n] for n in order]
+        chain.insert(i % (len(chain) + 1), compile())
+        assert_identical(run(dsf.chain(*chain), base), reference)
+
+
+def assert_close(a, b, rtol=1e-5):
+    def close(x, y):
+        return float((x - y).abs().max()) <= rtol * float(y.abs().max())
+
+    (value_a, grads_a, samples_a), (value_b, grads_b, samples_b) = a, b
+    assert close(value_a, value_b) and close(samples_a, samples_b)
+    assert len(grads_a) == len(grads_b) > 0 and all(close(x, y) for x, y in zip(grads_a, grads_b))
+
+
+def test_compiled_equals_eager_within_1e_5(base):
+    eager = run(dsf.chain(*standard_transforms().values()), base)
+    compiled = run(dsf.chain(*standard_transforms().values(), compile()), base)
+    assert_close(compiled, eager)
+    assert not torch.equal(compiled[2], eager[2])  # inductor's kernels ran, not the eager ones
 
 
 def test_chain_equals_applying_the_transforms_by_hand(base):
-    transforms = list(standard_transforms().values())
+    transforms = [*standard_transforms().values(), compile()]
     chained = run(dsf.chain(*transforms), base)
 
     params = base
