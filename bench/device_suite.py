@@ -9,7 +9,7 @@ a. FLUX DiT small config: parity with diffusers' FluxTransformer2DModel and the 
    of the forward and of forward+backward (skipped when diffusers is missing);
 b. FLUX.1-dev DiT in bf16 at 1024² (4,096 image + 512 text tokens): the resident step (seconds, FLOP/s
    from the model's FLOP count, counted on ``meta``, against the card's bf16 peak and a measured
-   matmul); block offload with prefetch against the PCIe floor (bytes moved / host-to-device bandwidth
+   matmul), eager and under ``compile()`` (first-call seconds apart); block offload with prefetch against the PCIe floor (bytes moved / host-to-device bandwidth
    measured here), its allocated / reserved / active peaks against two blocks + the resident
    activations, three consecutive calls' reserved memory and allocator retries, and whether copy and
    compute overlapped; fp8 storage + block offload;
@@ -53,13 +53,14 @@ from dsf.models.flux.model import param_shapes as flux_shapes
 from dsf.models.wan.model import param_shapes as wan_shapes
 from dsf.training.optim import adamw
 from dsf.transforms import checkpoint, fp8, lora, lora_trainable, offload
+from dsf.transforms import compile as compile_blocks
 from dsf.transforms.offload import count_transfers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flux_dit  # noqa: E402
 
 GIB = 2**30
-SUITE_SECONDS = 470  # the whole run, under 8 minutes
+SUITE_SECONDS = 470  # the whole run by default, under 8 minutes (--seconds)
 BF16_PEAK = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
              ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12))  # dense bf16 FLOP/s by device-name fragment
 SDPA_KERNELS = (("flash_attention_for_cpu", "flash (cpu)"), ("flash_attention", "flash"), ("efficient_attention", "efficient"),
@@ -132,8 +133,8 @@ def time_limit(seconds: float) -> Iterator[None]:
 class Suite:
     """The rows measured so far, the device, and the time left."""
 
-    def __init__(self, device: torch.device, small: bool):
-        self.device, self.small = device, small
+    def __init__(self, device: torch.device, small: bool, seconds: float = SUITE_SECONDS):
+        self.device, self.small, self.seconds = device, small, seconds
         self.sizes = SMALL if small else FULL
         self.started = time.perf_counter()
         self.rows: list[Row] = []
@@ -141,7 +142,7 @@ class Suite:
         self.shared: dict = {}  # what several rows use: the FLUX weights, the resident activations
 
     def left(self) -> float:
-        return SUITE_SECONDS - (time.perf_counter() - self.started)
+        return self.seconds - (time.perf_counter() - self.started)
 
     def run(self, row_id: str, name: str, budget: float, measure: Callable[[], dict]) -> Row:
         """Measure one row under its budget (shrunk to the suite's time left), never raising."""
@@ -149,7 +150,7 @@ class Suite:
         limit = min(budget, self.left())
         start = time.perf_counter()
         if limit < 5:
-            row.status, row.reason = "skipped", f"not started: {self.left():.0f} s left of the suite's {SUITE_SECONDS} s"
+            row.status, row.reason = "skipped", f"not started: {self.left():.0f} s left of the suite's {self.seconds:g} s"
         else:
             try:
                 with time_limit(limit):
@@ -358,6 +359,23 @@ def flux_resident_row(suite: Suite) -> dict:
             **memory}
 
 
+def flux_compiled_row(suite: Suite) -> dict:
+    """The resident step under ``compile()`` (regional: one compiled body per block kind) against eager (row b1)."""
+    device, cfg = suite.device, suite.sizes.flux
+    params, x = flux_params(suite), flux_inputs(suite, device)
+    dit = compile_blocks()(flux.FluxDiT(cfg))
+    with torch.no_grad():
+        call = lambda: dit(params, **x)
+        start = time.perf_counter()
+        call()
+        synchronize(device)
+        compile_s = time.perf_counter() - start
+        seconds = seconds_per_call(call, device, suite.sizes.repeats)
+    eager = suite.shared.get("flux_resident_s")
+    return {"s_per_step": round(seconds, 4), "first_call_s": round(compile_s, 1),
+            "compiled_x_eager": None if eager is None else round(seconds / eager, 3)}
+
+
 def offloaded_calls(suite: Suite, transform, stored) -> tuple[float, dict, list, int]:
     """(s per call, peaks of one call, reserved GiB after each of three calls, bytes moved per call) of the DiT under ``transform``."""
     device = suite.device
@@ -532,8 +550,8 @@ def wan_row(suite: Suite) -> dict:
 # ----------------------------------------------------------------------------- the run
 
 
-def run_suite(device: torch.device, small: bool) -> Suite:
-    suite = Suite(device, small)
+def run_suite(device: torch.device, small: bool, seconds: float = SUITE_SECONDS) -> Suite:
+    suite = Suite(device, small, seconds)
     suite.run("a", "FLUX DiT small config: parity and dsf/diffusers time", 60, lambda: parity_row(suite))
     suite.run("b1", "FLUX.1-dev DiT bf16 1024²: resident step", 60, lambda: flux_resident_row(suite))
     suite.run("b2", "FLUX.1-dev DiT: block offload with prefetch", 100, lambda: flux_offload_row(suite, with_fp8=False))
@@ -543,6 +561,7 @@ def run_suite(device: torch.device, small: bool) -> Suite:
     suite.run("d2", "LoRA step 1024² (ckpt, fp8 base), block offload", 60, lambda: lora_step_row(suite, offloaded=True))
     suite.run("e", "checkpoint(offload_activations) off / on", 50, lambda: activation_offload_row(suite))
     suite.run("f", "T5-XXL: fp8 + block offload", 5, lambda: _skip_t5())
+    suite.run("b4", "FLUX.1-dev DiT bf16 1024²: resident step, compiled", 120, lambda: flux_compiled_row(suite))
     suite.run("g", "Wan 2.1-T2V-14B DiT, 480x832x17: resident vs block offload", 120, lambda: wan_row(suite))
     suite.shared.clear()
     suite.run("h", "SDPA kernel per model", 10, lambda: dict(suite.backends) or _raise(Skip("no model ran")))
@@ -581,6 +600,7 @@ def main(argv: list[str] | None = None) -> Suite:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--small", action="store_true", help="tiny configs (seconds; what the CPU test runs)")
     parser.add_argument("--out", default="outputs/device_suite.json")
+    parser.add_argument("--seconds", type=float, default=SUITE_SECONDS, help="the whole run's time budget")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -590,7 +610,7 @@ def main(argv: list[str] | None = None) -> Suite:
     sizes = "tiny configs in place of the named models" if args.small else "full-size random weights"
     print(f"device suite on {device} ({sizes}); GiB are peaks above the level before the call", flush=True)
     print(f"{'id':<3} {'measurement':<62} {'status':<8} {'time':>7}  values / reason", flush=True)
-    suite = run_suite(device, args.small)
+    suite = run_suite(device, args.small, args.seconds)
     write_json(args.out, suite)
     failed = sum(row.status == "failed" for row in suite.rows)
     print(f"{len(suite.rows)} rows ({failed} failed) in {time.perf_counter() - suite.started:.0f} s; JSON: {args.out}")
