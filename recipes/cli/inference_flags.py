@@ -20,6 +20,7 @@ import torch
 
 import dsf
 from dsf.transforms import fp8, offload
+from dsf.cli.flag_types import finite_float
 
 
 def add_memory_flags(parser: argparse.ArgumentParser, lora_help: str) -> None:
@@ -28,9 +29,9 @@ def add_memory_flags(parser: argparse.ArgumentParser, lora_help: str) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--fp8", default="", help="components stored in float8, e.g. dit,t5")
     parser.add_argument("--offload", default="none", choices=("none", "component", "block"))
-    parser.add_argument("--vram_limit", type=float, default=0.0, help="GiB of blocks kept resident with --offload block")
+    parser.add_argument("--vram_limit", type=finite_float, default=0.0, help="GiB of blocks kept resident with --offload block")
     parser.add_argument("--lora", action="append", default=[], help=lora_help)
-    parser.add_argument("--lora_scale", type=float, action="append", default=[], help="one per --lora (default 1)")
+    parser.add_argument("--lora_scale", type=finite_float, action="append", default=[], help="one per --lora (default 1)")
 
 
 def memory_transforms(args: argparse.Namespace) -> dsf.Transform:
