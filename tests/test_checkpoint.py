@@ -143,6 +143,7 @@ def test_with_every_checkpoint_damaged_restore_says_so(tmp_path):
 def test_leftovers_of_a_killed_save_are_removed(tmp_path):
     for step in (1, 2, 3):
         checkpoint.save_state(tmp_path, step, {"step": step})
-    (tmp_path / "4.orbax-checkpoint-tmp-1700000000").mkdir()
+    (tmp_path / "4.orbax-checkpoint-tmp").mkdir()  # what orbax 0.12 stages a save in
+    (tmp_path / "5.orbax-checkpoint-tmp-1700000000").mkdir()  # and older orbax
     checkpoint.remove_leftovers(tmp_path, keep_last=2)
     assert sorted(os.listdir(tmp_path)) == ["2", "3"]

@@ -2,7 +2,7 @@
 
 A *state* is a nested dict with string keys whose leaves are tensors, ints, floats, bools, strings
 or ``None``. :func:`save_state` writes it as the step folder ``directory/<step>``: orbax writes into
-a temporary folder ``<step>.orbax-checkpoint-tmp-<time>`` and renames it once complete, so a save
+a temporary folder ``<step>.orbax-checkpoint-tmp`` (older orbax: ``-<time>`` added) and renames it once complete, so a save
 killed halfway leaves only a temporary folder, which :func:`latest_step` and :func:`restore_state`
 ignore and the next :func:`save_state` deletes.
 
@@ -47,7 +47,7 @@ import torch
 State = dict[str, Any]
 _ARRAYS_ITEM = "arrays"
 _STRUCTURE_ITEM = "structure"
-_ORBAX_TEMPORARY = re.compile(r"\d+\.orbax-checkpoint-tmp-\d+")
+_ORBAX_TEMPORARY = re.compile(r"\d+\.orbax-checkpoint-tmp(-\d+)?")  # orbax 0.12 adds no time
 _MKSTEMP_PART = r"[a-z0-9_]{8}"  # what tempfile.mkstemp and mkdtemp put between a prefix and a suffix
 
 
@@ -189,7 +189,7 @@ def remove_leftovers(directory: str | os.PathLike, keep_last: int | None) -> Non
     >>> with tempfile.TemporaryDirectory() as folder:
     ...     for step in (1, 2, 3):
     ...         save_state(folder, step, {"step": step})
-    ...     os.mkdir(os.path.join(folder, "4.orbax-checkpoint-tmp-1700000000"))
+    ...     os.mkdir(os.path.join(folder, "4.orbax-checkpoint-tmp"))
     ...     remove_leftovers(folder, keep_last=2)
     ...     sorted(os.listdir(folder))
     ['2', '3']
