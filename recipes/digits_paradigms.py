@@ -39,17 +39,18 @@ from dsf.models.digits.paradigms import (
 from dsf.models.digits.training import data_stream, digits_loss, load_training_set
 from dsf.training.train import TrainConfig
 from dsf.transforms import save_lora
+from dsf.cli.flag_types import finite_float, non_negative_int, positive_int
 
 
 def common_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", required=True, help="a model folder written by train_from_scratch.py")
     parser.add_argument("--output_path", default="outputs/paradigms")
-    parser.add_argument("--lora_rank", type=int, default=4, help="0 trains every DiT leaf (full fine-tuning)")
-    parser.add_argument("--max_steps", type=int, default=200)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--learning_rate", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lora_rank", type=non_negative_int, default=4, help="0 trains every DiT leaf (full fine-tuning)")
+    parser.add_argument("--max_steps", type=positive_int, default=200)
+    parser.add_argument("--batch_size", type=positive_int, default=64)
+    parser.add_argument("--learning_rate", type=finite_float, default=2e-3)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     return parser
 
 
@@ -74,10 +75,10 @@ def differential_parser() -> argparse.ArgumentParser:
 def distill_parser() -> argparse.ArgumentParser:
     parser = common_parser("Direct distillation: a few-step CFG-1 student towards the many-step CFG teacher.")
     parser.set_defaults(lora_rank=8, batch_size=32, max_steps=100)
-    parser.add_argument("--num_inference_steps", type=int, default=4, help="the student's steps")
-    parser.add_argument("--teacher_steps", type=int, default=50)
-    parser.add_argument("--teacher_cfg_scale", type=float, default=3.0)
-    parser.add_argument("--seeds_per_digit", type=int, default=30, help="the prompt-seed pairs the student learns from")
+    parser.add_argument("--num_inference_steps", type=positive_int, default=4, help="the student's steps")
+    parser.add_argument("--teacher_steps", type=positive_int, default=50)
+    parser.add_argument("--teacher_cfg_scale", type=finite_float, default=3.0)
+    parser.add_argument("--seeds_per_digit", type=positive_int, default=30, help="the prompt-seed pairs the student learns from")
     parser.add_argument("--teacher_data", help="a teacher dataset folder, written first if absent; default: targets on the fly")
     return parser
 

@@ -76,6 +76,7 @@ from dsf.transforms.lora import TRAINED
 from dsf.model_parts.lora_files import LAYOUTS
 from dsf.transforms.shard import shard, unshard
 from dsf.weight import dense_tree
+from dsf.cli.flag_types import positive_int
 
 TASKS = ("sft", "sft:data_process", "sft:train", "direct_distill")
 NEEDED = {  # the components each task loads
@@ -93,8 +94,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Fine-tune FLUX.1 (LoRA or full) with DiffSynth-Studio's flags.")
     data = add_dataset_flags(p, "image and prompt")
     data.add_argument("--data_file_keys", default="image", help="comma list of the metadata columns holding file paths")
-    data.add_argument("--max_pixels", type=int, default=1024 * 1024, help="bound on the image area without --height/--width")
-    data.add_argument("--max_sequence_length", type=int, default=512, help="T5 tokens per prompt")
+    data.add_argument("--max_pixels", type=positive_int, default=1024 * 1024, help="bound on the image area without --height/--width")
+    data.add_argument("--max_sequence_length", type=positive_int, default=512, help="T5 tokens per prompt")
     models = p.add_argument_group("models")
     models.add_argument("--model_paths", help='JSON list of local files; a list inside it is one sharded model')
     models.add_argument("--model_id_with_origin_paths", help="comma list of model_id:pattern, downloaded via dsf.files.hub")

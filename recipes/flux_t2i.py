@@ -24,18 +24,19 @@ from dsf.files.hub import ModelSource
 from dsf.models.flux.pipeline import load_pipeline
 from dsf.cli.inference_flags import add_memory_flags, add_model_flags, lora_scales, memory_transforms, storage_device
 from dsf.transforms import load_lora
+from dsf.cli.flag_types import finite_float, positive_int
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="FLUX.1 text-to-image.")
     add_model_flags(p, "FLUX.1", "black-forest-labs/FLUX.1-dev", "diffusers, BFL or ComfyUI", "diffusers or BFL ae.safetensors")
-    p.add_argument("--num_inference_steps", type=int, default=30)
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--embedded_guidance", type=float, default=3.5)
-    p.add_argument("--cfg_scale", type=float, default=1.0)
+    p.add_argument("--num_inference_steps", type=positive_int, default=30)
+    p.add_argument("--height", type=positive_int, default=1024)
+    p.add_argument("--width", type=positive_int, default=1024)
+    p.add_argument("--embedded_guidance", type=finite_float, default=3.5)
+    p.add_argument("--cfg_scale", type=finite_float, default=1.0)
     p.add_argument("--input_image", help="image-to-image: the starting image")
-    p.add_argument("--denoising_strength", type=float, default=1.0)
+    p.add_argument("--denoising_strength", type=finite_float, default=1.0)
     add_memory_flags(p, lora_help="a LoRA file (any layout); repeatable")
     p.add_argument("--out", default="flux.png")
     return p

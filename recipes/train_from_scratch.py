@@ -33,28 +33,29 @@ from dsf.cli.train_sample import run_command, sample_parser, save_numbered
 from dsf.training.train import TrainConfig
 from dsf.transforms import checkpoint
 from dsf.transforms.shard import shard, unshard
+from dsf.cli.flag_types import finite_float, non_negative_int, positive_int
 
 
 def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train the digits model from scratch.")
     parser.add_argument("--output_path", default="outputs/digits")
     parser.add_argument("--image_size", type=int, default=16, choices=(16, 32))
-    parser.add_argument("--max_steps", type=int, default=1500)
-    parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--warmup_steps", type=int, default=100)
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    parser.add_argument("--checkpoint_steps", type=int, default=500)
-    parser.add_argument("--save_steps", type=int, default=None)
+    parser.add_argument("--max_steps", type=positive_int, default=1500)
+    parser.add_argument("--batch_size", type=positive_int, default=128)
+    parser.add_argument("--learning_rate", type=finite_float, default=1e-3)
+    parser.add_argument("--warmup_steps", type=non_negative_int, default=100)
+    parser.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
+    parser.add_argument("--checkpoint_steps", type=positive_int, default=500)
+    parser.add_argument("--save_steps", type=positive_int, default=None)
     parser.add_argument("--use_gradient_checkpointing", action="store_true")
     parser.add_argument("--shard", action="store_true", help="under torchrun: split the DiT's parameters over the processes")
     parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--samples_per_digit", type=int, default=8)
-    parser.add_argument("--cfg_scale", type=float, default=3.0)
-    parser.add_argument("--num_inference_steps", type=int, default=20)
-    parser.add_argument("--dim", type=int, default=DigitsConfig.dim, help="DiT width (smaller trains faster)")
-    parser.add_argument("--depth", type=int, default=DigitsConfig.depth, help="number of DiT blocks")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--samples_per_digit", type=positive_int, default=8)
+    parser.add_argument("--cfg_scale", type=finite_float, default=3.0)
+    parser.add_argument("--num_inference_steps", type=positive_int, default=20)
+    parser.add_argument("--dim", type=positive_int, default=DigitsConfig.dim, help="DiT width (smaller trains faster)")
+    parser.add_argument("--depth", type=positive_int, default=DigitsConfig.depth, help="number of DiT blocks")
     return parser
 
 
@@ -97,6 +98,7 @@ def run_training(args) -> Path:
         save_steps=args.save_steps,
         checkpoint_steps=args.checkpoint_steps,
         resume=args.resume,
+        run_settings={"batch_size": args.batch_size},
     )
     started = time.perf_counter()
     params = fit(paradigm, digits_loss(model), model.params, data_stream(items, args.batch_size, data_key), train_config,
@@ -104,7 +106,7 @@ def run_training(args) -> Path:
     trained = dataclasses.replace(model, params=unshard(params))
     if world.rank != 0:
         return output / "model"
-    print(f"trained {args.max_steps} steps in {time.perf_counter() - started:.0f} s")
+    print(f"trained to step {args.max_steps} ({time.perf_counter() - started:.0f} s in this run)")
 
     model_folder = save_model(trained, output / "model")
     grid = sample_grid(trained, args.samples_per_digit, args.seed, args.cfg_scale, args.num_inference_steps)

@@ -28,6 +28,7 @@ from dsf.models.moving_digits import (
 from dsf.cli.train_sample import run_command, sample_parser, save_numbered
 from dsf.training.train import TrainConfig, train
 from dsf.transforms import checkpoint
+from dsf.cli.flag_types import finite_float, non_negative_int, positive_int
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -38,18 +39,18 @@ def train_parser() -> argparse.ArgumentParser:
     """
     parser = argparse.ArgumentParser(description="Train the moving-digits video model from scratch.")
     parser.add_argument("--output_path", default="outputs/moving_digits")
-    parser.add_argument("--max_steps", type=int, default=4000)
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--learning_rate", type=float, default=2e-3)
-    parser.add_argument("--warmup_steps", type=int, default=50)
-    parser.add_argument("--checkpoint_steps", type=int, default=500)
+    parser.add_argument("--max_steps", type=positive_int, default=4000)
+    parser.add_argument("--batch_size", type=positive_int, default=32)
+    parser.add_argument("--learning_rate", type=finite_float, default=2e-3)
+    parser.add_argument("--warmup_steps", type=non_negative_int, default=50)
+    parser.add_argument("--checkpoint_steps", type=positive_int, default=500)
     parser.add_argument("--use_gradient_checkpointing", action="store_true")
     parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cfg_scale", type=float, default=4.0)
-    parser.add_argument("--num_inference_steps", type=int, default=20)
-    parser.add_argument("--num_layers", type=int, default=MovingDigitsConfig.num_layers, help="number of Wan blocks")
-    parser.add_argument("--num_heads", type=int, default=MovingDigitsConfig.num_heads, help="Wan width = heads × 32")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--cfg_scale", type=finite_float, default=4.0)
+    parser.add_argument("--num_inference_steps", type=positive_int, default=20)
+    parser.add_argument("--num_layers", type=positive_int, default=MovingDigitsConfig.num_layers, help="number of Wan blocks")
+    parser.add_argument("--num_heads", type=positive_int, default=MovingDigitsConfig.num_heads, help="Wan width = heads × 32")
     return parser
 
 
@@ -82,12 +83,13 @@ def run_training(args) -> Path:
         output_path=str(output),
         checkpoint_steps=args.checkpoint_steps,
         resume=args.resume,
+        run_settings={"batch_size": args.batch_size},
     )
     started = time.perf_counter()
     params = train(transforms(moving_digits_loss(model)), transforms.init(model.params),
                    video_stream(sprites, labels, args.batch_size, data_key, config), train_config,
                    where=r"^dit/", key=train_key)
-    print(f"trained {args.max_steps} steps in {time.perf_counter() - started:.0f} s")
+    print(f"trained to step {args.max_steps} ({time.perf_counter() - started:.0f} s in this run)")
 
     trained = dataclasses.replace(model, params=params)
     model_folder = save_model(trained, output / "model")

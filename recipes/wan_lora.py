@@ -47,6 +47,7 @@ from dsf.training.train import train
 from dsf.cli.training_flags import add_dataset_flags, add_training_flags, batch_stream, train_config
 from dsf.transforms import checkpoint, fp8, load_lora, lora, lora_trainable, save_lora
 from dsf.transforms.lora import TRAINED
+from dsf.cli.flag_types import finite_float, positive_int
 
 FP8_COMPONENTS = ("dit", "t5", "clip")
 LORA_LAYOUTS = ("diffusers", "dsf")
@@ -57,8 +58,8 @@ NOT_RUN = {"sft": (), "sft:data_process": ("dit",), "sft:train": ("vae", "t5", "
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train a LoRA on a Wan DiT with DiffSynth-Studio's flags.")
     data = add_dataset_flags(p, "video or image, and prompt", height=480, width=832)
-    data.add_argument("--num_frames", type=int, default=81, help="frames per video, 1 + 4k")
-    data.add_argument("--max_sequence_length", type=int, default=512, help="umT5 tokens per prompt")
+    data.add_argument("--num_frames", type=positive_int, default=81, help="frames per video, 1 + 4k")
+    data.add_argument("--max_sequence_length", type=positive_int, default=512, help="umT5 tokens per prompt")
     models = p.add_argument_group("models")
     models.add_argument("--model_path", help="a diffusers Wan pipeline folder")
     models.add_argument("--model_id", help="a hub repo, e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
@@ -72,8 +73,8 @@ def parser() -> argparse.ArgumentParser:
     groups = add_training_flags(p, output_path="outputs/wan_lora", lora_targets=LORA_TARGETS, lora_layouts=LORA_LAYOUTS)
     training = groups["training"]
     training.add_argument("--task", default="sft", choices=TASKS)
-    training.add_argument("--min_timestep_boundary", type=float, help="fraction of the training grid (0: σ = 1)")
-    training.add_argument("--max_timestep_boundary", type=float, help="fraction of the training grid (1: σ = 0)")
+    training.add_argument("--min_timestep_boundary", type=finite_float, help="fraction of the training grid (0: σ = 1)")
+    training.add_argument("--max_timestep_boundary", type=finite_float, help="fraction of the training grid (1: σ = 0)")
     return p
 
 

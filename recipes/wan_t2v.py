@@ -28,6 +28,7 @@ from dsf.models.wan.pipeline import DEFAULT_NEGATIVE_PROMPT, FPS, load_pipeline
 from dsf.cli.inference_flags import add_memory_flags, add_model_flags, lora_scales, memory_transforms, storage_device
 from dsf.transforms import load_lora
 from dsf.files.video import write_mp4
+from dsf.cli.flag_types import finite_float, positive_int
 
 
 def parser() -> argparse.ArgumentParser:
@@ -35,16 +36,16 @@ def parser() -> argparse.ArgumentParser:
     add_model_flags(p, "Wan", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "diffusers, Wan original or ComfyUI; A14B: its folder",
                     "diffusers or Wan original", negative_prompt=DEFAULT_NEGATIVE_PROMPT)
     p.add_argument("--image", help="image-to-video: the first frame")
-    p.add_argument("--num_frames", type=int, default=81, help="1 + 4k")
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=832)
-    p.add_argument("--num_inference_steps", type=int, default=50)
-    p.add_argument("--cfg_scale", type=float, default=5.0)
-    p.add_argument("--sigma_shift", type=float, default=5.0)
+    p.add_argument("--num_frames", type=positive_int, default=81, help="1 + 4k")
+    p.add_argument("--height", type=positive_int, default=480)
+    p.add_argument("--width", type=positive_int, default=832)
+    p.add_argument("--num_inference_steps", type=positive_int, default=50)
+    p.add_argument("--cfg_scale", type=finite_float, default=5.0)
+    p.add_argument("--sigma_shift", type=finite_float, default=5.0)
     p.add_argument("--no_tiling", action="store_true", help="encode and decode with the VAE in one piece")
-    p.add_argument("--max_sequence_length", type=int, default=512, help="umT5 tokens per prompt")
+    p.add_argument("--max_sequence_length", type=positive_int, default=512, help="umT5 tokens per prompt")
     add_memory_flags(p, lora_help="a LoRA file (dsf or diffusers layout); repeatable")
-    p.add_argument("--fps", type=int, default=FPS)
+    p.add_argument("--fps", type=positive_int, default=FPS)
     p.add_argument("--out", default="wan.mp4")
     return p
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from damage import DAMAGES
 from dsf.training import checkpoint
 
 
@@ -106,3 +107,42 @@ def test_save_safetensors_rejects_non_string_metadata(tmp_path):
     with pytest.raises(TypeError, match="'step': 2"):
         checkpoint.save_safetensors(tmp_path / "w.safetensors", {"w": torch.ones(1)}, metadata={"step": 2})
     assert os.listdir(tmp_path) == []
+
+
+def two_checkpoints(folder) -> None:
+    for step in (10, 20):
+        checkpoint.save_state(folder, step, {"w": torch.randn(500, generator=torch.Generator().manual_seed(step)), "step": step})
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_a_damaged_checkpoint_is_refused_and_resume_falls_back_to_the_previous_one(tmp_path, damage):
+    two_checkpoints(tmp_path)
+    DAMAGES[damage](tmp_path / "20")
+    with pytest.raises(checkpoint.DamagedCheckpointError, match=f"checkpoint {tmp_path / '20'}"):
+        checkpoint.restore_state(tmp_path)
+    assert checkpoint.newest_good_step(tmp_path) == 10
+    reports = []
+    step, state = checkpoint.restore_newest_good(tmp_path, report=reports.append)
+    assert step == 10 and torch.equal(state["w"], torch.randn(500, generator=torch.Generator().manual_seed(10)))
+    assert len(reports) == 1 and f"{tmp_path / '20'}" in reports[0] and "resuming from step 10" in reports[0]
+    assert sorted(os.listdir(tmp_path)) == ["10", "20.damaged"]
+    checkpoint.save_state(tmp_path, 20, {"step": 20}, keep_last=2)  # the damaged one neither blocks nor outlives saves
+    assert checkpoint.all_steps(tmp_path) == [10, 20]
+
+
+def test_with_every_checkpoint_damaged_restore_says_so(tmp_path):
+    two_checkpoints(tmp_path)
+    for step in ("10", "20"):
+        DAMAGES["zeroed structure"](tmp_path / step)
+    with pytest.raises(checkpoint.DamagedCheckpointError, match="no checkpoint in .* reads back as written"):
+        checkpoint.restore_newest_good(tmp_path, report=lambda message: None)
+    assert sorted(os.listdir(tmp_path)) == ["10.damaged", "20.damaged"]
+
+
+def test_leftovers_of_a_killed_save_are_removed(tmp_path):
+    for step in (1, 2, 3):
+        checkpoint.save_state(tmp_path, step, {"step": step})
+    (tmp_path / "4.orbax-checkpoint-tmp").mkdir()  # what orbax 0.12 stages a save in
+    (tmp_path / "5.orbax-checkpoint-tmp-1700000000").mkdir()  # and older orbax
+    checkpoint.remove_leftovers(tmp_path, keep_last=2)
+    assert sorted(os.listdir(tmp_path)) == ["2", "3"]

@@ -2,6 +2,7 @@
 
 import contextlib
 import csv
+import dataclasses
 import math
 import os
 
@@ -11,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import dsf
+from damage import flip_a_stored_byte_of
 from dsf.training import checkpoint
 from dsf.training.train import TrainConfig, step_key, train
 from updates import assert_same_updates
@@ -304,3 +306,72 @@ def test_where_must_select_floating_point_tensors():
         train(plain_loss, params, samples(2), config(max_steps=1), where=r"^(layers|ids)", key=dsf.random.key(0))
     with pytest.raises(ValueError, match="selects no leaf"):
         train(plain_loss, params, samples(2), config(max_steps=1), where="nothing", key=dsf.random.key(0))
+
+
+def test_resume_falls_back_from_a_damaged_newest_checkpoint_to_an_identical_run(tmp_path, capsys):
+    run = dict(where=TRAINED, key=dsf.random.key(3))
+    cfg = dict(max_steps=6, checkpoint_steps=2, keep_last=3)
+    full = train(noisy_loss, init_params(), samples(2), config(output_path=str(tmp_path / "full"), **cfg), **run)
+    resumed_path = tmp_path / "resumed"
+    train(noisy_loss, init_params(), samples(2), config(output_path=str(resumed_path), **{**cfg, "max_steps": 4}), **run)
+    (resumed_path / "checkpoints" / "4" / "structure" / "metadata").write_bytes(bytes(50))
+    resumed = train(noisy_loss, init_params(), samples(2), config(output_path=str(resumed_path), resume=True, **cfg), **run)
+    assert f"{resumed_path / 'checkpoints' / '4'} cannot be read" in capsys.readouterr().err
+    for path, value in dsf.tree.select(full, TRAINED).items():
+        assert torch.equal(value, dsf.tree.select(resumed, TRAINED)[path]), path
+    assert sorted(os.listdir(resumed_path / "checkpoints")) == ["2", "4", "4.damaged", "6"]
+
+
+def test_the_last_good_checkpoint_named_after_a_nan_is_one_that_verifies(tmp_path):
+    targets = TARGETS.clone()
+    targets[4] = math.nan
+    checkpoints = tmp_path / "checkpoints"
+
+    def damage_checkpoint_4(step, params, loss):
+        if step == 4:
+            flip_a_stored_byte_of(checkpoints / "4", params["layers"][0]["weight"])
+
+    cfg = config(max_steps=6, output_path=str(tmp_path), checkpoint_steps=2, keep_last=None)
+    with pytest.raises(FloatingPointError, match=f"last good checkpoint is {checkpoints / '2'} \\(step 2\\)"):
+        train(plain_loss, init_params(), samples(1, targets=targets), cfg, where=TRAINED, key=dsf.random.key(0),
+              callback=damage_checkpoint_4)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(max_steps=2), "is at step 4, past max_steps=2"),
+        (dict(learning_rate=5e-3), "other settings: learning_rate 0.01 -> 0.005"),
+        (dict(run_settings={"batch_size": 4}), "other settings: batch_size 2 -> 4"),
+        (dict(gradient_accumulation_steps=2), "gradient_accumulation_steps 1 -> 2"),
+    ],
+)
+def test_resume_under_other_settings_is_refused(tmp_path, change, message):
+    cfg = config(max_steps=4, output_path=str(tmp_path), checkpoint_steps=2, run_settings={"batch_size": 2})
+    train(plain_loss, init_params(), samples(2), cfg, where=TRAINED, key=dsf.random.key(0))
+    with pytest.raises(ValueError, match=message):
+        train(plain_loss, init_params(), samples(2), dataclasses.replace(cfg, resume=True, **change), where=TRAINED,
+              key=dsf.random.key(0))
+
+
+def test_resume_says_what_changed_and_that_a_finished_run_has_nothing_to_train(tmp_path, capsys):
+    cfg = config(max_steps=4, output_path=str(tmp_path), checkpoint_steps=2)
+    train(plain_loss, init_params(), samples(2), cfg, where=TRAINED, key=dsf.random.key(0))
+    callback, seen = recorder()
+    train(plain_loss, init_params(), samples(2), dataclasses.replace(cfg, resume=True), where=TRAINED, key=dsf.random.key(0),
+          callback=callback)
+    assert seen == [] and "already finished at step 4 = max_steps; nothing to train" in capsys.readouterr().err
+    train(plain_loss, init_params(), samples(2), dataclasses.replace(cfg, resume=True, max_steps=6, checkpoint_steps=3),
+          where=TRAINED, key=dsf.random.key(0), callback=callback)
+    assert [step for step, _, _ in seen] == [5, 6]
+    assert "with checkpoint_steps 2 -> 3, max_steps 4 -> 6" in capsys.readouterr().err
+
+
+def test_a_restart_removes_what_a_killed_run_left(tmp_path):
+    cfg = config(max_steps=4, output_path=str(tmp_path), checkpoint_steps=1, keep_last=2)
+    train(plain_loss, init_params(), samples(2), dataclasses.replace(cfg, keep_last=None), where=TRAINED, key=dsf.random.key(0))
+    (tmp_path / ".step-5.safetensors.a1b2c3d4.tmp").write_bytes(b"")
+    (tmp_path / "notes.tmp").write_text("the user's")
+    train(plain_loss, init_params(), samples(2), dataclasses.replace(cfg, resume=True), where=TRAINED, key=dsf.random.key(0))
+    assert checkpoint.all_steps(tmp_path / "checkpoints") == [3, 4]
+    assert sorted(p.name for p in tmp_path.iterdir() if "tmp" in p.name) == ["notes.tmp"]

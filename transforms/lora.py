@@ -44,7 +44,8 @@ import optree
 import torch
 import torch.nn.functional as F
 
-from dsf.files.io import Source
+from dsf.files.io import Source, safetensors_files
+from dsf.model_parts.input_checks import check_finite
 from dsf.random import Key, fold_in, uniform
 from dsf.transform import Transform
 from dsf.tree import NAMESPACE, Where, as_predicate, leaves_with_paths
@@ -238,6 +239,8 @@ def lora(
         raise ValueError(f"lora rank must be a positive int, got {rank!r}")
     if "/" in name:
         raise ValueError(f"an adapter name is a path segment and cannot hold '/': got {name!r}")
+    if alpha is not None:
+        check_finite(alpha=alpha)
     scale = (rank if alpha is None else alpha) / rank
 
     def init(params, init_key: Key | None = None):
@@ -300,6 +303,9 @@ def load_lora(params, source: Source, scale: float = 1.0, name: str | None = Non
     >>> dense(load_lora(params, f, scale=0.5)["q"]["weight"]).tolist()
     [[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]]
     """
+    check_finite(scale=scale)
+    if isinstance(source, (str, os.PathLike)):
+        safetensors_files(source)  # a pickle or a missing file is refused with its name before anything is read
     found = read_lora(source, linear_weight_shapes(params))
     name = _free_name(params, source, name)
 

@@ -58,7 +58,9 @@ _read_log: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("ds
 class DiskTensor:
     """A tensor that stays in ``file`` under ``key`` until :meth:`read`; reads return ``dtype``.
 
-    Torch operations refuse it with an error naming the fix (stream it with ``offload``).
+    Torch operations refuse it with an error naming the fix (stream it with ``offload``). A read checks
+    that the file still has the ``file_size`` (when recorded) and the tensor the ``shape`` seen at
+    :func:`lazy_load`: a file replaced since is an error naming it.
 
     >>> DiskTensor("m.safetensors", "w", torch.bfloat16, (4, 4)).nbytes
     32
@@ -68,6 +70,7 @@ class DiskTensor:
     key: str
     dtype: torch.dtype
     shape: tuple[int, ...]
+    file_size: int | None = None
 
     @property
     def nbytes(self) -> int:
@@ -90,6 +93,7 @@ class DiskTensor:
                 tensor = handles[self.file].get_tensor(self.key)
         except (SafetensorError, FileNotFoundError) as error:
             raise FileNotFoundError(f"cannot read {self.key!r} from {self.file} ({error}); was the file moved?") from None
+        self._check_unchanged(tuple(tensor.shape))
         log = _read_log.get()
         if log is not None:
             log.append(self.key)
@@ -98,6 +102,14 @@ class DiskTensor:
         if device.type != "cuda":
             return tensor.to(device)
         return tensor.pin_memory().to(device, non_blocking=True)  # the host allocator keeps the pinned bytes until the copy ran
+
+    def _check_unchanged(self, shape: tuple[int, ...]) -> None:
+        size = os.path.getsize(self.file)
+        if shape != self.shape or (self.file_size is not None and size != self.file_size):
+            raise ValueError(
+                f"{self.file} changed after lazy_load: {self.key!r} was {self.shape} in a file of {self.file_size} bytes, "
+                f"now {shape} in {size} bytes; load the model again after replacing its files"
+            )
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -133,7 +145,7 @@ def lazy_load(source: str | os.PathLike, dtype: torch.dtype | None = None) -> di
                 view = shard.get_slice(key)
                 stored = SAFETENSORS_DTYPES[view.get_dtype()]
                 target = dtype if dtype is not None and stored.is_floating_point else stored
-                flat[key] = DiskTensor(str(file), key, target, tuple(view.get_shape()))
+                flat[key] = DiskTensor(str(file), key, target, tuple(view.get_shape()), file.stat().st_size)
     return unflatten_dict(flat)
 
 

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterable, Mapping
 
@@ -26,17 +27,45 @@ ENCODER_HINT = "If its sizes differ, put its config.json beside the weights or p
 
 
 def key_problems(expected: Mapping[str, tuple], shapes: Mapping[str, tuple]) -> list[str]:
-    """The missing, unexpected and wrongly shaped keys of ``shapes`` against ``expected``: a count and examples per kind.
+    """The missing, unexpected and wrongly shaped keys of ``shapes`` against ``expected``: a count and examples per kind,
+    led by the numbered blocks (``blocks.3``) missing entirely.
 
     >>> key_problems({"a": (2,), "b": (3,)}, {"a": (4,), "c": (1,)})  # doctest: +NORMALIZE_WHITESPACE
     ["1 missing keys, e.g. ['b']", "1 unexpected keys, e.g. ['c']",
      "1 shape mismatches (checkpoint != config), e.g. ['a: (4,) != (2,)']"]
+    >>> key_problems({"blocks.0.w": (2, 3), "blocks.1.w": (2, 3)}, {"blocks.0.w": (3, 2)})  # doctest: +NORMALIZE_WHITESPACE
+    ["1 blocks missing entirely, e.g. ['blocks.1']", "1 missing keys, e.g. ['blocks.1.w']",
+     "1 shape mismatches (checkpoint != config), e.g. ['blocks.0.w: (3, 2) != (2, 3) (transposed?)']"]
     """
     missing = [k for k in expected if k not in shapes]
     unexpected = [k for k in shapes if k not in expected]
-    wrong = [f"{k}: {tuple(shapes[k])} != {expected[k]}" for k in expected if k in shapes and tuple(shapes[k]) != expected[k]]
-    kinds = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches (checkpoint != config)", wrong))
+    wrong = [_mismatch(k, tuple(shapes[k]), tuple(expected[k])) for k in expected if k in shapes and tuple(shapes[k]) != tuple(expected[k])]
+    kinds = (
+        ("blocks missing entirely", _whole_blocks(missing, expected)),
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("shape mismatches (checkpoint != config)", wrong),
+    )
     return [f"{len(keys)} {kind}, e.g. {keys[:EXAMPLES]}" for kind, keys in kinds if keys]
+
+
+def _mismatch(key: str, found: tuple, wanted: tuple) -> str:
+    transposed = len(found) == 2 and found[::-1] == wanted
+    return f"{key}: {found} != {wanted}" + (" (transposed?)" if transposed else "")
+
+
+def _whole_blocks(missing: list[str], expected: Iterable[str]) -> list[str]:
+    """The numbered blocks (the key up to its first ``.N``) all of whose expected keys are ``missing``."""
+    def block(key: str) -> str | None:
+        match = re.match(r"(.+?\.\d+)\.", key)
+        return match.group(1) if match else None
+
+    absent = set(missing)
+    keys_of: dict[str, list[str]] = {}
+    for key in expected:
+        if (name := block(key)) is not None:
+            keys_of.setdefault(name, []).append(key)
+    return [name for name, keys in keys_of.items() if all(key in absent for key in keys)]
 
 
 def check_keys(expected: Mapping[str, tuple], shapes: Mapping[str, tuple], subject: str, hint: str) -> None:
@@ -256,11 +285,22 @@ def load_tokenizer(tokenizer, default_folder: Path | None, tokenizer_class, name
 
 
 def tensor_shapes(flat: Mapping[str, Any]) -> dict[str, tuple]:
-    """``{key: shape}`` of a flat state dict, each shape a tuple.
+    """``{key: shape}`` of a model checkpoint's flat state dict, each shape a tuple; every tensor must hold floating-point
+    numbers (float8 included): integer or boolean weights are an error naming the key.
 
     >>> tensor_shapes({"w": torch.zeros(2, 3), "b": torch.zeros(2)})
     {'w': (2, 3), 'b': (2,)}
+    >>> tensor_shapes({"w": torch.zeros(2, dtype=torch.int32)})
+    Traceback (most recent call last):
+    ...
+    ValueError: checkpoint key 'w' holds torch.int32 numbers, but model weights are floating point (float32, bfloat16, float16 or float8); was the file written from another kind of tensor?
     """
+    for key, tensor in flat.items():
+        if not tensor.dtype.is_floating_point:
+            raise ValueError(
+                f"checkpoint key {key!r} holds {tensor.dtype} numbers, but model weights are floating point (float32, "
+                "bfloat16, float16 or float8); was the file written from another kind of tensor?"
+            )
     return {key: tuple(tensor.shape) for key, tensor in flat.items()}
 
 

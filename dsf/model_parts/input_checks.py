@@ -1,4 +1,5 @@
-"""Shape checks of a model's input tensors, for errors that name the offending input and the fix.
+"""Checks of a model's inputs, for errors that name the offending input and the fix: tensor shapes, the scalars a
+user passes (finite numbers only: a NaN guidance scale would give black images without a word), and prompts.
 
 A shape to fit is a tuple of sizes, ``None`` where any size goes (a sequence length, a batch).
 
@@ -10,7 +11,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import math
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -60,3 +62,52 @@ def check_conditioning_shapes(latents: torch.Tensor, expected: Mapping[str, tupl
                 f"{name} has shape {shape_of(value)} but latents of shape {tuple(latents.shape)} need a tensor {name} of "
                 f"shape {shape_pattern(shape)} ({meaning}): match the batch size and widths"
             )
+
+
+def check_finite(**scalars) -> None:
+    """Raise a ValueError naming the first of ``scalars`` that is not a finite number (NaN, infinite, or no number).
+
+    >>> check_finite(cfg_scale=3.0, steps=4)
+    >>> check_finite(cfg_scale=float("nan"))
+    Traceback (most recent call last):
+    ...
+    ValueError: cfg_scale must be a finite number, got nan
+    """
+    for name, value in scalars.items():
+        try:
+            finite = math.isfinite(float(value))
+        except (TypeError, ValueError):
+            finite = False
+        if not finite:
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def prompt_lists(prompt, negative_prompt) -> tuple[list[str], list[str]]:
+    """``(prompts, negative prompts)`` as lists of strings: a string stands for a list of one, a string negative prompt
+    for one per prompt; anything else than strings, no prompt at all, or lists of other lengths are errors.
+
+    >>> prompt_lists("a cat", "")
+    (['a cat'], [''])
+    >>> prompt_lists(["a cat", None], "")
+    Traceback (most recent call last):
+    ...
+    ValueError: prompt 1 is None; prompts are strings (use "" for no prompt)
+    """
+    prompts = _strings(prompt, "prompt")
+    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else _strings(negative_prompt, "negative_prompt")
+    if not prompts:
+        raise ValueError("got no prompt; pass a string or a non-empty list of strings")
+    if len(negatives) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(negatives)} negative prompts; pass one per prompt or a string")
+    return prompts, negatives
+
+
+def _strings(value, name: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, Sequence):
+        raise ValueError(f"{name} is {value!r}; pass a string or a list of strings")
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            raise ValueError(f'{name} {index} is {item!r}; prompts are strings (use "" for no prompt)')
+    return list(value)

@@ -2,7 +2,7 @@
 
 A *state* is a nested dict with string keys whose leaves are tensors, ints, floats, bools, strings
 or ``None``. :func:`save_state` writes it as the step folder ``directory/<step>``: orbax writes into
-a temporary folder ``<step>.orbax-checkpoint-tmp-<time>`` and renames it once complete, so a save
+a temporary folder ``<step>.orbax-checkpoint-tmp`` (older orbax: ``-<time>`` added) and renames it once complete, so a save
 killed halfway leaves only a temporary folder, which :func:`latest_step` and :func:`restore_state`
 ignore and the next :func:`save_state` deletes.
 
@@ -10,6 +10,12 @@ Tensors travel to orbax as numpy arrays, moved to the CPU; dtypes numpy lacks (b
 are stored as float32, which holds their values exactly, and cast back on restore. The dict
 structure, each tensor's dtype and the python values form a JSON item beside the arrays, so 64-bit
 integers (random keys) and strings come back exactly.
+
+Every checkpoint carries checksums (CRC-32 of each array's bytes, and of the JSON item itself), and
+:func:`restore_state` verifies them: a truncated, zeroed or bit-flipped checkpoint, or a step folder
+missing a part, raises :class:`DamagedCheckpointError` naming it instead of loading wrong numbers.
+:func:`restore_newest_good` falls back from a damaged checkpoint to the newest one that verifies,
+moving the damaged one aside (``<step>.damaged``) with a message; nothing is deleted.
 
 orbax and jax are imported inside the functions that need them: ``import dsf`` stays free of jax.
 
@@ -26,9 +32,14 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
+import sys
 import tempfile
-from typing import Any
+import zlib
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -36,6 +47,12 @@ import torch
 State = dict[str, Any]
 _ARRAYS_ITEM = "arrays"
 _STRUCTURE_ITEM = "structure"
+_ORBAX_TEMPORARY = re.compile(r"\d+\.orbax-checkpoint-tmp(-\d+)?")  # orbax 0.12 adds no time
+_MKSTEMP_PART = r"[a-z0-9_]{8}"  # what tempfile.mkstemp and mkdtemp put between a prefix and a suffix
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint that cannot be read back as it was written (missing part, unreadable file, checksum mismatch)."""
 
 
 def save_state(directory: str | os.PathLike, step: int, state: State, keep_last: int | None = None) -> None:
@@ -56,7 +73,7 @@ def save_state(directory: str | os.PathLike, step: int, state: State, keep_last:
     if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
         raise ValueError(f"keep_last must be a positive int or None (keep all), got {keep_last!r}")
     arrays: dict[str, np.ndarray] = {}
-    structure = _encode(state, "", arrays)
+    structure = _with_checksum(_encode(state, "", arrays))
     ocp = _orbax()
     items = {_STRUCTURE_ITEM: ocp.args.JsonSave(structure)}
     if arrays:
@@ -76,9 +93,10 @@ def save_state(directory: str | os.PathLike, step: int, state: State, keep_last:
 
 
 def restore_state(directory: str | os.PathLike, step: int | None = None) -> State:
-    """The state saved as checkpoint ``step`` (default: the latest complete one) in ``directory``.
+    """The state saved as checkpoint ``step`` (default: the latest complete one) in ``directory``, verified.
 
-    Tensors come back on the CPU with their saved dtypes.
+    Tensors come back on the CPU with their saved dtypes. A checkpoint that does not read back as
+    written raises :class:`DamagedCheckpointError` naming its folder.
 
     >>> import tempfile
     >>> with tempfile.TemporaryDirectory() as folder:
@@ -92,15 +110,98 @@ def restore_state(directory: str | os.PathLike, step: int | None = None) -> Stat
     step = steps[-1] if step is None else step
     if step not in steps:
         raise FileNotFoundError(f"no complete checkpoint for step {step} in {directory}; it holds steps {steps}")
+    folder = os.path.join(directory, str(step))
     ocp = _orbax()
-    with ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(create=False)) as manager:
-        structure_args = ocp.args.Composite(**{_STRUCTURE_ITEM: ocp.args.JsonRestore()})
-        structure = manager.restore(step, args=structure_args)[_STRUCTURE_ITEM]
-        arrays = {}
-        if _holds_arrays(structure):
-            arrays_args = ocp.args.Composite(**{_ARRAYS_ITEM: ocp.args.PyTreeRestore()})
-            arrays = manager.restore(step, args=arrays_args)[_ARRAYS_ITEM]
-    return _decode(structure, arrays)
+    try:
+        with ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(create=False)) as manager:
+            structure_args = ocp.args.Composite(**{_STRUCTURE_ITEM: ocp.args.JsonRestore()})
+            structure = _verified_structure(manager.restore(step, args=structure_args)[_STRUCTURE_ITEM], folder)
+            arrays = {}
+            if _holds_arrays(structure):
+                arrays_args = ocp.args.Composite(**{_ARRAYS_ITEM: ocp.args.PyTreeRestore()})
+                arrays = manager.restore(step, args=arrays_args)[_ARRAYS_ITEM]
+    except DamagedCheckpointError:
+        raise
+    except Exception as error:  # orbax, tensorstore and json report a damaged folder in many ways
+        raise DamagedCheckpointError(f"checkpoint {folder} cannot be read ({type(error).__name__}: {error})") from error
+    return _decode(structure, arrays, folder)
+
+
+def restore_newest_good(
+    directory: str | os.PathLike, newest: int | None = None, report: Callable[[str], None] | None = None
+) -> tuple[int, State]:
+    """``(step, state)`` of the newest checkpoint in ``directory`` (at most step ``newest``) that verifies.
+
+    Each damaged checkpoint met on the way is moved aside to ``<step>.damaged`` (so later saves and
+    ``keep_last`` see only good ones) and ``report`` (default: print to stderr) says so. With no
+    checkpoint that verifies, a :class:`DamagedCheckpointError` lists what was wrong with each.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     for step in (1, 2):
+    ...         save_state(folder, step, {"step": step})
+    ...     os.remove(os.path.join(folder, "2", "structure", "metadata"))
+    ...     step, state = restore_newest_good(folder, report=print)  # doctest: +ELLIPSIS
+    ...     step, state, sorted(os.listdir(folder))
+    checkpoint .../2 cannot be read (...); moved it to .../2.damaged and resuming from step 1 instead
+    (1, {'step': 1}, ['1', '2.damaged'])
+    """
+    report = report or (lambda message: print(message, file=sys.stderr))
+    problems = []
+    steps = [step for step in all_steps(directory) if newest is None or step <= newest]
+    for position, step in enumerate(reversed(steps)):
+        try:
+            return step, restore_state(directory, step)
+        except DamagedCheckpointError as error:
+            aside = _move_aside(os.path.join(directory, str(step)))
+            problems.append(str(error))
+            older = steps[len(steps) - position - 2] if position + 1 < len(steps) else None
+            then = f"resuming from step {older} instead" if older is not None else "no older checkpoint is left"
+            report(f"{error}; moved it to {aside} and {then}")
+    if not problems:
+        raise FileNotFoundError(f"no complete checkpoint in {directory}; save one with save_state or check the path")
+    raise DamagedCheckpointError(
+        f"no checkpoint in {directory} reads back as written: " + "; ".join(problems) + ". Start a new run in an "
+        "empty output_path (the damaged checkpoints were moved aside, not deleted)"
+    )
+
+
+def newest_good_step(directory: str | os.PathLike) -> int | None:
+    """The step of the newest checkpoint in ``directory`` that verifies, or ``None`` (nothing is moved).
+
+    >>> newest_good_step("/nonexistent/checkpoints") is None
+    True
+    """
+    for step in reversed(all_steps(directory)):
+        try:
+            restore_state(directory, step)
+            return step
+        except DamagedCheckpointError:
+            continue
+    return None
+
+
+def remove_leftovers(directory: str | os.PathLike, keep_last: int | None) -> None:
+    """Remove what a killed save left in ``directory``: orbax's temporary step folders, and the checkpoints beyond
+    the newest ``keep_last`` (a kill between writing one and deleting the oldest leaves one too many).
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     for step in (1, 2, 3):
+    ...         save_state(folder, step, {"step": step})
+    ...     os.mkdir(os.path.join(folder, "4.orbax-checkpoint-tmp"))
+    ...     remove_leftovers(folder, keep_last=2)
+    ...     sorted(os.listdir(folder))
+    ['2', '3']
+    """
+    if not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        if _ORBAX_TEMPORARY.fullmatch(name):
+            shutil.rmtree(os.path.join(directory, name))
+    steps = all_steps(directory)
+    for step in steps[: -keep_last if keep_last else 0]:
+        shutil.rmtree(os.path.join(directory, str(step)))
 
 
 def all_steps(directory: str | os.PathLike) -> list[int]:
@@ -153,6 +254,62 @@ def save_safetensors(path: str | os.PathLike, flat_tensors: dict[str, torch.Tens
         raise
 
 
+def remove_stale_temporaries(folder: str | os.PathLike, final_names: str, suffix: str = ".tmp") -> list[str]:
+    r"""Remove what a killed atomic write left in ``folder``: the files and folders named
+    ``.<final name>.<8 random characters><suffix>`` (how :func:`save_safetensors` and the other writers of dsf name
+    their temporaries) whose final name matches the regex ``final_names``; return the names removed.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     for name in (".step-3.safetensors.k2j4x_9q.tmp", "step-3.safetensors", ".notes.txt.tmp"):
+    ...         _ = open(os.path.join(folder, name), "w").write("")
+    ...     remove_stale_temporaries(folder, r"step-\d+\.safetensors"), sorted(os.listdir(folder))
+    (['.step-3.safetensors.k2j4x_9q.tmp'], ['.notes.txt.tmp', 'step-3.safetensors'])
+    """
+    if not os.path.isdir(folder):
+        return []
+    pattern = re.compile(rf"\.({final_names})\.{_MKSTEMP_PART}{re.escape(suffix)}")
+    removed = sorted(name for name in os.listdir(folder) if pattern.fullmatch(name))
+    for name in removed:
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    return removed
+
+
+def _move_aside(folder: str) -> str:
+    """Rename ``folder`` to ``folder.damaged`` (``.damaged-2``, ... if taken); return the new name."""
+    aside, number = f"{folder}.damaged", 1
+    while os.path.exists(aside):
+        number += 1
+        aside = f"{folder}.damaged-{number}"
+    os.rename(folder, aside)
+    return aside
+
+
+def _crc32(data) -> int:
+    return zlib.crc32(memoryview(data).cast("B"))
+
+
+def _canonical_json(value) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _with_checksum(structure: dict) -> dict:
+    return {"state": structure, "crc32": _crc32(_canonical_json(structure))}
+
+
+def _verified_structure(item, folder: str) -> dict:
+    """The encoded state of a checkpoint's JSON item, after checking the item's own checksum."""
+    if not isinstance(item, dict) or "state" not in item or "crc32" not in item:
+        raise DamagedCheckpointError(f"checkpoint {folder} has no checksummed structure item (written by an older dsf, or damaged)")
+    if _crc32(_canonical_json(item["state"])) != item["crc32"]:
+        raise DamagedCheckpointError(f"checkpoint {folder}: its structure item does not match its checksum")
+    return item["state"]
+
+
 def _orbax():
     import orbax.checkpoint as ocp
 
@@ -171,6 +328,7 @@ def _encode(node, path: str, arrays: dict[str, np.ndarray]) -> dict:
         if node.numel():
             record["array"] = str(len(arrays))
             arrays[record["array"]] = _to_numpy(node, path)
+            record["crc32"] = _crc32(np.asarray(arrays[record["array"]], order="C"))
         return {"tensor": record}
     if node is None or isinstance(node, (bool, int, float, str)):
         return {"value": node}
@@ -196,14 +354,18 @@ def _holds_arrays(structure: dict) -> bool:
     return "array" in structure.get("tensor", {})
 
 
-def _decode(structure: dict, arrays: dict[str, np.ndarray]):
+def _decode(structure: dict, arrays: dict[str, np.ndarray], folder: str, path: str = ""):
     if "dict" in structure:
-        return {key: _decode(child, arrays) for key, child in structure["dict"].items()}
+        return {key: _decode(child, arrays, folder, f"{path}/{key}") for key, child in structure["dict"].items()}
     if "value" in structure:
         return structure["value"]
     record = structure["tensor"]
     dtype = getattr(torch, record["dtype"])
     if "array" not in record:
         return torch.empty(record["shape"], dtype=dtype)
-    array = np.asarray(arrays[record["array"]])
+    array = np.asarray(arrays[record["array"]], order="C")
+    if list(array.shape) != record["shape"] or _crc32(array) != record["crc32"]:
+        raise DamagedCheckpointError(
+            f"checkpoint {folder}: tensor {path!r} does not match the shape and checksum it was written with"
+        )
     return torch.from_numpy(array if array.flags.writeable else array.copy()).to(dtype)

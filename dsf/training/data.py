@@ -32,6 +32,7 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
 from functools import partial
 from pathlib import Path, PurePath
@@ -42,6 +43,7 @@ import torch
 from PIL import Image
 
 from dsf.random import Key, fold_in, permutation
+from dsf.training.checkpoint import remove_stale_temporaries
 
 METADATA_FORMATS = (".csv", ".json", ".jsonl")
 
@@ -204,10 +206,11 @@ def _checked_image_size(image_size) -> tuple[int, int]:
 # Metadata
 
 
-def read_metadata(metadata_path: str | os.PathLike) -> list[dict[str, Any]]:
+def read_metadata(metadata_path: str | os.PathLike, text_columns: Sequence[str] = ("prompt",)) -> list[dict[str, Any]]:
     """The rows of a ``.csv``, ``.json`` (list of objects) or ``.jsonl`` metadata file, as dicts.
 
-    Csv values are strings; json values keep their types.
+    Csv values are strings; json values keep their types, except that the ``text_columns`` (prompts) must
+    hold strings where a row has them: a number or null there is an error naming the row.
 
     >>> import tempfile, os
     >>> with tempfile.TemporaryDirectory() as folder:
@@ -234,6 +237,12 @@ def read_metadata(metadata_path: str | os.PathLike) -> list[dict[str, Any]]:
             raise ValueError(
                 f"metadata file {path}, row {index}: expected an object of column values, got {type(row).__name__}"
             )
+        for column in text_columns:
+            if column in row and not isinstance(row[column], str):
+                raise ValueError(
+                    f"metadata file {path}, row {index}, column {column!r}: expected text, got {row[column]!r}; "
+                    'write it as a string ("" for none)'
+                )
     return rows
 
 
@@ -379,6 +388,9 @@ class FolderDataset:
             raise FileNotFoundError(f"{where}: data file {path} does not exist; add the file or fix the path in the metadata")
         try:
             return self.load_image_file(path)
+        except Image.DecompressionBombError as error:
+            raise ValueError(f"{where}: image {path} is refused as a decompression bomb ({error}); replace the file or "
+                             "remove its row") from error
         except OSError as error:
             raise OSError(f"{where}: cannot read image {path} ({error}); replace the file or remove its row") from error
         except ValueError as error:
@@ -546,7 +558,8 @@ def write_image_folder(
     ``images`` are uint8 arrays ``(H, W)`` (grayscale) or ``(H, W, 3)`` (RGB); ``rows[i]`` are the
     other columns of image ``i``, to which the ``image_key`` column (the PNG path relative to
     ``folder``) is added first. Every file is written under a temporary name and then renamed, and
-    the metadata last, so no reader sees a half-written file.
+    the metadata last, so no reader sees a half-written file; the temporary files a killed write left
+    are removed first.
 
     >>> import tempfile, numpy as np
     >>> with tempfile.TemporaryDirectory() as folder:
@@ -563,6 +576,8 @@ def write_image_folder(
             raise ValueError(f"row {index} already has the column {image_key!r}; it is filled in with the PNG path")
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(folder / "images", r"\d+\.png")
+    remove_stale_temporaries(folder, re.escape(metadata_name))
     width = max(5, len(str(len(images) - 1)))
     metadata_rows = []
     for index, (image, row) in enumerate(zip(images, rows)):

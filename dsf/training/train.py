@@ -13,7 +13,7 @@ Files under ``config.output_path``:
 
     log.csv                  step, loss, lr, grad_norm, elapsed_seconds (every ``log_every`` steps)
     step-{N}.safetensors     the trainable leaves, "."-joined checkpoint keys
-    checkpoints/{N}/         the resumable state (orbax), newest ``keep_last`` kept
+    checkpoints/{N}/         the resumable state (orbax, checksummed), newest ``keep_last`` kept
     tensorboard/             the same scalars, when ``torch.utils.tensorboard`` imports
 
 Example:
@@ -37,10 +37,12 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import json
 import math
 import os
+import sys
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from tqdm.auto import tqdm
@@ -58,6 +60,10 @@ Callback = Callable[[int, Any, float], None]
 Saver = Callable[[str, Any], None]
 
 LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "elapsed_seconds")
+# settings a resumed run must share with its checkpoint; the others (max_steps, how often it saves) may change
+FIXED_SETTINGS = ("learning_rate", "weight_decay", "betas", "eps", "warmup_steps", "gradient_accumulation_steps",
+                  "max_grad_norm", "compute_dtype")
+CHANGEABLE_SETTINGS = ("max_steps", "save_steps", "checkpoint_steps", "keep_last", "log_every")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +74,10 @@ class TrainConfig:
     under ``torch.autocast`` on the device the parameters compute on (:func:`compute_device_type`). ``output_path=None`` writes nothing;
     otherwise the trainable leaves are saved every ``save_steps`` steps and after the last one, and
     the resumable state every ``checkpoint_steps`` steps and after the last one (keeping the newest
-    ``keep_last``; ``None`` keeps all). ``resume=True`` continues from the newest complete checkpoint
-    in ``output_path/checkpoints`` (or starts afresh if there is none).
+    ``keep_last``; ``None`` keeps all). ``resume=True`` continues from the newest checkpoint in
+    ``output_path/checkpoints`` that verifies (or starts afresh if there is none); the checkpoint
+    must have been written with the same :data:`FIXED_SETTINGS` and ``run_settings`` (what else
+    defines the run, e.g. ``{"batch_size": 8}``: JSON values), while the others may change.
 
     >>> TrainConfig(max_steps=10).gradient_accumulation_steps
     1
@@ -91,6 +99,7 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     log_every: int = 1
+    run_settings: Mapping[str, Any] | None = None
 
     def __post_init__(self):
         for name in ("max_steps", "gradient_accumulation_steps", "log_every"):
@@ -102,6 +111,8 @@ class TrainConfig:
             raise ValueError(f"max_grad_norm must be positive or None (no clipping), got {self.max_grad_norm!r}")
         if not isinstance(self.compute_dtype, torch.dtype) or not self.compute_dtype.is_floating_point:
             raise ValueError(f"compute_dtype must be a floating torch.dtype such as torch.bfloat16, got {self.compute_dtype!r}")
+        if self.run_settings is not None:
+            _check_run_settings(self.run_settings)
         if self.output_path is None:
             needing_output = [name for name in ("save_steps", "checkpoint_steps") if getattr(self, name) is not None]
             needing_output += ["resume"] if self.resume else []
@@ -193,11 +204,12 @@ def train(
     schedule = constant_with_warmup(config.learning_rate, config.warmup_steps)
     optimizer = distributed.shardwise(adamw(schedule, config.betas, config.eps, config.weight_decay))
     checkpoint_dir = distributed.checkpoint_dir(config.output_path, trainable)
-    start_step = _start_step(config, checkpoint_dir)
-    if start_step:
-        trainable, optimizer_state, position, elapsed = _restored_run(checkpoint_dir, start_step, trainable, key)
+    _remove_stale_step_files(config.output_path)
+    newest = _newest_checkpoint(config, checkpoint_dir)
+    if newest:
+        start_step, trainable, optimizer_state, position, elapsed = _restored_run(checkpoint_dir, newest, trainable, key, config)
     else:
-        optimizer_state, position, elapsed = optimizer.init(trainable), 0, 0.0
+        start_step, optimizer_state, position, elapsed = 0, optimizer.init(trainable), 0, 0.0
     device_type = compute_device_type(params)
     trainable_paths = set(trainable)
     loss_and_grads = value_and_grad(
@@ -238,8 +250,55 @@ def _require_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def _start_step(config: TrainConfig, checkpoint_dir: str | None) -> int:
-    """The step the run resumes after (0 for a fresh run)."""
+def _check_run_settings(run_settings: Mapping[str, Any]) -> None:
+    taken = sorted(set(run_settings) & {field.name for field in dataclasses.fields(TrainConfig)})
+    if taken:
+        raise ValueError(f"run_settings {taken} repeat TrainConfig fields; pass them as the fields themselves")
+    try:
+        json.dumps(dict(run_settings))
+    except TypeError as error:
+        raise ValueError(f"run_settings must hold JSON values (numbers, strings, lists), got {dict(run_settings)!r} ({error})") from None
+
+
+def run_settings(config: TrainConfig) -> dict[str, dict[str, Any]]:
+    """What a checkpoint records of the run's settings, as JSON values: ``{"fixed": ..., "changeable": ...}``.
+
+    >>> settings = run_settings(TrainConfig(max_steps=5, run_settings={"batch_size": 8}))
+    >>> settings["fixed"]["batch_size"], settings["fixed"]["compute_dtype"], settings["changeable"]["max_steps"]
+    (8, 'torch.float32', 5)
+    """
+    fixed = {name: getattr(config, name) for name in FIXED_SETTINGS}
+    fixed["compute_dtype"] = str(config.compute_dtype)
+    fixed.update(config.run_settings or {})
+    changeable = {name: getattr(config, name) for name in CHANGEABLE_SETTINGS}
+    return json.loads(json.dumps({"fixed": fixed, "changeable": changeable}))
+
+
+def _check_resumable(saved: str, config: TrainConfig, step: int, where: str) -> None:
+    """Refuse to resume checkpoint ``step`` (at ``where``, with the JSON ``saved`` settings) under other fixed settings
+    or a ``max_steps`` below its step; say which changeable settings changed."""
+    if step > config.max_steps:
+        raise ValueError(
+            f"the checkpoint at {where} is at step {step}, past max_steps={config.max_steps}: its model was trained "
+            f"further than asked; pass max_steps >= {step} to continue it, or start a new run in an empty output_path"
+        )
+    before, now = json.loads(saved), run_settings(config)
+    changed = {
+        kind: [f"{name} {before[kind].get(name)!r} -> {now[kind].get(name)!r}"
+               for name in sorted(set(before[kind]) | set(now[kind])) if before[kind].get(name) != now[kind].get(name)]
+        for kind in ("fixed", "changeable")
+    }
+    if changed["fixed"]:
+        raise ValueError(
+            f"the checkpoint at {where} was trained with other settings: {', '.join(changed['fixed'])}; resume with the "
+            "settings of the original run, or start a new run in an empty output_path"
+        )
+    if changed["changeable"] and distributed.is_main():
+        print(f"resuming {where} with {', '.join(changed['changeable'])}", file=sys.stderr)
+
+
+def _newest_checkpoint(config: TrainConfig, checkpoint_dir: str | None) -> int:
+    """The newest complete checkpoint the run resumes from (0 for a fresh run)."""
     latest = None if checkpoint_dir is None else distributed.latest_step(checkpoint_dir)
     if config.resume:
         return latest or 0
@@ -251,20 +310,55 @@ def _start_step(config: TrainConfig, checkpoint_dir: str | None) -> int:
     return 0
 
 
-def _restored_run(checkpoint_dir: str, step: int, trainable: dict[str, torch.Tensor], key: Key):
-    """``(trainable, optimizer_state, data_position, elapsed_seconds)`` from checkpoint ``step``, on the devices of ``trainable``."""
-    state = distributed.sharded_like(checkpoint.restore_state(checkpoint_dir, step), trainable)
+def _restored_run(checkpoint_dir: str, newest: int, trainable: dict[str, torch.Tensor], key: Key, config: TrainConfig):
+    """``(step, trainable, optimizer_state, data_position, elapsed_seconds)`` from the newest checkpoint up to step
+    ``newest`` that verifies, on the devices of ``trainable``; leftovers of killed saves are removed after."""
+    step, state = _newest_good_state(checkpoint_dir, newest, distributed.holds_shards(trainable))
+    state = distributed.sharded_like(state, trainable)
+    where = os.path.join(checkpoint_dir, str(step))
     if state["key"] != key.value:
         raise ValueError(
-            f"the checkpoint at {checkpoint_dir}/{step} was trained with key value {state['key']}, but key={key}; "
+            f"the checkpoint at {where} was trained with key value {state['key']}, but key={key}; "
             "resume with the key of the original run, or start a new run in an empty output_path"
         )
-    _check_same_leaves(state["trainable"], trainable, f"{checkpoint_dir}/{step}")
+    _check_same_leaves(state["trainable"], trainable, where)
+    _check_resumable(state["settings"], config, step, where)
+    if step == config.max_steps and distributed.is_main():
+        print(f"the run at {where} already finished at step {step} = max_steps; nothing to train "
+              "(pass a larger max_steps to train further)", file=sys.stderr)
+    if distributed.holds_shards(trainable) or distributed.is_main():
+        checkpoint.remove_leftovers(checkpoint_dir, config.keep_last)
     optimizer_state = dict(state["optimizer"])
     for slot, tensors in optimizer_state.items():
         if isinstance(tensors, dict):
             optimizer_state[slot] = _on_devices_of(tensors, trainable)
-    return _on_devices_of(state["trainable"], trainable), optimizer_state, state["data_position"], state["elapsed_seconds"]
+    return step, _on_devices_of(state["trainable"], trainable), optimizer_state, state["data_position"], state["elapsed_seconds"]
+
+
+def _newest_good_state(checkpoint_dir: str, newest: int, sharded: bool) -> tuple[int, dict]:
+    """:func:`checkpoint.restore_newest_good` in a job: a folder every rank reads is checked (and damaged checkpoints
+    moved aside) by the main rank first; ranks reading their own shards must agree on the step."""
+    if sharded or distributed.is_main():
+        try:
+            step, state = checkpoint.restore_newest_good(checkpoint_dir, newest)
+        finally:
+            if not sharded:
+                distributed.barrier()
+    else:
+        distributed.barrier()
+        step, state = checkpoint.restore_newest_good(checkpoint_dir, newest)
+    if sharded and distributed.world().size > 1:
+        steps: list[int] = [0] * distributed.world().size
+        torch.distributed.all_gather_object(steps, step)
+        if len(set(steps)) > 1:
+            raise RuntimeError(f"the ranks' newest good checkpoints differ (steps {steps}); resume needs one step all ranks hold")
+    return step, state
+
+
+def _remove_stale_step_files(output_path: str | None) -> None:
+    """Remove the temporary step files a killed run was writing (main rank)."""
+    if output_path is not None and distributed.is_main():
+        checkpoint.remove_stale_temporaries(output_path, r"step-\d+\.safetensors")
 
 
 def _check_same_leaves(restored: dict[str, torch.Tensor], trainable: dict[str, torch.Tensor], where: str) -> None:
@@ -330,9 +424,9 @@ def _accumulated_loss_and_grads(
 def _check_finite(loss: float, norm: float, step: int, checkpoint_dir: str | None) -> None:
     if math.isfinite(loss) and math.isfinite(norm):
         return
-    latest = None if checkpoint_dir is None else checkpoint.latest_step(checkpoint_dir)
+    latest = None if checkpoint_dir is None else checkpoint.newest_good_step(checkpoint_dir)
     if latest is None:
-        last_good = "no checkpoint was saved before it (set output_path and checkpoint_steps to keep some)"
+        last_good = "no checkpoint that verifies was saved before it (set output_path and checkpoint_steps to keep some)"
     else:
         last_good = (
             f"the last good checkpoint is {os.path.join(checkpoint_dir, str(latest))} (step {latest}); "
@@ -364,6 +458,7 @@ def _save_due(config: TrainConfig, checkpoint_dir, step, params, trainable, opti
             "key": key.value,
             "data_position": position,
             "elapsed_seconds": elapsed,
+            "settings": json.dumps(run_settings(config), sort_keys=True),
         }
         distributed.save_state(checkpoint_dir, step, state, keep_last=config.keep_last)
 

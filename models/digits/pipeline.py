@@ -32,6 +32,7 @@ from dsf.models.digits.config import DigitsConfig
 from dsf.models.digits.folder import read_model_folder, write_model_folder
 from dsf.models.digits.model import dit_apply, init_dit
 from dsf.models.digits.text import build_tokenizer, text_encoder_fn, text_encoder_module, tokenize
+from dsf.model_parts.input_checks import check_finite, prompt_lists
 from dsf.diffusion.sampling import sample
 from dsf.diffusion.schedules import FlowSchedule
 
@@ -87,12 +88,14 @@ def generate_tensors(
     negative_prompt: str = "", progress: bool = True,
 ) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1], one per prompt; the noise of image ``i`` comes from ``fold_in(key(seed), i)``."""
+    prompts, negatives = prompt_lists(prompts, negative_prompt)
+    check_finite(cfg_scale=cfg_scale)
     cfg = model.config
     key = dsf.random.key(seed)
     noise = torch.stack([dsf.random.normal(dsf.random.fold_in(key, i), (cfg.channels, cfg.image_size, cfg.image_size))
                          for i in range(len(prompts))])
     cond = {"text_embeds": model.text_embeds(model.params, prompts)}
-    negative = {"text_embeds": model.text_embeds(model.params, [negative_prompt] * len(prompts))}
+    negative = {"text_embeds": model.text_embeds(model.params, negatives)}
     return sample(model.velocity, model.params, noise, SCHEDULE.sigmas(num_inference_steps), cond,
                   negative_cond=negative, cfg_scale=cfg_scale, progress=progress)
 

@@ -133,9 +133,13 @@ def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([second, first], dim=0)
 
 
-def _fused_sizes(fused_weight: torch.Tensor, parts: int) -> list[int]:
+def _fused_sizes(fused_weight: torch.Tensor, parts: int, key: str) -> list[int]:
     """Row sizes of a fused (q, k, v[, mlp]) weight: q, k and v are as wide as the input, the MLP takes the rest."""
     hidden = fused_weight.shape[1]
+    rows_fit = fused_weight.shape[0] > 3 * hidden if parts > 3 else fused_weight.shape[0] == 3 * hidden
+    if fused_weight.ndim != 2 or not rows_fit:
+        raise ValueError(f"BFL weight {key!r} has shape {tuple(fused_weight.shape)}, but a fused weight of {parts} parts "
+                         f"has {'more than' if parts > 3 else 'exactly'} 3 × its {hidden} columns as rows; is it transposed?")
     return [hidden] * 3 + [fused_weight.shape[0] - 3 * hidden] * (parts - 3)
 
 
@@ -159,7 +163,7 @@ def bfl_to_ours(flat: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             ours[scope.ours + index + scope.renames[local]] = _swap_halves(tensor) if module == SHIFT_SCALE_SWAPPED else tensor
         elif module in scope.fused and leaf in ("weight", "bias") and fused_weight is not None:
             parts = scope.fused[module]
-            for part, piece in zip(parts, tensor.split(_fused_sizes(fused_weight, len(parts)))):
+            for part, piece in zip(parts, tensor.split(_fused_sizes(fused_weight, len(parts), f"{scope.bfl}{index}{module}.weight"))):
                 ours[f"{scope.ours}{index}{part}.{leaf}"] = piece
         else:
             ours[key] = tensor

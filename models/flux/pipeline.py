@@ -30,6 +30,7 @@ from dsf.models.flux.model import FluxDiT
 from dsf.models.flux.text import TextEncoder, load_clip, load_t5
 from dsf.models.flux.vae import FluxVAE
 from dsf.models.flux.vae_keys import load_vae
+from dsf.model_parts.input_checks import check_finite, prompt_lists
 from dsf.diffusion.sampling import sample, start_latents
 from dsf.model_parts.pipelines import check_size, component_options, component_source, device_of, dtype_of, pipeline_root, to_pil
 from dsf.diffusion.schedules import FlowSchedule, from_diffusers_config
@@ -109,10 +110,8 @@ class FluxPipeline:
 
         Differentiable in ``params`` when gradients are on (distillation trains through it).
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(negatives)} negative prompts; pass one per prompt or a string")
+        prompts, negatives = prompt_lists(prompt, negative_prompt)
+        check_finite(embedded_guidance=embedded_guidance, cfg_scale=cfg_scale, denoising_strength=denoising_strength)
         check_size(height, width, self.multiple)
         if noise is None:
             noise = self.noise(seed, len(prompts), height, width, params)

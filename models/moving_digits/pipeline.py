@@ -34,6 +34,7 @@ from dsf.models.digits.text import tokenize
 from dsf.models.moving_digits.model import (
     MovingDigitsConfig, build_tokenizer, init_dit, text_encoder_fn, text_encoder_module,
 )
+from dsf.model_parts.input_checks import check_finite, prompt_lists
 from dsf.diffusion.sampling import sample
 from dsf.diffusion.schedules import FlowSchedule
 
@@ -132,12 +133,14 @@ def generate_tensors(
     >>> torch.allclose(a[:1], b, atol=1e-6), torch.equal(a[0], a[1])
     (True, False)
     """
+    prompts, negatives = prompt_lists(prompts, negative_prompt)
+    check_finite(cfg_scale=cfg_scale)
     cfg = model.config
     key = dsf.random.key(seed)
     shape = (cfg.channels, cfg.frames, cfg.image_size, cfg.image_size)
     noise = torch.stack([dsf.random.normal(dsf.random.fold_in(key, i), shape) for i in range(len(prompts))])
     cond = {"text_embeds": model.text_embeds(model.params, prompts)}
-    negative = {"text_embeds": model.text_embeds(model.params, [negative_prompt] * len(prompts))}
+    negative = {"text_embeds": model.text_embeds(model.params, negatives)}
     return sample(model.velocity, model.params, noise, SCHEDULE.sigmas(num_inference_steps), cond,
                   negative_cond=negative, cfg_scale=cfg_scale, progress=progress)
 

@@ -48,6 +48,7 @@ from dsf.models.wan.model import TwoExpertDiT, WanDiT
 from dsf.models.wan.text import ImageEncoder, TextEncoder, load_clip_vision, load_umt5
 from dsf.models.wan.vae import WanVAE
 from dsf.models.wan.vae_keys import load_vae
+from dsf.model_parts.input_checks import check_finite, prompt_lists
 from dsf.diffusion.sampling import sample
 from dsf.diffusion.schedules import WAN
 
@@ -106,14 +107,6 @@ def video_to_frames(video: torch.Tensor) -> list[list[Image.Image]]:
     frames = to_pil(rearrange(video, "b c t h w -> (b t) c h w"))  # (B·T, 3, H, W)
     count = video.shape[2]
     return [frames[i : i + count] for i in range(0, len(frames), count)]
-
-
-def _prompt_lists(prompt, negative_prompt) -> tuple[list[str], list[str]]:
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-    if len(negatives) != len(prompts):
-        raise ValueError(f"got {len(prompts)} prompts but {len(negatives)} negative prompts; pass one per prompt or a string")
-    return prompts, negatives
 
 
 @dataclass(frozen=True)
@@ -287,7 +280,8 @@ class WanPipeline:
 
         Differentiable in ``params`` when gradients are on.
         """
-        prompts, negatives = _prompt_lists(prompt, negative_prompt)
+        prompts, negatives = prompt_lists(prompt, negative_prompt)
+        check_finite(cfg_scale=cfg_scale, sigma_shift=sigma_shift)
         self.check_request(num_frames, height, width, image)
         expected = (len(prompts), *self.latent_shape(num_frames, height, width))
         if noise is None:

@@ -19,7 +19,9 @@ import argparse
 import torch
 
 import dsf
+from dsf.cli.flag_types import non_negative_int
 from dsf.transforms import fp8, offload
+from dsf.cli.flag_types import finite_float
 
 
 def add_model_flags(parser: argparse.ArgumentParser, family: str, example_repo: str, dit_layouts: str, vae_layouts: str,
@@ -37,7 +39,7 @@ def add_model_flags(parser: argparse.ArgumentParser, family: str, example_repo: 
     parser.add_argument("--vae", help=f"a VAE file or folder ({vae_layouts} layout)")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative_prompt", default=negative_prompt)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
 
 
 def add_memory_flags(parser: argparse.ArgumentParser, lora_help: str) -> None:
@@ -46,9 +48,9 @@ def add_memory_flags(parser: argparse.ArgumentParser, lora_help: str) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--fp8", default="", help="components stored in float8, e.g. dit,t5")
     parser.add_argument("--offload", default="none", choices=("none", "component", "block"))
-    parser.add_argument("--vram_limit", type=float, default=0.0, help="GiB of blocks kept resident with --offload block")
+    parser.add_argument("--vram_limit", type=finite_float, default=0.0, help="GiB of blocks kept resident with --offload block")
     parser.add_argument("--lora", action="append", default=[], help=lora_help)
-    parser.add_argument("--lora_scale", type=float, action="append", default=[], help="one per --lora (default 1)")
+    parser.add_argument("--lora_scale", type=finite_float, action="append", default=[], help="one per --lora (default 1)")
 
 
 def memory_transforms(args: argparse.Namespace) -> dsf.Transform:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from PIL import Image
+from dsf.cli.flag_types import finite_float, non_negative_int, positive_int
 
 
 def run_command(argv: list[str], *, train: Callable[[list[str]], object], sample: Callable[[list[str]], object]) -> None:
@@ -37,11 +38,11 @@ def sample_parser(description: str, prompt_example: str, cfg_scale: float) -> ar
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", required=True, help="a model folder written by training (OUTPUT_PATH/model)")
     parser.add_argument("--prompt", required=True, help=f'e.g. "{prompt_example}"')
-    parser.add_argument("--num", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num", type=positive_int, default=4)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--cfg_scale", type=float, default=cfg_scale)
-    parser.add_argument("--num_inference_steps", type=int, default=20)
+    parser.add_argument("--cfg_scale", type=finite_float, default=cfg_scale)
+    parser.add_argument("--num_inference_steps", type=positive_int, default=20)
     return parser
 
 

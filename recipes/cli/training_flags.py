@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 from dsf.training.data import batches, collate
 from dsf.random import Key
 from dsf.training.train import TrainConfig
+from dsf.cli.flag_types import finite_float, non_negative_int, positive_int
 
 
 def add_dataset_flags(parser: argparse.ArgumentParser, columns: str, height: int | None = None, width: int | None = None):
@@ -35,9 +36,9 @@ def add_dataset_flags(parser: argparse.ArgumentParser, columns: str, height: int
     data = parser.add_argument_group("data")
     data.add_argument("--dataset_base_path", required=True, help="the dataset folder (sft:train: the cache folder)")
     data.add_argument("--dataset_metadata_path", help=f"csv, json or jsonl with {columns} columns")
-    data.add_argument("--dataset_repeat", type=int, default=1)
-    data.add_argument("--height", type=int, default=height)
-    data.add_argument("--width", type=int, default=width)
+    data.add_argument("--dataset_repeat", type=positive_int, default=1)
+    data.add_argument("--height", type=positive_int, default=height)
+    data.add_argument("--width", type=positive_int, default=width)
     return data
 
 
@@ -52,25 +53,25 @@ def add_training_flags(
     """Add the ``training``, ``LoRA`` and ``output`` flag groups to ``parser`` and return them by name,
     for a recipe to add its own flags to; see the module example."""
     training = parser.add_argument_group("training")
-    training.add_argument("--learning_rate", type=float, default=1e-4)
-    training.add_argument("--weight_decay", type=float, default=0.01)
-    training.add_argument("--num_epochs", type=int, default=1)
-    training.add_argument("--max_steps", type=int, help="optimizer steps (default: --num_epochs over the dataset)")
-    training.add_argument("--batch_size", type=int, default=1)
-    training.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    training.add_argument("--learning_rate", type=finite_float, default=1e-4)
+    training.add_argument("--weight_decay", type=finite_float, default=0.01)
+    training.add_argument("--num_epochs", type=positive_int, default=1)
+    training.add_argument("--max_steps", type=positive_int, help="optimizer steps (default: --num_epochs over the dataset)")
+    training.add_argument("--batch_size", type=positive_int, default=1)
+    training.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
     training.add_argument("--use_gradient_checkpointing", action="store_true")
     training.add_argument("--use_gradient_checkpointing_offload", action="store_true", help="also keep activations on the CPU")
-    training.add_argument("--seed", type=int, default=0)
+    training.add_argument("--seed", type=non_negative_int, default=0)
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--lora_target_modules", default=lora_targets)
-    lora.add_argument("--lora_rank", type=int, default=32)
-    lora.add_argument("--lora_alpha", type=float, help="default: the rank (scale 1)")
+    lora.add_argument("--lora_rank", type=positive_int, default=32)
+    lora.add_argument("--lora_alpha", type=finite_float, help="default: the rank (scale 1)")
     lora.add_argument("--lora_checkpoint", help="a LoRA file to continue training")
     lora.add_argument("--lora_layout", default=lora_layout, choices=lora_layouts, help="key layout of the saved LoRA files")
     output = parser.add_argument_group("output")
     output.add_argument("--output_path", default=output_path)
-    output.add_argument("--save_steps", type=int, help="default: once per epoch")
-    output.add_argument("--checkpoint_steps", type=int, help="resumable state every N steps (default: --save_steps)")
+    output.add_argument("--save_steps", type=positive_int, help="default: once per epoch")
+    output.add_argument("--checkpoint_steps", type=positive_int, help="resumable state every N steps (default: --save_steps)")
     output.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output_path")
     return {"training": training, "LoRA": lora, "output": output}
 
@@ -79,18 +80,20 @@ def train_config(args: argparse.Namespace, dataset_size: int, processes: int = 1
     """The :class:`TrainConfig` of the parsed flags: an epoch is ``dataset_size`` items over
     ``processes`` processes, each taking ``--batch_size`` × ``--gradient_accumulation_steps`` per step;
     ``--max_steps`` defaults to ``--num_epochs`` epochs, ``--save_steps`` to one epoch, and
-    ``--checkpoint_steps`` to ``--save_steps``; see the module example."""
+    ``--checkpoint_steps`` to ``--save_steps``; ``--batch_size`` is a run setting a resumed run must share; see the
+    module example."""
     steps_per_epoch = max(1, dataset_size // (args.batch_size * args.gradient_accumulation_steps * processes))
-    save_steps = args.save_steps or steps_per_epoch
+    save_steps = steps_per_epoch if args.save_steps is None else args.save_steps
     return TrainConfig(
         learning_rate=args.learning_rate,
         weight_decay=args.weight_decay,
-        max_steps=args.max_steps or args.num_epochs * steps_per_epoch,
+        max_steps=args.num_epochs * steps_per_epoch if args.max_steps is None else args.max_steps,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         output_path=args.output_path,
         save_steps=save_steps,
-        checkpoint_steps=args.checkpoint_steps or save_steps,
+        checkpoint_steps=save_steps if args.checkpoint_steps is None else args.checkpoint_steps,
         resume=args.resume,
+        run_settings={"batch_size": args.batch_size},
     )
 
 
