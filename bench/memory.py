@@ -11,9 +11,16 @@ with random bf16 weights, one 1024² forward per step; peak allocated, reserved 
 seconds per step for resident, component offload, block offload, block offload + fp8, and
 diffusers' group offloading (leaf level, streams) and layerwise fp8 casting on the same weights.
 
+``--t5``: the same two modes for a T5 text-encoder encode (T5-v1.1-XXL's layout at hidden size
+1024 and 8 layers, random fp32 weights, one 512-token prompt): the whole encoder loaded in RAM
+against its layers streamed from the file one block at a time (``dsf.model_parts.t5_encoder``
+runs them through ``dsf.run_blocks``). Both read the file through ``lazy_load`` and ``offload``, the
+resident mode with a ``vram_limit`` that keeps every weight, read tensor by tensor at init.
+
 Usage:
     python bench/memory.py
     python bench/memory.py --device cuda
+    python bench/memory.py --t5
 """
 
 from __future__ import annotations
@@ -37,9 +44,14 @@ from dsf.files.disk import lazy_load
 from dsf.files.io import load_state_dict
 from dsf.models.flux.config import DIFFUSERS_KEYS
 from dsf.models.flux import FluxConfig, FluxDiT, init_dit, param_shapes, patchify, position_ids
+from dsf.model_parts import t5_encoder
+from dsf.model_parts.modules import meta_module
+from dsf.models.flux.text import T5_XXL_CONFIG
 from dsf.transforms.fp8 import fp8
 from dsf.transforms.offload import offload
 
+ALL_RESIDENT = 2.0**20  # GiB: offload's vram_limit that keeps every weight resident, each read once at init
+T5_CPU_CONFIG = {"d_model": 1024, "d_ff": 2816, "num_heads": 16, "num_layers": 8, "num_decoder_layers": 8}
 CPU_CONFIG = FluxConfig(
     num_heads=8, head_dim=96, axes_dims_rope=(16, 40, 40), num_double_blocks=4, num_single_blocks=8, context_dim=256, pooled_dim=64
 )
@@ -133,6 +145,68 @@ def cpu_table(config: FluxConfig) -> str:
         lines.append(
             f"{label:<22}{r['peak'] / MB:>8.0f}MB{above / MB:>14.0f}MB{above / model_bytes:>9.2f}"
             f"{above / block:>9.2f}{r['seconds']:>11.2f}"
+        )
+    ram, disk = (rows[m]["peak"] - rows[m]["baseline"] for m in ("ram", "disk"))
+    lines.append(
+        f"disk / RAM: {disk / ram:.2f}× the memory above baseline, {rows['disk']['seconds'] / rows['ram']['seconds']:.2f}× the time"
+    )
+    return "\n".join(lines)
+
+
+def t5_module(config: dict):
+    """FLUX.1's T5-XXL encoder module on the meta device with ``config`` over its sizes (only the code is used)."""
+    from transformers import T5Config, T5EncoderModel
+
+    return meta_module(T5EncoderModel, T5Config(**T5_XXL_CONFIG | config))
+
+
+def t5_worker(mode: str, file: str, config: dict) -> dict:
+    """One measured process: three encodes of a 512-token prompt (the fastest after the first is timed), weights in RAM or streamed."""
+    torch.set_num_threads(min(4, os.cpu_count() or 1))
+    encode = t5_encoder.last_hidden_fn(t5_module(config))
+    baseline = peak_rss()
+    t = offload("cpu", vram_limit=ALL_RESIDENT if mode == "ram" else 0)
+    params, encode = t.init(lazy_load(file)), t(encode)
+    ids = torch.randint(2, 32128, (1, 512), generator=torch.Generator().manual_seed(0))
+    seconds = []
+    with torch.no_grad():
+        for _ in range(3):
+            start = time.perf_counter()
+            encode(params, ids)
+            seconds.append(time.perf_counter() - start)
+    return {"baseline": baseline, "peak": peak_rss(), "seconds": min(seconds[1:])}
+
+
+def t5_table(config: dict) -> str:
+    """Write a random T5 encoder of ``config``, measure both modes in subprocesses, and format the comparison."""
+    shapes = t5_encoder.encoder_shapes(t5_module(config))
+    with tempfile.TemporaryDirectory() as folder:
+        file = str(Path(folder) / "t5.safetensors")
+        g = torch.Generator().manual_seed(0)
+        flat = {k: torch.randn(s, generator=g) * 0.02 if len(s) == 2 else torch.ones(s) for k, s in shapes.items()}
+        model_bytes = sum(t.nbytes for t in flat.values())
+        block = sum(t.nbytes for k, t in flat.items() if k.startswith("encoder.block.1."))
+        save_file(flat, file)
+        del flat
+        os.sync()
+        rows = {}
+        for mode in ("ram", "disk"):
+            done = subprocess.run(
+                [sys.executable, __file__, "--t5-worker", mode, "--file", file, "--config", json.dumps(config)],
+                capture_output=True, text=True, check=True,
+            )
+            rows[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    lines = [
+        f"T5-v1.1-XXL layout, d_model {config['d_model']}, {config['num_layers']} layers: {model_bytes / MB:.0f} MB fp32, "
+        f"one layer {block / MB:.0f} MB; one 512-token encode, no grad",
+        f"{'weights':<22}{'peak RSS':>10}{'above baseline':>16}{'/ model':>9}{'/ layer':>9}{'s/encode':>10}",
+    ]
+    for mode, label in (("ram", "all resident"), ("disk", "streamed from disk")):
+        r = rows[mode]
+        above = r["peak"] - r["baseline"]
+        lines.append(
+            f"{label:<22}{r['peak'] / MB:>8.0f}MB{above / MB:>14.0f}MB{above / model_bytes:>9.2f}"
+            f"{above / block:>9.2f}{r['seconds']:>10.2f}"
         )
     ram, disk = (rows[m]["peak"] - rows[m]["baseline"] for m in ("ram", "disk"))
     lines.append(
@@ -243,7 +317,15 @@ def main() -> None:
     parser.add_argument("--worker", choices=("ram", "disk"), help=argparse.SUPPRESS)
     parser.add_argument("--file", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
+    parser.add_argument("--t5", action="store_true", help="measure a T5 text-encoder encode instead of the DiT (CPU)")
+    parser.add_argument("--t5-worker", choices=("ram", "disk"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.t5_worker:
+        print(json.dumps(t5_worker(args.t5_worker, args.file, json.loads(args.config))))
+        return
+    if args.t5:
+        print(t5_table(T5_CPU_CONFIG))
+        return
     if args.worker:
         print(json.dumps(worker(args.worker, args.file, FluxConfig(**json.loads(args.config)))))
     elif args.device == "cuda":

@@ -37,13 +37,23 @@ def module_params(module: torch.nn.Module) -> dict:
     return unflatten_dict({name: t.detach() for name, t in tensors.items()})
 
 
+def call_module(module: torch.nn.Module, params, *args, **kwargs):
+    """``module(*args, **kwargs)`` computed with ``params`` (a tree or flat dict of exactly its state), densified.
+
+    A part of a module (one layer of a transformers encoder) runs on its own subtree this way.
+
+    >>> call_module(torch.nn.Linear(2, 1), {"weight": torch.ones(1, 2), "bias": torch.zeros(1)}, torch.ones(1, 2)).tolist()
+    [[2.0]]
+    """
+    return functional_call(module, flatten_dict(dense_tree(params)), args, kwargs, strict=True)
+
+
 def pure_module(module: torch.nn.Module) -> tuple[Callable, dict]:
     """``(apply, params)`` for a module; ``apply(params, *args, **kwargs)`` calls it with ``params``."""
     module.eval()
 
     def apply(params, *args, **kwargs):
-        flat = flatten_dict(dense_tree(params))
-        return functional_call(module, flat, args, kwargs, strict=True)
+        return call_module(module, params, *args, **kwargs)
 
     return apply, module_params(module)
 
