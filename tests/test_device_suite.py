@@ -22,7 +22,7 @@ def test_small_cpu_run_measures_every_row_in_order(tmp_path, capsys):
     document = json.loads(out.read_text())
     rows = {row["id"]: row for row in document["rows"]}
     assert [row["id"] for row in document["rows"]] == ROW_IDS and document["small"] is True
-    expected_skips = {"f"} | (set() if importlib.util.find_spec("diffusers") else {"a"})
+    expected_skips = set() if importlib.util.find_spec("diffusers") else {"a"}
     assert {i for i, row in rows.items() if row["status"] != "ok"} == expected_skips, [r["reason"] for r in rows.values()]
     if "a" not in expected_skips:
         assert rows["a"]["values"]["max_relative_difference"] < 1e-4
