@@ -368,7 +368,7 @@ def _names_resolve(naming: Mapping[str, Fusion], groups) -> bool:
 
 def _bare_naming(model: _Model, groups) -> str:
     """The naming (ours, native, DiffSynth's) in which every unprefixed module name of a file is a module."""
-    found = next((kind for kind in ("ours", "native", "diffsynth") if _names_resolve(model.naming(kind), groups)), None)
+    found = next((kind for kind in ("ours", "diffsynth", "native") if _names_resolve(model.naming(kind), groups)), None)
     if found is None:
         _read_group(model.naming("ours"), groups, False, {}, "module")  # raises, naming the unknown modules
     return found
@@ -598,8 +598,9 @@ def _file_keys(key: str, change: Change, style: _WriteStyle, with_alpha: bool) -
     if isinstance(change, Difference):
         if style.scale == "dsf":
             return {f"{key}.diff": change.delta}
-        module, _, leaf = key.rpartition(".")
-        return {f"{style.prefix}{module}{'.diff_b' if leaf == 'bias' else '.diff'}": change.delta}
+        module, _, leaf = key.rpartition(".")  # ComfyUI: <module>.diff for its weight, .diff_b for its bias, <key>.diff
+        name = {"weight": f"{module}.diff", "bias": f"{module}.diff_b"}.get(leaf, f"{key}.diff")
+        return {style.prefix + name: change.delta}
     name = key if style.scale == "dsf" else key.removesuffix(".weight")
     name = style.prefix + (name.replace(".", "_") if style.underscores else name)
     down = change.down * change.scale if style.scale == "folded" and change.scale != 1.0 else change.down
