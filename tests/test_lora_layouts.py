@@ -11,9 +11,9 @@ from safetensors.torch import load_file, save_file
 import dsf
 from dsf.models import flux
 from dsf.models.flux.keys import ours_to_bfl
-from dsf.transforms.lora import clear_lora, load_lora, lora, merge_lora, save_lora
+from dsf.transforms.lora import clear_lora, load_lora, lora, merge_lora, param_shapes, save_lora
 from dsf.model_parts.lora_files import LAYOUTS, detect_lora_layout, read_lora
-from dsf.weight import dense
+from dsf.weight import dense, dense_tree
 
 CFG = flux.FluxConfig(num_heads=2, head_dim=16, axes_dims_rope=(4, 6, 6), num_double_blocks=1,
                       num_single_blocks=1, context_dim=32, pooled_dim=16)
@@ -80,8 +80,13 @@ def trained(base):
 def test_load_save_round_trip_is_exact(layout, base, trained, tmp_path):
     path = tmp_path / f"{layout}.safetensors"
     save_lora(trained, path, layout)
-    assert detect_lora_layout(load_file(path)) == layout
+    assert detect_lora_layout(load_file(path), param_shapes(base)) == layout
     back = load_lora(base, path, name="back")
+    if layout == "diffsynth":  # DiffSynth-Studio reads no alpha for FLUX.1: the scale (2, exact) is folded into down
+        assert {a.scale for a in _adapters(back, "back").values()} == {1.0}
+        merged_back, merged = (dsf.tree.flatten_dict(dense_tree(merge_lora(p))) for p in (back, trained))
+        assert all(torch.equal(merged_back[k], merged[k]) for k in merged)
+        return
     _assert_same_adapters(_adapters(back, "back"), _adapters(trained, "lora"), exact_scale=layout == "dsf")
     assert {a.scale for a in _adapters(back, "back").values()} == {2.0}
 
@@ -108,9 +113,11 @@ def test_fused_bfl_lora_is_shared_down_with_split_up(base, tmp_path):
             module = key.removesuffix(".weight")
             expected = weight + 3.0 / RANK * file[f"{module}.lora_B.weight"] @ file[f"{module}.lora_A.weight"]
             assert torch.allclose(merged_bfl[key], expected, rtol=1e-5, atol=1e-5), key
-    save_lora(loaded, tmp_path / "fused.safetensors", "bfl")
+    save_lora(loaded, tmp_path / "fused.safetensors", "comfyui")
     written = load_file(tmp_path / "fused.safetensors")
-    assert sorted(written) == sorted(file) and all(torch.equal(written[k], file[k]) for k in file)
+    expected = {"diffusion_model." + k.replace(".lora_A.", ".lora_down.").replace(".lora_B.", ".lora_up."): v
+                for k, v in file.items()}
+    assert sorted(written) == sorted(expected) and all(torch.equal(written[k], expected[k]) for k in expected)
 
 
 def test_kohya_and_comfyui_keys_name_bfl_modules(base):
@@ -162,9 +169,12 @@ def test_unknown_layout_shows_example_keys(base):
 
 
 def test_wrong_modules_and_shapes_are_listed(base):
-    with pytest.raises(ValueError, match=r"not kohya module names.*lora_te1_text_model_encoder_layers_0_mlp_fc1"):
-        load_lora(base, {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.ones(1, 4),
-                         "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.ones(4, 1)})
+    with pytest.raises(ValueError, match=r"not kohya module names.*'double_blocks_0_img_attn_qkvv'"):
+        load_lora(base, {"lora_unet_double_blocks_0_img_attn_qkvv.lora_down.weight": torch.ones(1, 32),
+                         "lora_unet_double_blocks_0_img_attn_qkvv.lora_up.weight": torch.ones(96, 1)})
+    with pytest.raises(ValueError, match=r"1 LoRA targets are not modules of this model, e.g. \['blocks.0.attn1.to_q'\]"):
+        load_lora(base, {"blocks.0.attn1.to_q.lora_A.weight": torch.ones(1, 32),
+                         "blocks.0.attn1.to_q.lora_B.weight": torch.ones(32, 1)})
     wrong_shape = r"do not fit the weights.*x_embedder/weight: up \(8, 1\) @ down \(1, 64\) vs weight \(32, 64\)"
     with pytest.raises(ValueError, match=wrong_shape):
         load_lora(base, {"x_embedder.lora_A.weight": torch.ones(1, 64), "x_embedder.lora_B.weight": torch.ones(8, 1)})
@@ -172,9 +182,11 @@ def test_wrong_modules_and_shapes_are_listed(base):
         load_lora(base, {"x_embedder.lora_A.weight": torch.ones(1, 64)})
 
 
-def test_bfl_layout_needs_flux(tmp_path):
-    params = lora(rank=1).init({"q": {"weight": torch.ones(2, 2)}}, dsf.random.key(0))
-    with pytest.raises(ValueError, match="has none: use layout='dsf' or 'diffusers'"):
+def test_bare_bfl_names_are_read_but_not_written(base, tmp_path):
+    """No tool reads bare BFL names as a LoRA (ComfyUI only for BFL's control LoRAs): the form is read, never written."""
+    assert detect_lora_layout(_bfl_file(base, seed=4), param_shapes(base)) == "native"
+    params = lora(rank=1).init(base, dsf.random.key(0))
+    with pytest.raises(ValueError, match="unknown LoRA layout 'bfl'; choose one of"):
         save_lora(params, tmp_path / "q.safetensors", "bfl")
     assert not list(tmp_path.iterdir())
 

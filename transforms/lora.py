@@ -50,7 +50,7 @@ from dsf.random import Key, fold_in, uniform
 from dsf.transform import Transform
 from dsf.tree import NAMESPACE, Where, as_predicate, leaves_with_paths
 from dsf.weight import Cast, Stage, Weight, as_weight, compute_device, map_weights, stage
-from dsf.model_parts.lora_files import Factors, LAYOUTS, module_aliases, read_lora, write_lora
+from dsf.model_parts.lora_files import Difference, Factors, LAYOUTS, module_aliases, read_lora, write_lora
 
 TRAINED = "lora"  # the adapter name that `lora` gives by default
 
@@ -70,6 +70,28 @@ class Adapter:
     def delta(self, dtype: torch.dtype) -> torch.Tensor:
         """The dense change ``scale · up @ down`` (out, in) in ``dtype``."""
         return self.scale * (self.up.to(dtype) @ self.down.to(dtype))
+
+
+@optree.dataclasses.dataclass(frozen=True, namespace=NAMESPACE)
+class DenseAdapter:
+    """A dense change of a parameter of any shape, ``scale · difference`` (a file's ``.diff`` / ``.diff_b``).
+
+    >>> DenseAdapter(torch.ones(2), 0.5).delta(torch.float32).tolist()
+    [0.5, 0.5]
+    """
+
+    difference: torch.Tensor
+    scale: float = optree.dataclasses.field(pytree_node=False)
+    hot: bool = optree.dataclasses.field(pytree_node=False, default=False)
+
+    def delta(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.scale * self.difference.to(dtype)
+
+
+def _plus_dense(value: torch.Tensor, dense: list[DenseAdapter]) -> torch.Tensor:
+    """``value`` plus dense changes, added in float32 (at least) and stored back in its dtype."""
+    compute = torch.promote_types(value.dtype, torch.float32)
+    return (value.to(compute) + sum(adapter.delta(compute) for adapter in dense)).to(value.dtype)
 
 
 @dataclass(frozen=True)
@@ -101,16 +123,22 @@ class FactoredLinear:
 
 @stage("adapt")
 class LoraStage(Stage):
-    """Adapt stage: named adapters on one weight; merged at use when sampling if asked.
+    """Adapt stage: named adapters on one parameter; merged at use when sampling if asked.
 
-    A second LoRA stage on the same weight joins this one (distinct names); any other adapt stage is an error.
+    Dense adapters are added to the value first; factored ones keep a 2-D weight factored. A second LoRA
+    stage on the same parameter joins this one (distinct names); any other adapt stage is an error.
     """
 
-    adapters: dict[str, Adapter]
+    adapters: dict[str, Adapter | DenseAdapter]
     merge_when_sampling: bool = optree.dataclasses.field(pytree_node=False, default=False)
 
     def apply(self, value):
-        form = FactoredLinear(value, tuple(self.adapters.values()))
+        dense = [adapter for adapter in self.adapters.values() if isinstance(adapter, DenseAdapter)]
+        factored = tuple(adapter for adapter in self.adapters.values() if isinstance(adapter, Adapter))
+        value = _plus_dense(value, dense) if dense else value
+        if not factored:
+            return value
+        form = FactoredLinear(value, factored)
         return form.merge() if self.merge_when_sampling and not torch.is_grad_enabled() else form
 
     def combine(self, other: Stage) -> Stage:
@@ -153,6 +181,19 @@ def _weights(params) -> list[tuple[str, object]]:
     ]
 
 
+def param_shapes(params) -> dict[str, tuple]:
+    """``{path: shape}`` of every parameter of a tree (tensors and weight records).
+
+    >>> param_shapes({"q": {"weight": torch.zeros(3, 2), "bias": torch.zeros(3)}})
+    {'q/bias': (3,), 'q/weight': (3, 2)}
+    """
+    return {
+        path: tuple(param.shape)
+        for path, param in leaves_with_paths(params, is_leaf=lambda x: isinstance(x, Weight))
+        if isinstance(param, (torch.Tensor, Weight))
+    }
+
+
 def linear_weight_shapes(params) -> dict[str, tuple]:
     """``{path: shape}`` of the 2-D weights of a tree, the weights a LoRA can adapt.
 
@@ -176,7 +217,7 @@ def _selected_paths(params, where: Where, targets) -> list[str]:
     keep = as_predicate(where)
     weights = _weights(params)
     names = None if targets is None else _target_names(targets)
-    aliases = module_aliases(linear_weight_shapes(params)) if names else {}
+    aliases = module_aliases(param_shapes(params)) if names else {}
 
     def named(path: str) -> bool:
         modules = (path.removesuffix("/weight").replace("/", "."), aliases.get(path, ""))
@@ -261,9 +302,9 @@ def lora(
 # ----------------------------------------------------------------------------- data functions
 
 
-def _adapters(params) -> dict[str, dict[str, Adapter]]:
+def _adapters(params) -> dict[str, dict[str, Adapter | DenseAdapter]]:
     """``{adapter name: {weight path: adapter}}`` over a tree."""
-    found: dict[str, dict[str, Adapter]] = {}
+    found: dict[str, dict[str, Adapter | DenseAdapter]] = {}
     for path, param in leaves_with_paths(params, is_leaf=lambda x: isinstance(x, Weight)):
         if _has_lora(param):
             for name, adapter in param.stages["adapt"].adapters.items():
@@ -271,7 +312,7 @@ def _adapters(params) -> dict[str, dict[str, Adapter]]:
     return found
 
 
-def _with_adapters(param: Weight, data, adapters: dict[str, Adapter]):
+def _with_adapters(param: Weight, data, adapters: dict[str, Adapter | DenseAdapter]):
     """``param`` with new data and adapt stage; a record left with no stage nor trainable mark is its plain data."""
     stages = {phase: s for phase, s in param.stages.items() if phase != "adapt"}
     if adapters:
@@ -291,10 +332,14 @@ def _free_name(params, source: Source, name: str | None) -> str:
 
 
 def load_lora(params, source: Source, scale: float = 1.0, name: str | None = None):
-    """``params`` with the LoRA file ``source`` (any layout) attached unfused, times ``scale``.
+    """``params`` with the LoRA file ``source`` (any form of :mod:`dsf.model_parts.lora_files`) attached unfused,
+    times ``scale``.
 
     The adapter is named ``name`` (default: the file's stem). Attach several at once, each with its
-    own scale; :func:`clear_lora` removes them exactly.
+    own scale; :func:`clear_lora` removes them exactly. ``params`` is a DiT's tree, or a whole pipeline's
+    (``{"dit": ..., "clip": ..., "t5": ...}``): then a file's text-encoder keys apply to its text encoders,
+    else they are skipped with a warning. A file's dense differences (``.diff``, ``.diff_b``) attach like
+    factors, and merge and clear alike.
 
     >>> import torch
     >>> params = {"q": {"weight": torch.zeros(3, 2)}}
@@ -306,13 +351,16 @@ def load_lora(params, source: Source, scale: float = 1.0, name: str | None = Non
     check_finite(scale=scale)
     if isinstance(source, (str, os.PathLike)):
         safetensors_files(source)  # a pickle or a missing file is refused with its name before anything is read
-    found = read_lora(source, linear_weight_shapes(params))
+    found = read_lora(source, param_shapes(params))
     name = _free_name(params, source, name)
 
     def attach(path: str, param):
         device = compute_device(param)
-        factors = found[path]
-        adapter = Adapter(factors.down.to(device), factors.up.to(device), factors.scale * scale, hot=True)
+        change = found[path]
+        if isinstance(change, Difference):
+            adapter = DenseAdapter(change.delta.to(device), scale, hot=True)
+        else:
+            adapter = Adapter(change.down.to(device), change.up.to(device), change.scale * scale, hot=True)
         return as_weight(param).with_stage(LoraStage({name: adapter}))
 
     return map_weights(attach, params, where=lambda path, _: path in found)
@@ -386,10 +434,22 @@ def merge_lora(params, names: str | Iterable[str] | None = None):
 
 
 def save_lora(params, path: str | os.PathLike, layout: str = "dsf", name: str | None = None) -> None:
-    """Write the adapter ``name`` (default: the only one) as a safetensors file in ``layout``.
+    """Write the adapter ``name`` (default: the only one) of a DiT as a safetensors file in ``layout``.
 
-    ``layout`` is one of ``dsf``, ``diffusers``, ``kohya``, ``comfyui``, ``bfl`` (see
-    :mod:`dsf.model_parts.lora_files`); the file is written under a temporary name, then renamed.
+    ``layout`` names the form, and so who reads the file (see :mod:`dsf.model_parts.lora_files`):
+
+    - ``dsf``: our weight paths and exact float64 scales; read by dsf (and its ``.diff`` keys).
+    - ``diffusers``: ``transformer.<module>.lora_A/B.weight`` (``.alpha`` when a scale is not 1); read by
+      diffusers (``load_lora_weights``), by ComfyUI for FLUX.1 (its ``transformer.`` keys), and by
+      DiffSynth-Studio for FLUX.1 (its block modules; it applies one file-wide alpha).
+    - ``kohya``: ``lora_unet_<native module>.lora_down/up.weight`` and ``.alpha``; read by ComfyUI, kohya
+      sd-scripts (FLUX.1) and musubi-tuner (Wan), diffusers, and DiffSynth-Studio for FLUX.1 (block modules).
+    - ``comfyui``: ``diffusion_model.<native module>.lora_down/up.weight`` and ``.alpha`` (``.diff``,
+      ``.diff_b`` for dense changes); read by ComfyUI, diffusers, and DiffSynth-Studio for Wan.
+    - ``diffsynth``: DiffSynth-Studio's module names (FLUX.1's ``blocks.N.attn.a_to_qkv``, Wan's original
+      ones), ``.lora_A/B.weight``, the scale folded into ``down``; read by DiffSynth-Studio (``pipe.load_lora``).
+
+    The file is written under a temporary name, then renamed.
 
     >>> import tempfile, torch, dsf
     >>> from pathlib import Path
@@ -407,5 +467,8 @@ def save_lora(params, path: str | os.PathLike, layout: str = "dsf", name: str | 
     name = next(iter(adapters)) if name is None else name
     if name not in adapters:
         raise ValueError(f"no LoRA named {name!r} in params; they hold {sorted(adapters)}")
-    factors = {p: Factors(a.down, a.up, a.scale) for p, a in adapters[name].items()}
-    write_lora(factors, path, layout, linear_weight_shapes(params))
+    changes = {
+        path: Difference(a.delta(a.difference.dtype)) if isinstance(a, DenseAdapter) else Factors(a.down, a.up, a.scale)
+        for path, a in adapters[name].items()
+    }
+    write_lora(changes, path, layout, param_shapes(params))

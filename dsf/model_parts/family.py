@@ -179,6 +179,10 @@ class Family:
     recognized as this family's. ``native_layout``: the DiT layout whose module names kohya and ComfyUI LoRA files
     use (``None``: ours); the fused-weight splits of LoRA files are read off its ``from_ours``. ``components``:
     ``{key: Component}`` of the files a training recipe is given, in the order they are reported.
+    ``lora_text_encoders``: ``{LoRA key prefix: component of the pipeline's params}`` for text-encoder keys
+    (kohya's ``lora_te1_`` ...); the names after the prefix are the component's own, ``_``-joined after a prefix
+    ending in ``_``. ``diffsynth_module``: DiffSynth-Studio's module name of a native module name (``None`` where
+    the names are not its; the field ``None``: DiffSynth-Studio uses the native names).
     """
 
     name: str
@@ -197,6 +201,8 @@ class Family:
     sample_encoder: type
     losses: Mapping[str, Callable]
     tiny_pipeline: Callable[[], Any]
+    lora_text_encoders: Mapping[str, str] = field(default_factory=dict)
+    diffsynth_module: Callable[[str], str | None] | None = None
 
     def shape_free_fields(self) -> list[str]:
         """The config fields a checkpoint's shapes cannot tell (they come from its config.json, or ``config=``)."""

@@ -9,7 +9,7 @@ Example:
 
 from dsf.model_parts.family import Family
 from dsf.models.flux.config import FluxConfig, fields_from_diffusers, fields_from_shapes
-from dsf.models.flux.keys import DIT
+from dsf.models.flux.keys import DIT, LORA_TEXT_ENCODERS, diffsynth_module
 from dsf.models.flux.model import apply, init_dit
 from dsf.models.flux.pipeline import load_pipeline
 from dsf.models.flux.tiny import tiny_pipeline
@@ -33,4 +33,6 @@ FAMILY = Family(
     sample_encoder=SampleEncoder,
     losses={"sft": sft_loss, "direct_distill": direct_distill_loss},
     tiny_pipeline=tiny_pipeline,
+    lora_text_encoders=LORA_TEXT_ENCODERS,
+    diffsynth_module=diffsynth_module,
 )

@@ -200,6 +200,43 @@ def ours_to_bfl(params) -> dict[str, torch.Tensor]:
     return bfl
 
 
+# DiffSynth-Studio's FluxDiT module names (the names its own LoRA files use): BFL's modules renamed, same tensors
+# (diffsynth/utils/state_dict_converters/flux_dit.py, FluxDiTStateDictConverter). {BFL scope: (its scope, {module: its})}
+_DIFFSYNTH_MODULES = {
+    "": ("", {
+        "img_in": "x_embedder", "txt_in": "context_embedder",
+        "time_in.in_layer": "time_embedder.timestep_embedder.0", "time_in.out_layer": "time_embedder.timestep_embedder.2",
+        "guidance_in.in_layer": "guidance_embedder.timestep_embedder.0",
+        "guidance_in.out_layer": "guidance_embedder.timestep_embedder.2",
+        "vector_in.in_layer": "pooled_text_embedder.0", "vector_in.out_layer": "pooled_text_embedder.2",
+        SHIFT_SCALE_SWAPPED: "final_norm_out.linear", "final_layer.linear": "final_proj_out",
+    }),
+    "double_blocks.": ("blocks.", {
+        "img_mod.lin": "norm1_a.linear", "txt_mod.lin": "norm1_b.linear",
+        "img_attn.qkv": "attn.a_to_qkv", "txt_attn.qkv": "attn.b_to_qkv",
+        "img_attn.proj": "attn.a_to_out", "txt_attn.proj": "attn.b_to_out",
+        "img_mlp.0": "ff_a.0", "img_mlp.2": "ff_a.2", "txt_mlp.0": "ff_b.0", "txt_mlp.2": "ff_b.2",
+    }),
+    "single_blocks.": ("single_blocks.", {"linear1": "to_qkv_mlp", "linear2": "proj_out", "modulation.lin": "norm.linear"}),
+}
+
+# Text-encoder keys of FLUX.1 LoRA files -> the pipeline's component: kohya sd-scripts writes lora_te1_ (CLIP-L) and
+# lora_te3_ (T5), OneTrainer lora_te1_ and lora_te2_ (T5), diffusers text_encoder.; ComfyUI reads all of them
+# (comfy/lora.py, model_lora_keys_clip). The names after the prefix are transformers' module names.
+LORA_TEXT_ENCODERS = {"lora_te1_": "clip", "lora_te3_": "t5", "lora_te2_": "t5", "lora_te_": "clip", "text_encoder.": "clip"}
+
+
+def diffsynth_module(bfl_module: str) -> str | None:
+    """DiffSynth-Studio's FluxDiT name of a BFL module (``None`` if it has no LoRA-able one).
+
+    >>> diffsynth_module("double_blocks.3.img_attn.qkv"), diffsynth_module("linear1"), diffsynth_module("img_in")
+    ('blocks.3.attn.a_to_qkv', None, 'x_embedder')
+    """
+    scope, index, local = _split_key(bfl_module, "bfl")
+    prefix, modules = _DIFFSYNTH_MODULES[scope.bfl]
+    return None if local not in modules else prefix + index + modules[local]
+
+
 DIT = Checkpoint(
     what="FLUX.1 DiT",
     class_name="FluxTransformer2DModel",

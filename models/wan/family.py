@@ -4,7 +4,7 @@ imported.
 Example:
     >>> from dsf.models import wan
     >>> "head_dim" in wan.FAMILY.shape_free_fields(), wan.FAMILY.native_layout
-    (True, None)
+    (True, 'original')
 """
 
 from dsf.model_parts.family import Family
@@ -26,7 +26,7 @@ FAMILY = Family(
     init=init_dit,
     apply=apply,
     signature=("patch_embedding/weight", "condition_embedder/time_proj/weight", "scale_shift_table"),
-    native_layout=None,
+    native_layout="original",
     lora_targets=LORA_TARGETS,
     components=COMPONENTS,
     load_pipeline=load_pipeline,
