@@ -22,12 +22,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from typing import Any, ClassVar, Iterator
 
 import optree
 import torch
 
+from dsf.tally import Tally
 from dsf.tree import NAMESPACE, map_with_path
 
 PHASES = ("fetch", "gather", "decode", "adapt")
@@ -139,7 +139,7 @@ class Cast(Stage):
         return value.to(self.dtype)
 
 
-_materialize_counter: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("dsf_materialize_counter", default=None)
+_materialize_counter = Tally("materialize_counter", lambda: [0])
 
 
 @contextlib.contextmanager
@@ -151,12 +151,8 @@ def count_materializations() -> Iterator[list[int]]:
     >>> counter[0]
     1
     """
-    counter = [0]
-    token = _materialize_counter.set(counter)
-    try:
+    with _materialize_counter.counting() as counter:
         yield counter
-    finally:
-        _materialize_counter.reset(token)
 
 
 def materialize(param):
@@ -167,7 +163,7 @@ def materialize(param):
     """
     if not isinstance(param, Weight):
         return param
-    counter = _materialize_counter.get()
+    counter = _materialize_counter.current()
     if counter is not None:
         counter[0] += 1
     record = param

@@ -55,6 +55,7 @@ import torch
 
 from dsf.files.disk import DiskTensor, open_files
 from dsf.lookahead import look_ahead
+from dsf.tally import Tally
 from dsf.transform import OFFLOAD_RANK, FunctionWrap, Transform
 from dsf.tree import NAMESPACE, Where, as_predicate, map_with_path
 from dsf.weight import Stage, Weight, as_weight, stage
@@ -79,7 +80,7 @@ class Transfers:
     components: list[str] = field(default_factory=list)
 
 
-_transfers: contextvars.ContextVar[Transfers | None] = contextvars.ContextVar("dsf_offload_transfers", default=None)
+_transfers = Tally("offload_transfers", Transfers)
 
 
 @contextlib.contextmanager
@@ -91,12 +92,8 @@ def count_transfers() -> Iterator[Transfers]:
     >>> moved
     Transfers(tensors=0, bytes=0, blocks=[], components=[])
     """
-    transfers = Transfers()
-    token = _transfers.set(transfers)
-    try:
+    with _transfers.counting() as transfers:
         yield transfers
-    finally:
-        _transfers.reset(token)
 
 
 def _moved(leaf, device: torch.device):
@@ -106,7 +103,7 @@ def _moved(leaf, device: torch.device):
         tensor = leaf.to(device, non_blocking=device.type == "cuda")
     else:
         return leaf
-    transfers = _transfers.get()
+    transfers = _transfers.current()
     if transfers is not None:
         transfers.tensors += 1
         transfers.bytes += tensor.numel() * tensor.element_size()
@@ -305,7 +302,7 @@ def _needs_fetch(param) -> bool:
 def _fetch_block(block, index: int):
     if not any(_needs_fetch(p) for p in optree.tree_leaves(block, is_leaf=lambda x: isinstance(x, Weight), namespace=NAMESPACE)):
         return block
-    transfers = _transfers.get()
+    transfers = _transfers.current()
     if transfers is not None:
         transfers.blocks.append(index)
     return map_with_path(
@@ -399,7 +396,7 @@ class _Residency:
         if fetch.component != self.component:
             self.copies.clear()
             self.component = fetch.component
-            transfers = _transfers.get()
+            transfers = _transfers.current()
             if transfers is not None:
                 transfers.components.append(fetch.component)
         key = (fetch.path, id(record.data))

@@ -31,7 +31,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -40,6 +39,7 @@ import torch
 
 from dsf.training import distributed
 from dsf.lookahead import look_ahead
+from dsf.tally import Tally
 from dsf.transform import GATHER_RANK, Transform
 from dsf.tree import NAMESPACE, Where, as_predicate, map_with_path
 from dsf.weight import Stage, Weight, as_weight, map_weights, stage
@@ -54,7 +54,7 @@ class Gathers:
     blocks: list[int] = field(default_factory=list)
 
 
-_gathers: contextvars.ContextVar[Gathers | None] = contextvars.ContextVar("dsf_shard_gathers", default=None)
+_gathers = Tally("shard_gathers", Gathers)
 
 
 @contextlib.contextmanager
@@ -66,12 +66,8 @@ def count_gathers() -> Iterator[Gathers]:
     >>> gathers
     Gathers(tensors=0, blocks=[])
     """
-    gathers = Gathers()
-    token = _gathers.set(gathers)
-    try:
+    with _gathers.counting() as gathers:
         yield gathers
-    finally:
-        _gathers.reset(token)
 
 
 @stage("gather")
@@ -84,7 +80,7 @@ class Gather(Stage):
     """
 
     def apply(self, record: Weight) -> Weight:
-        gathers = _gathers.get()
+        gathers = _gathers.current()
         if gathers is not None:
             gathers.tensors += sum(map(distributed.is_sharded, optree.tree_leaves(record, namespace=NAMESPACE)))
         return optree.tree_map(distributed.gathered, record.without_stage("gather"), namespace=NAMESPACE)
@@ -109,7 +105,7 @@ def _gatherable_ahead(block) -> bool:
 
 
 def _gathered_block(block, index: int):
-    gathers = _gathers.get()
+    gathers = _gathers.current()
     if gathers is not None:
         gathers.blocks.append(index)
     return map_with_path(lambda _, p: p.stages["gather"].apply(p) if _needs_gather(p) else p, block, is_leaf=_is_record)

@@ -33,6 +33,7 @@ from typing import Iterator
 import torch
 from safetensors import SafetensorError, safe_open
 
+from dsf.tally import Tally
 from dsf.files.io import safetensors_files
 from dsf.tree import unflatten_dict
 
@@ -51,7 +52,7 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
 }
 
-_read_log: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("dsf_disk_reads", default=None)
+_read_log = Tally("disk_reads", list)
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ class DiskTensor:
         except (SafetensorError, FileNotFoundError) as error:
             raise FileNotFoundError(f"cannot read {self.key!r} from {self.file} ({error}); was the file moved?") from None
         self._check_unchanged(tuple(tensor.shape))
-        log = _read_log.get()
+        log = _read_log.current()
         if log is not None:
             log.append(self.key)
         tensor = tensor.to(self.dtype)
@@ -181,12 +182,8 @@ def record_reads() -> Iterator[list[str]]:
     >>> keys
     []
     """
-    keys: list[str] = []
-    token = _read_log.set(keys)
-    try:
+    with _read_log.counting() as keys:
         yield keys
-    finally:
-        _read_log.reset(token)
 
 
 def _open(file: Path):
