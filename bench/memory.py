@@ -135,11 +135,15 @@ def cpu_table(config: FluxConfig) -> str:
         f"FLUX-like DiT, hidden {config.hidden_size}, {config.num_double_blocks} double + {config.num_single_blocks} single "
         f"blocks: {model_bytes / MB:.0f} MB fp32, largest block {block / MB:.0f} MB; 256² forward, no grad"
     )
-    lines = [
-        title,
-        f"{'weights':<22}{'peak RSS':>10}{'above baseline':>16}{'/ model':>9}{'/ block':>9}{'s/forward':>11}",
-    ]
-    for mode, label in (("ram", "loaded in RAM"), ("disk", "streamed from disk")):
+    return ram_disk_table(title, rows, model_bytes, block, ("loaded in RAM", "block", "forward"))
+
+
+def ram_disk_table(title: str, rows: dict, model_bytes: int, block: int, names: tuple[str, str, str]) -> str:
+    """The peaks of the in-RAM and streamed runs (``rows["ram"]``, ``rows["disk"]``) against the model and one block;
+    ``names``: what the RAM run is called, what a block is called, what one call is called."""
+    resident, part, call = names
+    lines = [title, f"{'weights':<22}{'peak RSS':>10}{'above baseline':>16}{'/ model':>9}{'/ ' + part:>9}{'s/' + call:>11}"]
+    for mode, label in (("ram", resident), ("disk", "streamed from disk")):
         r = rows[mode]
         above = r["peak"] - r["baseline"]
         lines.append(
@@ -196,23 +200,9 @@ def t5_table(config: dict) -> str:
                 capture_output=True, text=True, check=True,
             )
             rows[mode] = json.loads(done.stdout.strip().splitlines()[-1])
-    lines = [
-        f"T5-v1.1-XXL layout, d_model {config['d_model']}, {config['num_layers']} layers: {model_bytes / MB:.0f} MB fp32, "
-        f"one layer {block / MB:.0f} MB; one 512-token encode, no grad",
-        f"{'weights':<22}{'peak RSS':>10}{'above baseline':>16}{'/ model':>9}{'/ layer':>9}{'s/encode':>10}",
-    ]
-    for mode, label in (("ram", "all resident"), ("disk", "streamed from disk")):
-        r = rows[mode]
-        above = r["peak"] - r["baseline"]
-        lines.append(
-            f"{label:<22}{r['peak'] / MB:>8.0f}MB{above / MB:>14.0f}MB{above / model_bytes:>9.2f}"
-            f"{above / block:>9.2f}{r['seconds']:>10.2f}"
-        )
-    ram, disk = (rows[m]["peak"] - rows[m]["baseline"] for m in ("ram", "disk"))
-    lines.append(
-        f"disk / RAM: {disk / ram:.2f}× the memory above baseline, {rows['disk']['seconds'] / rows['ram']['seconds']:.2f}× the time"
-    )
-    return "\n".join(lines)
+    title = (f"T5-v1.1-XXL layout, d_model {config['d_model']}, {config['num_layers']} layers: {model_bytes / MB:.0f} MB fp32, "
+             f"one layer {block / MB:.0f} MB; one 512-token encode, no grad")
+    return ram_disk_table(title, rows, model_bytes, block, ("all resident", "layer", "encode"))
 
 
 def random_flux_params(config: FluxConfig, device: str) -> dict:
