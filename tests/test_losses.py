@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import dsf
-from dsf.diffusion.losses import flow_matching_loss, timestep_indices, timestep_range
+from dsf.diffusion.losses import flow_matching_loss, noised, timestep_indices, timestep_range
 from dsf.diffusion.schedules import FLOW_MATCHING, FLUX1, V_PREDICTION, WAN, training_weights
 
 
@@ -116,3 +116,55 @@ def test_other_parameterizations_regress_their_own_target():
 def test_prediction_shape_must_match_the_latent():
     with pytest.raises(ValueError, match="model_fn returned shape"):
         flow_matching_loss(lambda params, x, sigma: x[:, :1], None, latents(2, 3, 4), dsf.random.key(0))
+
+
+PER_SAMPLE_CASES = [
+    dict(),
+    dict(weighted=False),
+    dict(schedule=WAN, parameterization=V_PREDICTION, min_timestep_boundary=0.2, max_timestep_boundary=0.6),
+    dict(scored=lambda t: t[:, :, 1:]),
+]
+
+
+@pytest.mark.parametrize("options", PER_SAMPLE_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_batch_mean_of_per_sample_losses_is_the_loss(options, dtype):
+    params, x0, key = {k: v.to(dtype) for k, v in make_params().items()}, latents(5, 3, 4, 4).to(dtype), dsf.random.key(11)
+    per_sample = flow_matching_loss(linear_model, params, x0, key, **options, reduction="none")
+    assert per_sample.shape == (5,) and per_sample.dtype == torch.float32
+    assert len(set(per_sample.tolist())) == 5
+    assert torch.equal(per_sample.mean(), flow_matching_loss(linear_model, params, x0, key, **options))
+
+
+@pytest.mark.parametrize("options", PER_SAMPLE_CASES[:3])
+def test_noised_is_what_the_loss_draws(options):
+    x0, key, seen = latents(6, 3, 4), dsf.random.key(4), []
+    draw_options = {name: value for name, value in options.items() if name != "scored"}
+    x_t, sigma, target, weight = noised(key, x0, **draw_options)
+
+    def target_plus_one(params, x, sigma_in):
+        seen.append((x, sigma_in))
+        return target + 1.0
+
+    per_sample = flow_matching_loss(target_plus_one, None, x0, key, **options, reduction="none")
+    assert torch.equal(seen[0][0], x_t) and torch.equal(seen[0][1], sigma)
+    torch.testing.assert_close(per_sample, weight, rtol=1e-5, atol=0)  # an error of 1 everywhere leaves each sample its weight
+    assert len(set(sigma.tolist())) > 1
+    assert bool((weight == 1).all()) == (options.get("weighted") is False)
+
+
+def test_noised_draws_by_the_schedule_and_parameterization():
+    x0, key = latents(3, 2, 4), dsf.random.key(8)
+    x_t, sigma, target, weight = noised(key, x0, WAN, V_PREDICTION)
+    index_key, noise_key = dsf.random.split(key)
+    index = timestep_indices(index_key, 3)
+    noise = dsf.random.normal(noise_key, x0.shape)
+    assert torch.equal(sigma, WAN.training_sigmas()[index])
+    assert torch.equal(x_t, V_PREDICTION.add_noise(x0, noise, sigma))
+    assert torch.equal(target, V_PREDICTION.target(x0, noise, sigma))
+    assert torch.equal(weight, training_weights(WAN.training_sigmas())[index])
+
+
+def test_unknown_reduction_is_refused():
+    with pytest.raises(ValueError, match="reduction must be 'mean' .* or 'none'"):
+        flow_matching_loss(linear_model, make_params(), latents(2, 3, 4), dsf.random.key(0), reduction="sum")

@@ -116,10 +116,10 @@ def test_a_step_frees_its_gradients_before_the_next_step_computes_new_ones(monke
     previous, alive_at_next_loss = [], []
     value_and_grad = dsf.training.train.value_and_grad
 
-    def recording(f, where=None):
+    def recording(f, where=None, has_aux=False):
         def loss_and_grads(params, *args):
             alive_at_next_loss.append(sum(ref() is not None for ref in previous))
-            loss, grads = value_and_grad(f, where=where)(params, *args)
+            loss, grads = value_and_grad(f, where=where, has_aux=has_aux)(params, *args)
             previous[:] = [weakref.ref(g) for g in dsf.tree.tensors(grads)]
             return loss, grads
 
