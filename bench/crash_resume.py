@@ -40,7 +40,6 @@ import torch
 
 CHECKPOINT_EVERY, KEEP_LAST = 2, 2
 STAGING = re.compile(r"(\d+\.orbax-checkpoint-tmp(-\d+)?|\.step-\d+\.safetensors\.\w{8}\.tmp)$")
-WORKLOADS = ("digits", "flux_lora")
 
 
 def train_workload(workload: str, output: Path, max_steps: int, report=None) -> None:
