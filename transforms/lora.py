@@ -339,7 +339,9 @@ def load_lora(params, source: Source, scale: float = 1.0, name: str | None = Non
     own scale; :func:`clear_lora` removes them exactly. ``params`` is a DiT's tree, or a whole pipeline's
     (``{"dit": ..., "clip": ..., "t5": ...}``): then a file's text-encoder keys apply to its text encoders,
     else they are skipped with a warning. A file's dense differences (``.diff``, ``.diff_b``) attach like
-    factors, and merge and clear alike.
+    factors, and merge and clear alike. A training step file (``step-N.safetensors`` of a LoRA run) attaches
+    its trained adapter with scale ``scale`` (the file holds no ``alpha / rank``: pass it when ``alpha`` was
+    not ``rank``); :func:`dsf.training.step_files.load_trainable` reads it into the trained tree instead.
 
     >>> import torch
     >>> params = {"q": {"weight": torch.zeros(3, 2)}}
