@@ -19,23 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.svm import SVC
 
-from dsf.models.digits import generate_tensors, load_model, prompt_for
-from dsf.models.digits.training import digit_images
+from dsf.models.digits import generate_tensors, gray, load_model, prompt_for, real_digit_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def real_digit_classifier(image_size: int, seed: int = 0) -> tuple[SVC, float]:
-    """An SVM on real digits at the model's resolution, and its accuracy on 25% held-out digits."""
-    images, labels = digit_images(image_size)
-    features = np.stack(images).reshape(len(images), -1) / 255.0
-    order = np.random.default_rng(seed).permutation(len(labels))
-    split = int(0.75 * len(labels))
-    train, held_out = order[:split], order[split:]
-    classifier = SVC(gamma="scale", C=10.0).fit(features[train], labels[train])
-    return classifier, classifier.score(features[held_out], labels[held_out])
 
 
 def sample_features(model, per_digit: int, seed: int, cfg_scale: float, steps: int, batch: int = 250):
@@ -45,7 +32,7 @@ def sample_features(model, per_digit: int, seed: int, cfg_scale: float, steps: i
     for start in range(0, len(prompts), batch):
         images = generate_tensors(model, prompts[start : start + batch], seed=seed + start, cfg_scale=cfg_scale,
                                   num_inference_steps=steps, progress=False)
-        chunks.append(((images.mean(dim=1) + 1) / 2).clamp(0, 1).flatten(1))
+        chunks.append(gray(images).flatten(1))
     return torch.cat(chunks).numpy(), np.repeat(np.arange(10), per_digit)
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 import dsf
+from dsf.models.digits import real_digit_classifier
 from dsf.models.digits.training import digit_images
 from dsf.models.moving_digits import (
     DIRECTIONS, MovingDigitsConfig, digit_crops, generate_tensors, load_model, motion_direction, prompt_for, render_video,
@@ -33,7 +34,7 @@ from dsf.models.moving_digits import (
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from from_scratch_quality import real_digit_classifier, trained_model  # noqa: E402
+from from_scratch_quality import trained_model  # noqa: E402
 
 PROMPTS = [(digit, direction) for digit in range(10) for direction in DIRECTIONS]
 

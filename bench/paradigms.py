@@ -31,7 +31,7 @@ import torch
 
 import dsf
 from dsf.training.cache import write_cache
-from dsf.models.digits import load_model, prompt_for
+from dsf.models.digits import digit_accuracy, ink_fraction, load_model, prompt_for, real_digit_classifier
 from dsf.models.digits.paradigms import (
     LORA_TARGETS, distill_items, distill_loss, encode_text_once, fit, full_sft, load_cached, lora_sft, seeded_images,
     split_loss, teacher_cache, with_merged_lora, with_preset_lora, write_style_folder,
@@ -40,28 +40,11 @@ from dsf.models.digits.training import data_stream, digits_loss, load_training_s
 from dsf.training.train import TrainConfig
 from dsf.transforms import save_lora
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from from_scratch_quality import real_digit_classifier
-
 ROOT = Path(__file__).resolve().parents[1]
 STYLE_WORDS = " thick strokes"
 
 
 # ----------------------------------------------------------------------------- measures
-
-
-def gray(images: torch.Tensor) -> torch.Tensor:
-    """Images (B, 3, H, W) in [-1, 1] as grayscale (B, H, W) in [0, 1]."""
-    return ((images.mean(dim=1) + 1) / 2).clamp(0, 1)
-
-
-def ink_fraction(images: torch.Tensor) -> float:
-    """The fraction of pixels brighter than mid-gray: how much of the image the strokes cover."""
-    return float((gray(images) > 0.5).float().mean())
-
-
-def digit_accuracy(classifier, images: torch.Tensor, digits: np.ndarray) -> float:
-    return float((classifier.predict(gray(images).flatten(1).numpy()) == digits).mean())
 
 
 def eval_set(per_digit: int, prompt_suffix: str = "", first_seed: int = 10**6):

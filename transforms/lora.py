@@ -53,6 +53,7 @@ from dsf.weight import Cast, Stage, Weight, as_weight, compute_device, map_weigh
 from dsf.model_parts.lora_files import Difference, Factors, LAYOUTS, module_aliases, read_lora, write_lora
 
 TRAINED = "lora"  # the adapter name that `lora` gives by default
+DENOISER = "dit"  # a pipeline tree's denoiser: what `lora` adapts there unless `where=` says otherwise
 
 
 @optree.dataclasses.dataclass(frozen=True, namespace=NAMESPACE)
@@ -212,8 +213,19 @@ def _target_names(targets: str | Iterable[str]) -> list[str]:
     return [name.strip() for name in names if name.strip()]
 
 
+def denoiser_only(params, where: Where) -> Where:
+    """``where``, or in a whole pipeline's tree (one with a ``"dit"`` part) when ``where`` is ``None``, its denoiser.
+
+    >>> denoiser_only({"dit": {}, "vae": {}}, None), denoiser_only({"blocks": []}, None), denoiser_only({"dit": {}}, "^vae/")
+    ('^dit/', None, '^vae/')
+    """
+    return rf"^{DENOISER}/" if where is None and isinstance(params, dict) and DENOISER in params else where
+
+
 def _selected_paths(params, where: Where, targets) -> list[str]:
     """The weight paths a ``lora(where=, targets=)`` adapts; explicit choices of non-2-D weights are errors."""
+    explicit = where is not None or targets is not None
+    where = denoiser_only(params, where)
     keep = as_predicate(where)
     weights = _weights(params)
     names = None if targets is None else _target_names(targets)
@@ -224,7 +236,6 @@ def _selected_paths(params, where: Where, targets) -> list[str]:
         return names is None or any(_ends_with(module, name) for module in modules if module for name in names)
 
     chosen = [(path, param) for path, param in weights if keep(path, param) and named(path)]
-    explicit = where is not None or targets is not None
     not_linear = [f"{path} {tuple(param.shape)}" for path, param in chosen if len(param.shape) != 2]
     if explicit and not_linear:
         raise ValueError(
@@ -265,7 +276,9 @@ def lora(
     ``targets`` (module names, a comma-separated string or a list, matching the path segments before
     ``/weight``: ``"to_q,to_k,to_v,to_out.0"``; for FLUX.1 BFL names work too and cover their parts:
     ``"img_attn.qkv"`` is to_q, to_k and to_v of the double blocks, ``"linear1"`` is q, k, v and
-    proj_mlp of the single blocks). With neither, every 2-D weight is adapted. ``key`` is used when
+    proj_mlp of the single blocks). With neither, every 2-D weight is adapted. In a whole pipeline's tree
+    (``{"dit": ..., "vae": ..., "clip": ...}``) ``where=None`` means the denoiser only (``"^dit/"``): the
+    VAE's and the text encoders' attention are adapted only when ``where`` names them. ``key`` is used when
     ``init`` gets none. Factors are stored in ``dtype`` on the device the weight computes on (an
     offloaded weight's target, so they and their gradients never travel). With
     ``merge_when_sampling`` a weight is merged at use while gradients are off (fast sampling).
@@ -339,7 +352,9 @@ def load_lora(params, source: Source, scale: float = 1.0, name: str | None = Non
     own scale; :func:`clear_lora` removes them exactly. ``params`` is a DiT's tree, or a whole pipeline's
     (``{"dit": ..., "clip": ..., "t5": ...}``): then a file's text-encoder keys apply to its text encoders,
     else they are skipped with a warning. A file's dense differences (``.diff``, ``.diff_b``) attach like
-    factors, and merge and clear alike.
+    factors, and merge and clear alike. A training step file (``step-N.safetensors`` of a LoRA run) attaches
+    its trained adapter with scale ``scale`` (the file holds no ``alpha / rank``: pass it when ``alpha`` was
+    not ``rank``); :func:`dsf.training.step_files.load_trainable` reads it into the trained tree instead.
 
     >>> import torch
     >>> params = {"q": {"weight": torch.zeros(3, 2)}}

@@ -15,6 +15,11 @@ prefix gives the module names that follow (:data:`DIT_PREFIXES`): ``lora_unet_``
 Without a prefix the names are ours (PEFT), the native ones (BFL) or DiffSynth-Studio's, whichever
 names every module of the file. Text-encoder keys (``lora_te1_...``) go to the pipeline component the
 family's ``lora_text_encoders`` names, when the tree holds it; otherwise they are skipped with one warning.
+The step files that :func:`dsf.training.train.train` writes are read too: their keys are the trained
+leaves' "."-joined tree paths, ``<weight path>.adapt.adapters.<adapter name>.down`` / ``.up``
+(:data:`STEP_FILE_KEY`), matched against the tree's own paths (a file written for a whole pipeline's
+params reads into its DiT's, and the other way round). A step file holds no scale: its adapter reads
+with scale 1, the scale of ``lora(rank, alpha)`` with ``alpha`` equal to ``rank`` (its default).
 
 The scale is ``alpha / rank`` where a ``.alpha`` key is present (ComfyUI's rule, rank = rows of down),
 else ``lora_alpha / rank`` from the file's metadata (``lora_alpha``, ``network_alpha``, kohya's
@@ -90,6 +95,7 @@ _ROLES = {  # key suffix -> role; no suffix is the end of another
     ".diff_b": "diff_b",
 }
 _FACTOR_ROLES = {"down", "up", "scale", "alpha"}
+STEP_FILE_KEY = re.compile(r"(?P<weight>.+)\.adapt\.adapters\.(?P<name>[^./]+)\.(?P<role>down|up)")
 _METADATA_ALPHAS = ("lora_alpha", "network_alpha", "ss_network_alpha")
 
 
@@ -468,8 +474,43 @@ def _text_encoder_changes(model: _Model, by_prefix, metadata) -> dict[str, Chang
     return changes
 
 
+def _step_file_path(stem: str, dotted_paths: Mapping[str, str], root: str) -> str | None:
+    """The tree path a step file's dotted weight path names: itself, or across a pipeline's DiT root (``dit.``)."""
+    dotted_root = _dotted(root)
+    candidates = (stem, dotted_root + stem, stem.partition(".")[2])
+    return next((dotted_paths[c] for c in candidates if c in dotted_paths), None)
+
+
+def _step_file_changes(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple]) -> dict[str, Change]:
+    """``{parameter path: Factors(down, up, 1.0)}`` of a training step file's LoRA leaves (one adapter)."""
+    matches = {key: STEP_FILE_KEY.fullmatch(key) for key in tensors}
+    others = [key for key, match in matches.items() if match is None]
+    names = sorted({match["name"] for match in matches.values() if match is not None})
+    if others or len(names) != 1:
+        raise ValueError(
+            f"this step file holds {f'the adapters {names}' if len(names) != 1 else 'trained leaves'}"
+            f"{f' and other leaves, e.g. {others[:EXAMPLES]}' if others else ''}: load_lora reads one adapter's factors; "
+            "read every trained leaf into the trained tree with dsf.training.step_files.load_trainable(params, file)"
+        )
+    model = _Model.of(shapes)
+    dotted_paths = {_dotted(path): path for path in shapes}
+    roles: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, match in matches.items():
+        path = _step_file_path(match["weight"], dotted_paths, model.root)
+        if path is None:
+            unknown.append(match["weight"])
+        else:
+            roles.setdefault(path, {})[match["role"]] = tensors[key]
+    _check_known(unknown, {_dotted(path): None for path in shapes}, "weight path")
+    incomplete = sorted(path for path, found in roles.items() if len(found) != 2)
+    if incomplete:
+        raise ValueError(f"the step file has a down or an up factor alone for {incomplete[:EXAMPLES]}: it is damaged")
+    return {path: Factors(found["down"], found["up"], 1.0) for path, found in roles.items()}
+
+
 def detect_lora_layout(keys, shapes: Mapping[str, tuple] | None = None) -> str:
-    """The form of a LoRA file from its keys: ``dsf``, ``kohya``, ``comfyui``, ``diffusers``, ``onetrainer``,
+    """The form of a LoRA file from its keys: ``step file`` (a training step file's LoRA leaves), ``dsf``, ``kohya``, ``comfyui``, ``diffusers``, ``onetrainer``,
     ``lycoris``, or, for unprefixed module names, ``diffusers`` (ours), ``native`` or ``diffsynth`` as
     ``shapes`` (the model's) tell (``unprefixed`` without them); an unknown form is an error showing some keys.
 
@@ -477,13 +518,17 @@ def detect_lora_layout(keys, shapes: Mapping[str, tuple] | None = None) -> str:
     'kohya'
     >>> detect_lora_layout(["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"])
     'diffusers'
+    >>> detect_lora_layout(["dit.blocks.0.qkv.weight.adapt.adapters.lora.down"])
+    'step file'
     """
     keys = list(keys)
+    if keys and any(STEP_FILE_KEY.fullmatch(key) for key in keys):
+        return "step file"
     stems = [stem for stem, role in (_role_or_none(key) for key in keys) if role in ("down", "up", "diff", "diff_b", "scale")]
     if not stems:
         raise ValueError(
             f"unknown LoRA layout: keys like {keys[:EXAMPLES]}; known forms: "
-            "dsf (<weight path>.lora_down/.lora_up/.lora_scale), diffusers/PEFT ([transformer.]<module>.lora_A[.default].weight), "
+            "a training step file (<weight path>.adapt.adapters.<name>.down/.up), dsf (<weight path>.lora_down/.lora_up/.lora_scale), diffusers/PEFT ([transformer.]<module>.lora_A[.default].weight), "
             "kohya (lora_unet_<module>.lora_down.weight, .alpha), comfyui (diffusion_model.<module>.lora_down.weight, "
             ".diff, .diff_b), OneTrainer (lora_transformer_<module>), LyCORIS (lycoris_<module>), "
             "BFL or DiffSynth-Studio (<module>.lora_A.weight)"
@@ -530,7 +575,10 @@ def parse_lora(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple],
     (1.0, [1.0, 1.0, 1.0])
     """
     metadata = metadata or {}
-    detect_lora_layout(tensors)
+    if detect_lora_layout(tensors) == "step file":
+        changes = _step_file_changes(tensors, shapes)
+        _check_shapes(changes, shapes)
+        return changes
     model = _Model.of(shapes)
     dit_shapes = _under(shapes, model.root)
     splits = json.loads(metadata.get(RANK_SPLIT_KEY, "{}"))
