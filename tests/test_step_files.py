@@ -1,6 +1,5 @@
 """Step files round-trip: what training writes, load_lora and load_trainable read, and save_lora writes in every layout."""
 
-import dataclasses
 
 import pytest
 import torch
