@@ -226,10 +226,20 @@ def storage_and_block_transforms(args, compute_dtype) -> dsf.Transform:
 
 def chosen_paradigm(args, compute_dtype) -> Paradigm:
     """What the flags train, as one chain: the storage and block transforms, then (LoRA) the adapter;
-    its ``where`` is the one statement of what trains (fp8 over it fails at init)."""
+    its ``where`` is the one statement of what trains (fp8 over it fails at init).
+
+    >>> flags = ["--dataset_base_path", "d", "--fp8_models", "dit,t5", "--use_gradient_checkpointing", "--lora_rank", "4"]
+    >>> chosen_paradigm(parser().parse_args(flags), torch.float32).transforms.name
+    "chain(fp8(granularity=tensor, compute_dtype=float32), checkpoint(offload_activations=False), lora(rank=4, alpha=None, name='lora'))"
+    >>> chosen_paradigm(parser().parse_args([*flags, "--trainable_models", "dit"]), torch.float32).init({"dit": {"w": torch.ones(2, 2)}})
+    Traceback (most recent call last):
+    ...
+    ValueError: full fine-tuning cannot train 'dit/w/data': the paradigm's transforms store it as torch.float8_e4m3fn, which gets no gradient; exclude it from the storage transform's where= (e.g. fp8's) or from the paradigm's where=, or train a LoRA over it instead
+    """
+    stack = storage_and_block_transforms(args, compute_dtype)
     if args.trainable_models:
-        return Paradigm("full fine-tuning", dsf.chain(storage_and_block_transforms(args, compute_dtype)), r"^dit/")
-    return Paradigm("LoRA", dsf.chain(storage_and_block_transforms(args, compute_dtype), trained_lora(args)), lora_trainable)
+        return Paradigm("full fine-tuning", stack, r"^dit/")
+    return Paradigm("LoRA", dsf.chain(stack, trained_lora(args)), lora_trainable)
 
 
 def save_lora_file(layout: str):
