@@ -57,20 +57,19 @@ class Stage:
 class Weight:
     """A stored tensor and its filled slots (a dict phase -> stage).
 
-    ``trainable`` marks a record that full fine-tuning updates (set by the ``trainable`` transform's
-    init), so storage that cannot be trained (fp8) refuses it at init, whatever the chain order.
+    What trains is never marked on the record: a paradigm's ``where=`` says it
+    (:class:`dsf.training.paradigm.Paradigm`), and storage that cannot be trained (fp8) is refused there.
 
     >>> w = Weight(torch.zeros(3))
-    >>> w.slot_names(), w.trainable
-    ([], False)
+    >>> w.slot_names()
+    []
     """
 
-    __slots__ = ("data", "stages", "trainable")
+    __slots__ = ("data", "stages")
 
-    def __init__(self, data, stages: dict[str, Stage] | None = None, trainable: bool = False):
+    def __init__(self, data, stages: dict[str, Stage] | None = None):
         self.data = data
         self.stages = dict(stages or {})
-        self.trainable = trainable
 
     def slot_names(self) -> list[str]:
         return [p for p in PHASES if p in self.stages]
@@ -82,10 +81,10 @@ class Weight:
         present = self.stages.get(stage.phase)
         stages = dict(self.stages)
         stages[stage.phase] = stage if present is None else present.combine(stage)
-        return Weight(self.data, stages, self.trainable)
+        return Weight(self.data, stages)
 
     def without_stage(self, phase: str) -> "Weight":
-        return Weight(self.data, {p: s for p, s in self.stages.items() if p != phase}, self.trainable)
+        return Weight(self.data, {p: s for p, s in self.stages.items() if p != phase})
 
     @property
     def shape(self) -> torch.Size:
@@ -99,13 +98,12 @@ class Weight:
 
 def _flatten_weight(w: Weight):
     phases = tuple(w.slot_names())
-    return (w.data, *(w.stages[p] for p in phases)), (phases, w.trainable), ("data", *phases)
+    return (w.data, *(w.stages[p] for p in phases)), phases, ("data", *phases)
 
 
-def _unflatten_weight(aux, children):
-    phases, trainable = aux
+def _unflatten_weight(phases, children):
     data, *stages = children
-    return Weight(data, dict(zip(phases, stages)), trainable)
+    return Weight(data, dict(zip(phases, stages)))
 
 
 optree.register_pytree_node(Weight, _flatten_weight, _unflatten_weight, namespace=NAMESPACE)

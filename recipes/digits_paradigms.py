@@ -33,10 +33,11 @@ import dsf
 from dsf.training.cache import write_cache
 from dsf.models.digits import load_model, prompt_for, save_model
 from dsf.models.digits.paradigms import (
-    STYLES, distill_items, distill_loss, encode_text_once, fit, full_sft, load_cached, lora_sft, split_loss,
+    STYLES, distill_items, distill_loss, encode_text_once, full_sft, load_cached, lora_sft, split_loss,
     teacher_cache, with_preset_lora, write_style_folder, write_teacher_folder,
 )
 from dsf.models.digits.training import data_stream, digits_loss, load_training_set
+from dsf.training.paradigm import fit
 from dsf.training.train import TrainConfig
 from dsf.transforms import save_lora
 from dsf.cli.flag_types import finite_float, non_negative_int, positive_int

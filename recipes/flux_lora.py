@@ -69,9 +69,10 @@ from dsf.models.flux.training import (
     recognize_tokenizers,
     sft_loss,
 )
-from dsf.training.train import train
+from dsf.training.paradigm import DataFromParams, Paradigm, fit
+from dsf.cli.lora_paradigm import trained_lora
 from dsf.cli.training_flags import add_dataset_flags, add_training_flags, batch_stream, train_config
-from dsf.transforms import checkpoint, fp8, load_lora, lora, lora_trainable, merge_lora, save_lora, trainable
+from dsf.transforms import checkpoint, fp8, load_lora, lora_trainable, merge_lora, save_lora
 from dsf.transforms.lora import TRAINED
 from dsf.model_parts.lora_files import LAYOUTS
 from dsf.transforms.shard import shard, unshard
@@ -211,8 +212,8 @@ def load_components(files: dict, needed, args, dtype, device, dit_device=None) -
 
 
 def storage_and_block_transforms(args, compute_dtype) -> dsf.Transform:
-    """Full fine-tuning's marker, fp8 storage of the frozen components, gradient checkpointing, the DiT's shards."""
-    stack = [trainable(r"^dit/")] if args.trainable_models else []
+    """fp8 storage of the frozen components, gradient checkpointing, the DiT's shards."""
+    stack = []
     fp8_models = [c for c in args.fp8_models.split(",") if c]
     if fp8_models:
         stack.append(fp8(where=rf"^({'|'.join(fp8_models)})/", compute_dtype=compute_dtype))
@@ -221,6 +222,24 @@ def storage_and_block_transforms(args, compute_dtype) -> dsf.Transform:
     if args.shard:  # after fp8, whose bytes it splits; a single process has nothing to split
         stack.append(shard(where=r"^dit/"))
     return dsf.chain(*stack)
+
+
+def chosen_paradigm(args, compute_dtype) -> Paradigm:
+    """What the flags train, as one chain: the storage and block transforms, then (LoRA) the adapter;
+    its ``where`` is the one statement of what trains (fp8 over it fails at init).
+
+    >>> flags = ["--dataset_base_path", "d", "--fp8_models", "dit,t5", "--use_gradient_checkpointing", "--lora_rank", "4"]
+    >>> chosen_paradigm(parser().parse_args(flags), torch.float32).transforms.name
+    "chain(fp8(granularity=tensor, compute_dtype=float32), checkpoint(offload_activations=False), lora(rank=4, alpha=None, name='lora'))"
+    >>> chosen_paradigm(parser().parse_args([*flags, "--trainable_models", "dit"]), torch.float32).init({"dit": {"w": torch.ones(2, 2)}})
+    Traceback (most recent call last):
+    ...
+    ValueError: full fine-tuning cannot train 'dit/w/data': the paradigm's transforms store it as torch.float8_e4m3fn, which gets no gradient; exclude it from the storage transform's where= (e.g. fp8's) or from the paradigm's where=, or train a LoRA over it instead
+    """
+    stack = storage_and_block_transforms(args, compute_dtype)
+    if args.trainable_models:
+        return Paradigm("full fine-tuning", stack, r"^dit/")
+    return Paradigm("LoRA", dsf.chain(stack, trained_lora(args)), lora_trainable)
 
 
 def save_lora_file(layout: str):
@@ -238,7 +257,7 @@ def main(argv: list[str]):
     world = distributed.init(backend="gloo" if torch.device(args.device).type == "cpu" else None)  # under torchrun
     device = world.device if world.size > 1 else torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    lora_key, init_key, data_key, train_key = dsf.random.split(dsf.random.key(args.seed), 4)
+    init_key, data_key, fit_key = dsf.random.split(dsf.random.key(args.seed), 3)
 
     # 1. The model files, recognized by their keys; only the components the task needs are loaded.
     needed = NEEDED[args.task]
@@ -260,33 +279,26 @@ def main(argv: list[str]):
     if args.task == "direct_distill":
         check_native_resolution([paths["image"] for paths in dataset.data_file_paths], image_size, args.max_pixels)
 
-    # 3. The transforms: a preset LoRA merged into the base, then full fine-tuning's marker, fp8, checkpointing.
-    if args.preset_lora_path and "dit" in params:
-        params["dit"] = merge_lora(load_lora(params["dit"], args.preset_lora_path))
-    stack = storage_and_block_transforms(args, dtype)
-    params = stack.init(params, init_key)
-    encode = None if args.task == "sft:train" else stack(
-        SampleEncoder(models["vae"], models["clip"], models["t5"], args.max_sequence_length)
-    )
-
-    # 4. Split training, stage 1: encode every sample once, cache, and stop.
+    # 3. Split training, stage 1: encode every sample once (fp8 storage, checkpointing), cache, and stop.
     if args.task == "sft:data_process":
+        stack = storage_and_block_transforms(args, dtype)
+        encode = stack(SampleEncoder(models["vae"], models["clip"], models["t5"], args.max_sequence_length))
         if world.rank == 0:  # one process encodes and writes the cache
-            index = encode_into_cache(args.output_path, dataset, functools.partial(encode, params))
+            index = encode_into_cache(args.output_path, dataset, functools.partial(encode, stack.init(params, init_key)))
             print(f"cached {len(dataset)} encoded samples: {index}")
         wait_for_every_rank()
         return Path(args.output_path)
 
-    # 5. What trains: the whole DiT, a LoRA continued from a file, or a new LoRA.
-    if args.trainable_models:
-        where = r"^dit/"
-    elif args.lora_checkpoint:
-        params["dit"], where = load_lora(params["dit"], args.lora_checkpoint, name=TRAINED), lora_trainable
-    else:
-        adapter = lora(args.lora_rank, args.lora_alpha, targets=args.lora_target_modules)
-        params["dit"], where = adapter.init(params["dit"], lora_key), lora_trainable
+    # 4. The paradigm, one chain: a preset LoRA merged into the base first, then fp8, checkpointing, shards, the LoRA.
+    if args.preset_lora_path:
+        params["dit"] = merge_lora(load_lora(params["dit"], args.preset_lora_path))
+    paradigm = chosen_paradigm(args, dtype)
+    encode = None if args.task == "sft:train" else paradigm.transforms(
+        SampleEncoder(models["vae"], models["clip"], models["t5"], args.max_sequence_length)
+    )
 
-    # 6. The loss, and the data stream (samples are encoded as they are drawn, unless they come from the cache).
+    # 5. The loss, and the data stream (samples are encoded as they are drawn by the initialized
+    #    encoders, unless they come from the cache).
     if args.task == "direct_distill":
         pipe = FluxPipeline(models["dit"], params["dit"], models["vae"], params["vae"], models["clip"], models["t5"],
                             max_sequence_length=args.max_sequence_length)
@@ -294,12 +306,13 @@ def main(argv: list[str]):
     else:
         loss = sft_loss(models["dit"])
 
-    data = batch_stream(dataset, args.batch_size, data_key, None if encode is None else functools.partial(encode, params))
+    data = DataFromParams(lambda initialized: batch_stream(
+        dataset, args.batch_size, data_key, None if encode is None else functools.partial(encode, initialized)))
 
-    # 7. Train: AdamW on the LoRA factors (or the DiT), saving the LoRA in --lora_layout (or the DiT).
+    # 6. Train: AdamW on the LoRA factors (or the DiT), saving the LoRA in --lora_layout (or the DiT).
     config = train_config(args, len(dataset), processes=world.size)
     save = save_dit_file if args.trainable_models else save_lora_file(args.lora_layout)
-    trained = unshard(train(stack(loss), params, data, config, where=where, key=train_key, save=save))  # on every rank
+    trained = unshard(fit(paradigm, loss, params, data, config, key=fit_key, save=save))  # on every rank
     if world.rank == 0:
         print(f"trained {config.max_steps} steps; the last file is {args.output_path}/step-{config.max_steps}.safetensors")
     return trained

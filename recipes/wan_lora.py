@@ -43,9 +43,10 @@ from dsf.training.cache import CachedDataset, encode_into_cache
 from dsf.files.hub import ModelSource, local_source
 from dsf.models.wan.pipeline import EXPERTS, holds_two_experts, load_pipeline
 from dsf.models.wan.training import LORA_TARGETS, SampleEncoder, VideoDataset, expert_timestep_boundaries, sft_loss
-from dsf.training.train import train
+from dsf.training.paradigm import DataFromParams, Paradigm, fit
+from dsf.cli.lora_paradigm import trained_lora
 from dsf.cli.training_flags import add_dataset_flags, add_training_flags, batch_stream, train_config
-from dsf.transforms import checkpoint, fp8, load_lora, lora, lora_trainable, save_lora
+from dsf.transforms import checkpoint, fp8, lora_trainable, save_lora
 from dsf.transforms.lora import TRAINED
 from dsf.cli.flag_types import finite_float, positive_int
 
@@ -138,6 +139,16 @@ def storage_and_block_transforms(args, compute_dtype) -> dsf.Transform:
     return dsf.chain(*stack)
 
 
+def lora_paradigm(args, compute_dtype) -> Paradigm:
+    """What the flags train, as one chain: the storage and block transforms, then the LoRA on the DiT.
+
+    >>> flags = ["--dataset_base_path", "d", "--dataset_metadata_path", "m.csv", "--use_gradient_checkpointing"]
+    >>> lora_paradigm(parser().parse_args(flags), torch.float32).transforms.name
+    "chain(checkpoint(offload_activations=False), lora(rank=32, alpha=None, name='lora'))"
+    """
+    return Paradigm("LoRA", dsf.chain(storage_and_block_transforms(args, compute_dtype), trained_lora(args)), lora_trainable)
+
+
 def main(argv: list[str]):
     """Run the task; returns the trained params (the cache folder for sft:data_process)."""
     args = parser().parse_args(argv)
@@ -145,7 +156,7 @@ def main(argv: list[str]):
     source = args.model_path or (ModelSource(model_id=args.model_id) if args.model_id else None)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    lora_key, init_key, data_key, train_key = dsf.random.split(dsf.random.key(args.seed), 4)
+    init_key, data_key, fit_key = dsf.random.split(dsf.random.key(args.seed), 3)
 
     # 1. The pipeline: the DiT (one expert of an A14B model), the VAE, umT5 and (Wan2.1 I2V) CLIP;
     #    what the task never runs is built on the meta device from its checkpoint's headers.
@@ -166,30 +177,27 @@ def main(argv: list[str]):
                                height=args.height, width=args.width,
                                repeat=1 if args.task == "sft:data_process" else args.dataset_repeat)
 
-    # 3. The transforms: fp8 storage of frozen components, gradient checkpointing.
-    stack = storage_and_block_transforms(args, dtype)
-    params = stack.init(params, init_key)
-    encode = None if args.task == "sft:train" else stack(
-        SampleEncoder(pipe, first_frame_conditioning=not args.without_first_frame)
-    )
-
-    # Split training, stage 1: encode every sample once, cache, and stop.
+    # 3. Split training, stage 1: encode every sample once (fp8 storage, checkpointing), cache, and stop.
     if args.task == "sft:data_process":
-        index = encode_into_cache(args.output_path, dataset, functools.partial(encode, params))
+        stack = storage_and_block_transforms(args, dtype)
+        encode = stack(SampleEncoder(pipe, first_frame_conditioning=not args.without_first_frame))
+        index = encode_into_cache(args.output_path, dataset, functools.partial(encode, stack.init(params, init_key)))
         print(f"cached {len(dataset)} encoded samples: {index}")
         return Path(args.output_path)
 
-    # 4. What trains: a LoRA continued from a file, or a new LoRA.
-    if args.lora_checkpoint:
-        params["dit"] = load_lora(params["dit"], args.lora_checkpoint, name=TRAINED)
-    else:
-        params["dit"] = lora(args.lora_rank, args.lora_alpha, targets=args.lora_target_modules).init(params["dit"], lora_key)
+    # 4. The paradigm, one chain: fp8 storage of frozen components, gradient checkpointing, the LoRA
+    #    (continued from --lora_checkpoint, or new).
+    paradigm = lora_paradigm(args, dtype)
+    encode = None if args.task == "sft:train" else paradigm.transforms(
+        SampleEncoder(pipe, first_frame_conditioning=not args.without_first_frame)
+    )
 
     # 5. The loss (flow matching within the expert's σ range), and the data stream (samples are
-    #    encoded as they are drawn, unless they come from the cache).
+    #    encoded as they are drawn by the initialized encoders, unless they come from the cache).
     loss = sft_loss(pipe, **boundaries)
 
-    data = batch_stream(dataset, args.batch_size, data_key, None if encode is None else functools.partial(encode, params))
+    data = DataFromParams(lambda initialized: batch_stream(
+        dataset, args.batch_size, data_key, None if encode is None else functools.partial(encode, initialized)))
 
     # 6. Train: AdamW on the LoRA factors, saving the LoRA in --lora_layout.
     config = train_config(args, len(dataset))
@@ -197,7 +205,7 @@ def main(argv: list[str]):
     def save(path, trained):
         save_lora(trained["dit"], path, args.lora_layout, name=TRAINED)
 
-    trained = train(stack(loss), params, data, config, where=lora_trainable, key=train_key, save=save)
+    trained = fit(paradigm, loss, params, data, config, key=fit_key, save=save)
     print(f"trained {config.max_steps} steps; the last file is {args.output_path}/step-{config.max_steps}.safetensors")
     return trained
 

@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import dsf
+import dsf.training.paradigm
 from dsf.training import distributed
 from dsf.training.data import write_image_folder
 from dsf.models.digits.training import digit_images
@@ -137,7 +138,7 @@ def run_recipe(recipe, argv: list[str], env: dict, hub_source: Path) -> dict:
         with contextlib.ExitStack() as stack:
             stack.enter_context(replaced(recipe, "save_lora", lambda f: recording(saved, f, 1)))
             stack.enter_context(replaced(recipe, "save_safetensors", lambda f: recording(saved, f, 0)))
-            stack.enter_context(replaced(recipe, "train", lambda f: sharded_components(trains, f)))
+            stack.enter_context(replaced(dsf.training.paradigm, "train", lambda f: sharded_components(trains, f)))
             stack.enter_context(replaced(dsf.files.hub, "_download", lambda f: copying_from(hub_source, downloads)))
             stack.enter_context(contextlib.redirect_stdout(printed))
             returned = recipe.main(argv)

@@ -182,7 +182,7 @@ def test_full_fine_tuning_saves_the_whole_dit(tiny, digits, tmp_path):
     assert all(not torch.equal(flat_saved[k], flat_base[k]) for k in ("x_embedder.weight", "proj_out.weight"))
     trained_flat = dsf.tree.flatten_dict(dense_tree(trained["dit"]))
     assert all(torch.equal(flat_saved[k], trained_flat[k]) for k in flat_saved)
-    with pytest.raises(ValueError, match="fp8 cannot store 'dit/"):
+    with pytest.raises(ValueError, match="full fine-tuning cannot train 'dit/"):
         run(tiny, digits, tmp_path / "fp8", "--trainable_models", "dit", "--fp8_models", "dit")
 
 

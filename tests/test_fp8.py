@@ -4,8 +4,11 @@ import pytest
 import torch
 
 import dsf
+import dsf.transforms
 from dsf.models.flux import FluxConfig, FluxDiT, init_dit
-from dsf.transforms.fp8 import FP8, Dequantize, dequantize, fp8, quantize, trainable
+from dsf.training.paradigm import Paradigm
+from dsf.transforms import checkpoint
+from dsf.transforms.fp8 import FP8, Dequantize, dequantize, fp8, quantize
 from dsf.weight import Stage, Weight, as_weight, map_weights, stage
 
 CFG = FluxConfig(
@@ -72,13 +75,15 @@ def test_zero_tensors_and_rows_give_finite_scales():
             assert torch.equal(dequantize(data, scale, torch.float32), tensor)
 
 
-def test_fp8_on_trainable_weights_fails_at_init_in_any_order():
+def test_fp8_on_trained_weights_fails_at_init_in_any_order():
+    """What trains is said once, by the paradigm's where=: no second mark can fall out of sync with it."""
     params = {"blocks": [{"w": torch.randn(4, 4)}], "head": torch.randn(2, 4)}
-    for transforms in ((trainable(r"^blocks/"), fp8()), (fp8(), trainable(r"^blocks/"))):
-        with pytest.raises(ValueError, match=r"blocks/0/w.*fp8"):
-            dsf.chain(*transforms).init(params)
-    frozen_head = dsf.chain(trainable(r"^blocks/"), fp8(where=r"^head$")).init(params)
-    assert frozen_head["blocks"][0]["w"].trainable and frozen_head["head"].data.dtype == FP8
+    for transforms in ((fp8(), checkpoint()), (checkpoint(), fp8())):
+        with pytest.raises(ValueError, match=r"full fine-tuning cannot train 'blocks/0/w/data'.*float8.*fp8's"):
+            Paradigm("full fine-tuning", dsf.chain(*transforms), r"^blocks/").init(params)
+    frozen_head = Paradigm("full fine-tuning", dsf.chain(fp8(where=r"^head$")), r"^blocks/").init(params)
+    assert frozen_head["blocks"][0]["w"].dtype == torch.float32 and frozen_head["head"].data.dtype == FP8
+    assert not hasattr(dsf.transforms, "trainable") and "trainable" not in Weight.__slots__
 
 
 def test_value_and_grad_refuses_fp8_leaves():

@@ -5,7 +5,7 @@
 
 from dsf.transforms.checkpoint import checkpoint
 from dsf.transforms.compile import compile
-from dsf.transforms.fp8 import fp8, trainable
+from dsf.transforms.fp8 import fp8
 from dsf.transforms.lora import clear_lora, load_lora, lora, lora_leaves, lora_trainable, merge_lora, save_lora
 from dsf.transforms.offload import count_transfers, offload
 from dsf.transforms.shard import count_gathers, shard, unshard
@@ -25,6 +25,5 @@ __all__ = [
     "offload",
     "save_lora",
     "shard",
-    "trainable",
     "unshard",
 ]

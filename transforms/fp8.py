@@ -5,10 +5,9 @@ by a weight record whose ``data`` is float8 and whose decode stage holds the sca
 or one per output channel (row). Materialization computes ``data.to(dtype) * scale``. Bytes halve
 against bf16; nothing computes in fp8.
 
-fp8 weights get no gradient. Full fine-tuning marks what it trains with :func:`trainable`, and an
-fp8 over a marked weight fails at init in either chain order (the marker lives on the record, so
-``chain(trainable(w), fp8())`` and ``chain(fp8(), trainable(w))`` both raise); ``dsf.value_and_grad``
-refusing float8 leaves is the second line. LoRA over an fp8 base trains: its factors are separate
+fp8 weights get no gradient. What trains is said once, by the paradigm's ``where=``
+(:class:`dsf.training.paradigm.Paradigm`): a paradigm whose ``where`` selects an fp8 weight fails
+at init, whatever the chain order; ``dsf.value_and_grad`` refusing float8 leaves is the second line. LoRA over an fp8 base trains: its factors are separate
 leaves of the adapt stage, run after decode.
 
 Example:
@@ -109,38 +108,8 @@ def fp8(where: Where = None, granularity: str = "tensor", compute_dtype: torch.d
     )
 
 
-def trainable(where: Where = None) -> Transform:
-    """Mark the parameters selected by ``where`` as fully fine-tuned; fp8 over them fails at init.
-
-    >>> t = trainable(r"^w$")
-    >>> t.init({"w": torch.ones(2)})["w"].trainable
-    True
-    >>> from dsf import chain
-    >>> chain(t, fp8()).init({"w": torch.ones(2, 2)})
-    Traceback (most recent call last):
-    ...
-    ValueError: fp8 cannot store 'w': it is marked trainable (full fine-tuning) and fp8 weights get no gradient; exclude it from fp8's where=, or train a LoRA over the fp8 base instead
-    """
-
-    def mark(path: str, param) -> Weight:
-        record = as_weight(param)
-        if record.data.dtype.is_floating_point and record.data.dtype.itemsize == 1:
-            raise ValueError(
-                f"cannot train {path!r}: it is stored in fp8, which gets no gradient; exclude it from fp8's where=, "
-                "or train a LoRA over the fp8 base instead"
-            )
-        return Weight(record.data, record.stages, trainable=True)
-
-    return Transform(name=f"trainable({where!r})", init_fn=lambda params, key=None: map_weights(mark, params, where))
-
-
 def _stored_in_fp8(path: str, param, granularity: str, compute_dtype: torch.dtype) -> Weight:
     record = as_weight(param)
-    if record.trainable:
-        raise ValueError(
-            f"fp8 cannot store {path!r}: it is marked trainable (full fine-tuning) and fp8 weights get no gradient; "
-            "exclude it from fp8's where=, or train a LoRA over the fp8 base instead"
-        )
     if isinstance(record.data, DiskTensor):
         raise ValueError(
             f"fp8 cannot quantize {path!r}: it is still on disk ({record.data!r}); load the weights into memory "

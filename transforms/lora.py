@@ -326,11 +326,11 @@ def _adapters(params) -> dict[str, dict[str, Adapter | DenseAdapter]]:
 
 
 def _with_adapters(param: Weight, data, adapters: dict[str, Adapter | DenseAdapter]):
-    """``param`` with new data and adapt stage; a record left with no stage nor trainable mark is its plain data."""
+    """``param`` with new data and adapt stage; a record left with no stage is its plain data."""
     stages = {phase: s for phase, s in param.stages.items() if phase != "adapt"}
     if adapters:
         stages["adapt"] = LoraStage(adapters, param.stages["adapt"].merge_when_sampling)
-    return Weight(data, stages, param.trainable) if stages or param.trainable else data
+    return Weight(data, stages) if stages else data
 
 
 def _free_name(params, source: Source, name: str | None) -> str:

@@ -138,7 +138,7 @@ def _sharded(path: str, param, device_mesh) -> Weight:
             f"shard cannot split {path!r}: it is still on disk ({record.data!r}); load the weights into memory "
             "(dsf.files.io.load_state_dict) to shard them"
         )
-    return Weight(distributed.distribute(record.data, device_mesh), record.stages, record.trainable)
+    return Weight(distributed.distribute(record.data, device_mesh), record.stages)
 
 
 def shard(where: Where = None) -> Transform:
@@ -173,6 +173,6 @@ def unshard(params):
     def whole(path: str, record: Weight):
         with torch.no_grad():
             gathered = record.stages["gather"].apply(record)
-        return gathered if gathered.stages or gathered.trainable else gathered.data
+        return gathered if gathered.stages else gathered.data
 
     return map_weights(whole, params, where=lambda _, param: _needs_gather(param))

@@ -1,8 +1,8 @@
 """The training paradigms on the digits model, each a transform stack over the loss and the sampler.
 
-A :class:`Paradigm` is data: the transform stack that wraps the loss and the leaves it trains.
-:func:`fit` initializes the stack on the params and trains ``stack(loss)``. The paradigms differ
-only in the stack, the loss and the params they start from:
+A :class:`dsf.training.paradigm.Paradigm` is data: the transform stack that wraps the loss and the
+leaves it trains; :func:`dsf.training.paradigm.fit` initializes the stack on the params and trains
+``stack(loss)``. The paradigms differ only in the stack, the loss and the params they start from:
 
 - training from scratch, full fine-tuning: :func:`from_scratch`, :func:`full_sft` (the DiT's leaves);
 - LoRA fine-tuning: :func:`lora_sft` (the LoRA factors only);
@@ -22,6 +22,7 @@ Example:
     >>> import torch, dsf
     >>> from dsf.models.digits import DigitsConfig, new_model
     >>> from dsf.models.digits.training import digits_loss
+    >>> from dsf.training.paradigm import fit
     >>> from dsf.training.train import TrainConfig
     >>> model = new_model(DigitsConfig(dim=32, depth=1, heads=2, text_dim=8, text_layers=1), dsf.random.key(0))
     >>> batch = {"image": torch.rand(4, 3, 16, 16) * 2 - 1, "prompt": ["a handwritten digit one"] * 4}
@@ -38,8 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -57,28 +57,14 @@ from dsf.models.digits.pipeline import SCHEDULE, DigitsModel
 from dsf.models.digits.text import prompt_for
 from dsf.models.digits.training import digit_images
 from dsf.diffusion.sampling import sample
-from dsf.training.train import DataStream, TrainConfig, train
+from dsf.training.paradigm import Paradigm, fit  # fit: re-exported, the trainer of these paradigms
 from dsf.transform import Transform, chain
 from dsf.transforms import checkpoint, load_lora, lora, lora_trainable, merge_lora
-from dsf.tree import Where
 
 LORA_TARGETS = "qkv,out,mlp_up,mlp_down,modulation,proj_out"  # attention, MLP and adaLN of each block, and the output
 
 
 # ----------------------------------------------------------------------------- paradigms as data
-
-
-@dataclass(frozen=True)
-class Paradigm:
-    """A training paradigm: the transform stack wrapping the loss, and the leaves it trains.
-
-    >>> full_sft().where
-    '^dit/'
-    """
-
-    name: str
-    transforms: Transform
-    where: Where
 
 
 def from_scratch(*transforms: Transform) -> Paradigm:
@@ -107,25 +93,6 @@ def lora_sft(rank: int = 4, targets: str | None = LORA_TARGETS) -> Paradigm:
     True
     """
     return Paradigm(f"LoRA rank {rank}", chain(lora(rank, where=r"^dit/", targets=targets), checkpoint()), lora_trainable)
-
-
-def fit(paradigm: Paradigm, loss: Callable, params, data: DataStream, config: TrainConfig, *, key: dsf.random.Key):
-    """``params`` through the paradigm's ``init``, then ``paradigm.where`` trained on ``stack(loss)``
-    by :func:`dsf.training.train.train`; the key is split into an init key and a training key.
-
-    >>> import torch, dsf
-    >>> def data(position):
-    ...     while True:
-    ...         yield position + 1, torch.ones(2)
-    >>> params = {"dit": {"w": torch.zeros(2)}, "text_encoder": {"w": torch.zeros(2)}}
-    >>> config = TrainConfig(learning_rate=0.1, max_steps=5, progress=False)
-    >>> trained = fit(full_sft(), lambda p, x, k: (p["dit"]["w"] - x).square().sum(), params, data, config, key=dsf.random.key(0))
-    >>> bool((trained["dit"]["w"] > 0).all()), trained["text_encoder"]["w"] is params["text_encoder"]["w"]
-    (True, True)
-    """
-    init_key, train_key = dsf.random.split(key)
-    stack = paradigm.transforms
-    return train(stack(loss), stack.init(params, init_key), data, config, where=paradigm.where, key=train_key)
 
 
 def with_preset_lora(params, source: Source, scale: float = 1.0):
