@@ -33,10 +33,11 @@ import dsf
 from dsf.training.cache import write_cache
 from dsf.models.digits import digit_accuracy, ink_fraction, load_model, prompt_for, real_digit_classifier
 from dsf.models.digits.paradigms import (
-    LORA_TARGETS, distill_items, distill_loss, encode_text_once, fit, full_sft, load_cached, lora_sft, seeded_images,
+    LORA_TARGETS, distill_items, distill_loss, encode_text_once, full_sft, load_cached, lora_sft, seeded_images,
     split_loss, teacher_cache, with_merged_lora, with_preset_lora, write_style_folder,
 )
 from dsf.models.digits.training import data_stream, digits_loss, load_training_set
+from dsf.training.paradigm import fit
 from dsf.training.train import TrainConfig
 from dsf.transforms import save_lora
 

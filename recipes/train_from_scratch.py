@@ -27,7 +27,8 @@ from PIL import Image
 import dsf
 from dsf.training import distributed
 from dsf.models.digits import DigitsConfig, generate, load_model, new_model, prompt_for, save_model
-from dsf.models.digits.paradigms import fit, from_scratch
+from dsf.models.digits.paradigms import from_scratch
+from dsf.training.paradigm import fit
 from dsf.models.digits.training import data_stream, digits_loss, load_training_set, write_digits_folder
 from dsf.cli.train_sample import run_command, sample_parser, save_numbered
 from dsf.training.train import TrainConfig

@@ -13,10 +13,11 @@ from dsf.training.cache import write_cache
 from dsf.training.data import collate
 from dsf.models.digits import DigitsConfig, dit_apply, generate_tensors, load_model, new_model, prompt_for, save_model
 from dsf.models.digits.paradigms import (
-    distill_items, distill_loss, encode_text_once, fit, full_sft, load_cached, lora_sft, split_loss, teacher_cache,
+    distill_items, distill_loss, encode_text_once, full_sft, load_cached, lora_sft, split_loss, teacher_cache,
     with_merged_lora, with_preset_lora, write_teacher_folder,
 )
 from dsf.models.digits.training import data_stream, digits_loss, load_training_set, write_digits_folder
+from dsf.training.paradigm import fit
 from dsf.training.train import TrainConfig, train
 from dsf.transforms import lora_trainable, save_lora
 from dsf.weight import Weight

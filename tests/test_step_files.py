@@ -7,7 +7,8 @@ import torch
 import dsf
 from dsf.model_parts.lora_files import LAYOUTS, detect_lora_layout
 from dsf.models.digits import DigitsConfig, new_model
-from dsf.models.digits.paradigms import fit, lora_sft
+from dsf.models.digits.paradigms import lora_sft
+from dsf.training.paradigm import fit
 from dsf.models.digits.training import data_stream, digits_loss, load_training_set, write_digits_folder
 from dsf.training.step_files import load_trainable
 from dsf.training.train import TrainConfig

@@ -57,7 +57,7 @@ from dsf.models.digits.pipeline import SCHEDULE, DigitsModel
 from dsf.models.digits.text import prompt_for
 from dsf.models.digits.training import digit_images
 from dsf.diffusion.sampling import sample
-from dsf.training.paradigm import Paradigm, fit  # fit: re-exported, the trainer of these paradigms
+from dsf.training.paradigm import Paradigm
 from dsf.transform import Transform, chain
 from dsf.transforms import checkpoint, load_lora, lora, lora_trainable, merge_lora
 
