@@ -186,20 +186,14 @@ def adamw(
     """
     schedule = as_schedule(learning_rate)
     beta1, beta2 = _checked_betas(betas)
-    if not eps >= 0:
-        raise ValueError(f"eps must be non-negative, got {eps!r}")
-    if not weight_decay >= 0:
-        raise ValueError(f"weight_decay must be non-negative, got {weight_decay!r}")
+    _check_non_negative(eps=eps, weight_decay=weight_decay)
 
     def init(trainable: Tensors) -> OptimizerState:
         return _with_master_weights({"step": 0, "exp_avg": _zeros(trainable), "exp_avg_sq": _zeros(trainable)}, trainable)
 
     @torch.no_grad()
     def update(grads: Tensors, state: OptimizerState, trainable: Tensors) -> tuple[Tensors, OptimizerState]:
-        _check_same_paths(grads, trainable)
-        paths = list(trainable)
-        params = _working_params(state, trainable)
-        grad_list = [grads[p].to(x.dtype) for p, x in zip(paths, params)]
+        paths, params, grad_list = _update_inputs(grads, state, trainable)
         step = state["step"] + 1
         lr = schedule(step)
         decayed = torch._foreach_mul(params, 1.0 - lr * weight_decay)
@@ -240,18 +234,14 @@ def sgd(
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
     if nesterov and not momentum:
         raise ValueError("nesterov=True needs a momentum above 0")
-    if not weight_decay >= 0:
-        raise ValueError(f"weight_decay must be non-negative, got {weight_decay!r}")
+    _check_non_negative(weight_decay=weight_decay)
 
     def init(trainable: Tensors) -> OptimizerState:
         return _with_master_weights({"step": 0, **({"momentum": _zeros(trainable)} if momentum else {})}, trainable)
 
     @torch.no_grad()
     def update(grads: Tensors, state: OptimizerState, trainable: Tensors) -> tuple[Tensors, OptimizerState]:
-        _check_same_paths(grads, trainable)
-        paths = list(trainable)
-        params = _working_params(state, trainable)
-        grad_list = [grads[p].to(x.dtype) for p, x in zip(paths, params)]
+        paths, params, grad_list = _update_inputs(grads, state, trainable)
         if weight_decay:
             grad_list = torch._foreach_add(grad_list, params, alpha=weight_decay)
         step = state["step"] + 1
@@ -283,18 +273,14 @@ def lion(learning_rate: float | Schedule = 1e-4, betas: tuple[float, float] = (0
     """
     schedule = as_schedule(learning_rate)
     beta1, beta2 = _checked_betas(betas)
-    if not weight_decay >= 0:
-        raise ValueError(f"weight_decay must be non-negative, got {weight_decay!r}")
+    _check_non_negative(weight_decay=weight_decay)
 
     def init(trainable: Tensors) -> OptimizerState:
         return _with_master_weights({"step": 0, "exp_avg": _zeros(trainable)}, trainable)
 
     @torch.no_grad()
     def update(grads: Tensors, state: OptimizerState, trainable: Tensors) -> tuple[Tensors, OptimizerState]:
-        _check_same_paths(grads, trainable)
-        paths = list(trainable)
-        params = _working_params(state, trainable)
-        grad_list = [grads[p].to(x.dtype) for p, x in zip(paths, params)]
+        paths, params, grad_list = _update_inputs(grads, state, trainable)
         exp_avg = [state["exp_avg"][p] for p in paths]
         step = state["step"] + 1
         lr = schedule(step)
@@ -320,10 +306,13 @@ def _with_master_weights(state: OptimizerState, trainable: Tensors) -> Optimizer
     return {**state, "master": master} if master else state
 
 
-def _working_params(state: OptimizerState, trainable: Tensors) -> list[torch.Tensor]:
-    """The values an update starts from, in the order of ``trainable``: the master copy where there is one."""
+def _update_inputs(grads: Tensors, state: OptimizerState, trainable: Tensors):
+    """``(paths, the values the update starts from, the gradients in their dtypes)``, in the order of ``trainable``;
+    a value is the master copy where there is one."""
+    _check_same_paths(grads, trainable)
     master = state.get("master", {})
-    return [master.get(path, x) for path, x in trainable.items()]
+    params = [master.get(path, x) for path, x in trainable.items()]
+    return list(trainable), params, [grads[path].to(x.dtype) for path, x in zip(trainable, params)]
 
 
 def _finished(new_params: Tensors, new_state: OptimizerState, state: OptimizerState, trainable: Tensors):
@@ -374,6 +363,12 @@ def clip_by_global_norm(grads: Tensors, max_norm: float, norm: torch.Tensor | No
 def _check_learning_rate(learning_rate) -> None:
     if not isinstance(learning_rate, (int, float)) or not learning_rate >= 0:
         raise ValueError(f"learning_rate must be a non-negative number, got {learning_rate!r}")
+
+
+def _check_non_negative(**values: float) -> None:
+    for name, value in values.items():
+        if not value >= 0:
+            raise ValueError(f"{name} must be non-negative, got {value!r}")
 
 
 def _checked_betas(betas) -> tuple[float, float]:
