@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import dsf
+from dsf.files.io import ALLOCATOR_ALIGNMENT
 from dsf.training.cache import INDEX_NAME, CachedDataset, write_cache
 from dsf.training.data import batches
 
@@ -113,3 +114,11 @@ def test_damaged_caches_are_refused_with_the_reason(tmp_path):
     (tmp_path / "cache" / INDEX_NAME).write_text("{")
     with pytest.raises(ValueError, match="is not valid json"):
         CachedDataset(tmp_path / "cache")
+
+
+def test_cached_tensors_start_where_torch_allocates_them(tmp_path):
+    # read at the file's offsets they would compute other last bits than the tensors that were cached (dsf.files.io.aligned)
+    write_cache(tmp_path / "cache", iter(samples()))
+    dataset = CachedDataset(tmp_path / "cache")
+    offsets = [dataset[i][key].data_ptr() % ALLOCATOR_ALIGNMENT for i in range(len(dataset)) for key in ("latents", "text_embeds")]
+    assert offsets == [0] * 2 * len(dataset)

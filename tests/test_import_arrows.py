@@ -1,7 +1,7 @@
 """The imports run one way: every import of every library module, read from its source, against the layering.
 
-Layers, lowest first: the engine (``dsf/*.py``: tree, weight, transform, blocks, ...); beside each other
-above it ``dsf.files``, ``dsf.diffusion`` and ``dsf.training``; ``dsf.model_parts`` (what families
+Layers, lowest first: the engine (``dsf/*.py``: tree, weight, transform, blocks, ...); above it ``dsf.files``
+and ``dsf.diffusion`` beside each other; ``dsf.training`` (which reads files); ``dsf.model_parts`` (what families
 share, the family contract); ``dsf.transforms``; ``dsf.models``; ``dsf.cli`` (the recipes' command
 lines). A module imports from its own layer and the ones this table allows, never from above: the
 core never imports a model, a transform or the command line, no transform imports a model, and no
@@ -23,7 +23,7 @@ ALLOWED = {  # layer -> the layers it may import
     "engine": {"engine"},
     "files": {"engine", "files"},
     "diffusion": {"engine", "diffusion"},
-    "training": {"engine", "training"},
+    "training": {"engine", "files", "training"},
     "model_parts": {"engine", "files", "model_parts"},
     "transforms": {"engine", "files", "training", "model_parts", "transforms"},
     "models": {"engine", "files", "diffusion", "training", "model_parts", "transforms", "models"},

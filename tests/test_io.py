@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from dsf.files.disk import lazy_load
 from dsf.files.io import ALLOCATOR_ALIGNMENT, load_state_dict, read_json, safetensors_files
 
 
@@ -114,3 +115,9 @@ def test_loaded_cpu_tensors_start_where_torch_allocates_them(tmp_path):
     loaded = load_state_dict(tmp_path / "model.safetensors", None)
     assert [t.data_ptr() % ALLOCATOR_ALIGNMENT for t in loaded.values()] == [0] * 6
     assert torch.empty(7).data_ptr() % ALLOCATOR_ALIGNMENT == 0
+
+
+def test_tensors_streamed_from_disk_start_where_torch_allocates_them(tmp_path):
+    save_file({f"w{i}": torch.randn(3 + i, 5) for i in range(6)}, tmp_path / "model.safetensors")
+    lazy = lazy_load(tmp_path / "model.safetensors")
+    assert [lazy[f"w{i}"].read("cpu").data_ptr() % ALLOCATOR_ALIGNMENT for i in range(6)] == [0] * 6

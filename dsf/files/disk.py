@@ -34,7 +34,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from dsf.tally import Tally
-from dsf.files.io import safetensors_files
+from dsf.files.io import aligned, safetensors_files
 from dsf.tree import unflatten_dict
 
 SAFETENSORS_DTYPES = {
@@ -101,7 +101,7 @@ class DiskTensor:
         tensor = tensor.to(self.dtype)
         device = torch.device(device)
         if device.type != "cuda":
-            return tensor.to(device)
+            return aligned(tensor.to(device))
         return tensor.pin_memory().to(device, non_blocking=True)  # the host allocator keeps the pinned bytes until the copy ran
 
     def _check_unchanged(self, shape: tuple[int, ...]) -> None:

@@ -122,13 +122,19 @@ def _header_tensor(shard, key: str, dtype: torch.dtype | None) -> torch.Tensor:
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype | None, device) -> torch.Tensor:
     target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
-    return _aligned(tensor.to(device=device, dtype=target))
+    return aligned(tensor.to(device=device, dtype=target))
 
 
-def _aligned(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` in memory aligned as torch allocates it (safetensors hands out CPU tensors at any 4-byte offset, and
-    BLAS kernels round differently at another alignment, so the same weights would compute other last bits than a
-    copy of them, e.g. one gathered from shards)."""
+def aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in memory aligned as torch allocates it (a copy only when it is not): safetensors hands out CPU
+    tensors at any 4-byte offset, and BLAS kernels round differently at another alignment, so a weight read from a file
+    would compute other last bits than the same weight made by torch (e.g. gathered from shards, or kept in RAM).
+    Every CPU tensor dsf reads from a file passes through here.
+
+    >>> buffer = torch.arange(9.0)
+    >>> aligned(buffer[1:]).data_ptr() % ALLOCATOR_ALIGNMENT, aligned(buffer) is buffer
+    (0, True)
+    """
     misaligned = tensor.device.type == "cpu" and tensor.data_ptr() % ALLOCATOR_ALIGNMENT
     return tensor.clone() if misaligned else tensor
 

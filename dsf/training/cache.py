@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 
 from tqdm.auto import tqdm
 
+from dsf.files.io import aligned
 from dsf.training.data import resolve_data_path
 
 INDEX_NAME = "index.json"
@@ -183,7 +184,7 @@ class CachedDataset:
         sample_index = index % len(self.samples)
         entry = self.samples[sample_index]
         shard = self._shard(entry["shard"])
-        tensors = {key: shard.get_tensor(f"{sample_index}/{key}") for key in entry["tensors"]}
+        tensors = {key: aligned(shard.get_tensor(f"{sample_index}/{key}")) for key in entry["tensors"]}
         return {**entry["fields"], **tensors}
 
     def _shard_path(self, name: Any, index_path: Path) -> Path:

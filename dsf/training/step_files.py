@@ -21,8 +21,8 @@ from __future__ import annotations
 import os
 
 import torch
-from safetensors.torch import load_file
 
+from dsf.files.io import load_state_dict
 from dsf.tree import leaves_with_paths, map_with_path
 
 EXAMPLES = 5  # keys shown in errors
@@ -44,7 +44,7 @@ def load_trainable(params, step_file: str | os.PathLike):
     transform's own). Each saved leaf keeps the dtype and device of the leaf it replaces; a key that
     names no leaf of ``params`` is an error that shows the tree's paths.
     """
-    saved = load_file(str(step_file))
+    saved = load_state_dict(step_file)
     leaves = dict(leaves_with_paths(params))
     by_key = {path.replace("/", "."): path for path in leaves}
     unknown = sorted(key for key in saved if key not in by_key)
