@@ -9,7 +9,7 @@ a. FLUX DiT small config: parity with diffusers' FluxTransformer2DModel and the 
    of the forward and of forward+backward (skipped when diffusers is missing);
 b. FLUX.1-dev DiT in bf16 at 1024² (4,096 image + 512 text tokens): the resident step (seconds, FLOP/s
    from the model's FLOP count, counted on ``meta``, against the card's bf16 peak and a measured
-   matmul), eager and under ``compile()`` (first-call seconds apart); block offload with prefetch against the PCIe floor (bytes moved / host-to-device bandwidth
+   matmul), eager and under ``compile()`` (first-call seconds apart), and against diffusers over the same weights; block offload with prefetch against the PCIe floor (bytes moved / host-to-device bandwidth
    measured here), its allocated / reserved / active peaks against two blocks + the resident
    activations, three consecutive calls' reserved memory and allocator retries, and whether copy and
    compute overlapped; fp8 storage + block offload;
@@ -359,6 +359,29 @@ def flux_resident_row(suite: Suite) -> dict:
             **memory}
 
 
+def flux_diffusers_row(suite: Suite) -> dict:
+    """The resident step of dsf against diffusers' FluxTransformer2DModel at the same size, over the same tensors (the
+    reference is built on ``meta`` and takes dsf's weights by assignment, so no second copy is made), interleaved."""
+    if importlib.util.find_spec("diffusers") is None:
+        raise Skip("diffusers is not installed (pip install diffusers)")
+    from diffusers import FluxTransformer2DModel
+
+    from dsf.models.flux.config import DIFFUSERS_KEYS
+
+    device, cfg = suite.device, suite.sizes.flux
+    params, x, dit = flux_params(suite), flux_inputs(suite, device), flux.FluxDiT(cfg)
+    with torch.device("meta"):
+        reference = FluxTransformer2DModel(**{key: getattr(cfg, field) for key, field in DIFFUSERS_KEYS.items()}).eval()
+    reference.load_state_dict(dsf.tree.flatten_dict(params), assign=True)
+    with torch.no_grad():
+        ours, theirs = lambda: dit(params, **x), lambda: flux_dit.diffusers_call(reference, **x)
+        error = float((ours() - theirs()).float().abs().max() / theirs().float().abs().max())
+        (_, ours_s, theirs_s), = flux_dit.interleaved([("forward", ours, theirs)], suite.sizes.repeats, device)
+        suite.backends["FLUX DiT (diffusers)"] = sdpa_kernel(theirs)
+    return {"dsf_s": round(ours_s, 4), "diffusers_s": round(theirs_s, 4), "dsf_x_diffusers": round(ours_s / theirs_s, 3),
+            "max_relative_difference": float(f"{error:.3g}")}
+
+
 def flux_compiled_row(suite: Suite) -> dict:
     """The resident step under ``compile()`` (regional: one compiled body per block kind) against eager (row b1)."""
     device, cfg = suite.device, suite.sizes.flux
@@ -587,6 +610,7 @@ def run_suite(device: torch.device, small: bool, seconds: float = SUITE_SECONDS)
     suite = Suite(device, small, seconds)
     suite.run("a", "FLUX DiT small config: parity and dsf/diffusers time", 60, lambda: parity_row(suite))
     suite.run("b1", "FLUX.1-dev DiT bf16 1024²: resident step", 60, lambda: flux_resident_row(suite))
+    suite.run("b5", "FLUX.1-dev DiT bf16 1024²: resident step, dsf against diffusers", 60, lambda: flux_diffusers_row(suite))
     suite.run("b2", "FLUX.1-dev DiT: block offload with prefetch", 100, lambda: flux_offload_row(suite, with_fp8=False))
     suite.run("b3", "FLUX.1-dev DiT: fp8 storage + block offload", 60, lambda: flux_offload_row(suite, with_fp8=True))
     suite.run("c", "tiny FLUX pipeline: component offload", 30, lambda: component_offload_row(suite))

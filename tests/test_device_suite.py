@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import device_suite  # noqa: E402
 
-ROW_IDS = ["a", "b1", "b2", "b3", "c", "d1", "d2", "e", "f", "b4", "g", "h"]
+ROW_IDS = ["a", "b1", "b5", "b2", "b3", "c", "d1", "d2", "e", "f", "b4", "g", "h"]
 
 
 def test_small_cpu_run_measures_every_row_in_order(tmp_path, capsys):
