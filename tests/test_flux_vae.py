@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import dsf
-from dsf.models.flux import vae as vae_module
-from dsf.models.flux.vae import FluxVAEConfig, init_vae, tiled_apply, vae_param_shapes, vae_params_meta
-from dsf.models.flux.vae_keys import VAE, ldm_to_ours, load_vae, ours_to_ldm
+from dsf.model_parts import flux_vae as vae_module
+from dsf.model_parts.flux_vae import FluxVAEConfig, init_vae, tiled_apply, vae_param_shapes, vae_params_meta
+from dsf.model_parts.flux_vae_keys import VAE, ldm_to_ours, load_vae, ours_to_ldm
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL  # noqa: E402

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 import dsf
-from dsf.models.wan import vae as vae_module
-from dsf.models.wan.vae import (
+from dsf.model_parts import wan_vae as vae_module
+from dsf.model_parts.wan_vae import (
     WAN21_VAE_CONFIG,
     WAN22_VAE_CONFIG,
     WanVAE,
@@ -20,8 +20,8 @@ from dsf.models.wan.vae import (
     vae_param_shapes,
     vae_params_meta,
 )
-from dsf.models.wan.vae22 import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
-from dsf.models.wan.vae_keys import VAE, load_vae, original_vae_to_ours, ours_to_original_vae
+from dsf.model_parts.wan_vae22 import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
+from dsf.model_parts.wan_vae_keys import VAE, load_vae, original_vae_to_ours, ours_to_original_vae
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKLWan  # noqa: E402

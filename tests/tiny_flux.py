@@ -96,7 +96,7 @@ def write_tiny_flux_bfl_files(root: Path, guidance_embeds: bool = True) -> dict[
 
     from dsf.models.flux.keys import ours_to_bfl
     from dsf.models.flux.text import CLIP_L_CONFIG, T5_XXL_CONFIG
-    from dsf.models.flux.vae_keys import ours_to_ldm
+    from dsf.model_parts.flux_vae_keys import ours_to_ldm
 
     transformer = FluxTransformer2DModel(**DIT_TINY, guidance_embeds=guidance_embeds)
     vae = AutoencoderKL(**VAE_TINY)

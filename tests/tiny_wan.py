@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from dsf.models.wan.vae22 import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
+from dsf.model_parts.wan_vae22 import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
 
 UMT5_TINY = {"vocab_size": 64, "d_model": 16, "d_kv": 8, "d_ff": 32, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 2}
 CLIP_TINY = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 28}

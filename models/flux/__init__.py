@@ -27,8 +27,8 @@ from dsf.models.flux.text import (
     t5_param_shapes,
     t5_to_ours,
 )
-from dsf.models.flux.vae import FluxVAE, FluxVAEConfig, init_vae, vae_param_shapes, vae_params_meta
-from dsf.models.flux.vae_keys import VAE, ldm_to_ours, load_vae, ours_to_ldm
+from dsf.model_parts.flux_vae import FluxVAE, FluxVAEConfig, init_vae, vae_param_shapes, vae_params_meta
+from dsf.model_parts.flux_vae_keys import VAE, ldm_to_ours, load_vae, ours_to_ldm
 from dsf.models.flux.model import (
     FluxDiT,
     apply,

@@ -14,7 +14,7 @@ from dsf.models.flux.model import apply, init_dit
 from dsf.models.flux.pipeline import load_pipeline
 from dsf.models.flux.tiny import tiny_pipeline
 from dsf.models.flux.training import COMPONENTS, LORA_TARGETS, SampleEncoder, direct_distill_loss, sft_loss
-from dsf.models.flux.vae_keys import VAE
+from dsf.model_parts.flux_vae_keys import VAE
 
 FAMILY = Family(
     name="FLUX.1",

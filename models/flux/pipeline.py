@@ -28,8 +28,8 @@ from dsf.files.io import read_json
 from dsf.models.flux.keys import load_dit
 from dsf.models.flux.model import FluxDiT
 from dsf.models.flux.text import TextEncoder, load_clip, load_t5
-from dsf.models.flux.vae import FluxVAE
-from dsf.models.flux.vae_keys import load_vae
+from dsf.model_parts.flux_vae import FluxVAE
+from dsf.model_parts.flux_vae_keys import load_vae
 from dsf.model_parts.input_checks import check_finite, prompt_lists
 from dsf.diffusion.sampling import sample, start_latents
 from dsf.model_parts.pipelines import check_size, component_options, component_source, device_of, dtype_of, pipeline_root, to_pil

@@ -15,7 +15,7 @@ from dsf.models.flux.config import FluxConfig
 from dsf.models.flux.model import FluxDiT, init_dit
 from dsf.models.flux.pipeline import FluxPipeline
 from dsf.models.flux.text import CLIP_L_CONFIG, T5_XXL_CONFIG, load_clip, load_t5
-from dsf.models.flux.vae import FluxVAE, FluxVAEConfig, init_vae
+from dsf.model_parts.flux_vae import FluxVAE, FluxVAEConfig, init_vae
 
 
 def tiny_pipeline(seed: int = 0) -> FluxPipeline:

@@ -36,12 +36,12 @@ from dsf.training.data import size_within_max_pixels
 from dsf.diffusion.losses import flow_matching_loss
 from dsf.model_parts.family import Component
 from dsf.models.flux.keys import DIT
-from dsf.models.flux.vae_keys import VAE
+from dsf.model_parts.flux_vae_keys import VAE
 from dsf.models.flux.model import FluxDiT
 from dsf.model_parts.pipelines import device_of, dtype_of
 from dsf.models.flux.pipeline import FluxPipeline
 from dsf.models.flux.text import CLIP_MARKER, T5_MARKER, TextEncoder
-from dsf.models.flux.vae import FluxVAE
+from dsf.model_parts.flux_vae import FluxVAE
 from dsf.diffusion.schedules import FLUX1, FlowSchedule
 
 TOKENIZERS = {"clip": "CLIP tokenizer", "t5": "T5 tokenizer"}

@@ -41,7 +41,7 @@ from dsf.models.wan.text import (
     umt5_param_shapes,
     umt5_to_ours,
 )
-from dsf.models.wan.vae import (
+from dsf.model_parts.wan_vae import (
     WAN21_VAE_CONFIG,
     WAN22_VAE_CONFIG,
     WanVAE,
@@ -50,7 +50,7 @@ from dsf.models.wan.vae import (
     vae_param_shapes,
     vae_params_meta,
 )
-from dsf.models.wan.vae_keys import VAE, load_vae, original_vae_to_ours, ours_to_original_vae
+from dsf.model_parts.wan_vae_keys import VAE, load_vae, original_vae_to_ours, ours_to_original_vae
 from dsf.models.wan.pipeline import DEFAULT_NEGATIVE_PROMPT, WanPipeline, load_pipeline
 from dsf.models.wan.model import (
     TwoExpertDiT,

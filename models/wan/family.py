@@ -14,7 +14,7 @@ from dsf.models.wan.model import apply, init_dit
 from dsf.models.wan.pipeline import load_pipeline
 from dsf.models.wan.tiny import tiny_pipeline
 from dsf.models.wan.training import COMPONENTS, LORA_TARGETS, SampleEncoder, sft_loss
-from dsf.models.wan.vae_keys import VAE
+from dsf.model_parts.wan_vae_keys import VAE
 
 FAMILY = Family(
     name="Wan",

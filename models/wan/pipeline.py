@@ -46,8 +46,8 @@ from dsf.models.wan.config import WanConfig
 from dsf.models.wan.keys import EXPERT_FOLDERS, load_dit, load_two_expert_dit
 from dsf.models.wan.model import TwoExpertDiT, WanDiT
 from dsf.models.wan.text import ImageEncoder, TextEncoder, load_clip_vision, load_umt5
-from dsf.models.wan.vae import WanVAE
-from dsf.models.wan.vae_keys import load_vae
+from dsf.model_parts.wan_vae import WanVAE
+from dsf.model_parts.wan_vae_keys import load_vae
 from dsf.model_parts.input_checks import check_finite, prompt_lists
 from dsf.diffusion.sampling import sample
 from dsf.diffusion.schedules import WAN

@@ -20,8 +20,8 @@ from dsf.models.wan.config import WanConfig
 from dsf.models.wan.model import TwoExpertDiT, WanDiT, default_boundary, init_dit
 from dsf.models.wan.pipeline import WanPipeline
 from dsf.models.wan.text import CLIP_VIT_H_CONFIG, UMT5_XXL_CONFIG, load_clip_vision, load_umt5
-from dsf.models.wan.vae import WanVAE, WanVAEConfig, init_vae
-from dsf.models.wan.vae22 import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
+from dsf.model_parts.wan_vae import WanVAE, WanVAEConfig, init_vae
+from dsf.model_parts.wan_vae22 import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
 
 VARIANTS = ("t2v", "i2v", "ti2v", "t2v-a14b", "i2v-a14b")
 UMT5_TINY = {"vocab_size": 32, "d_model": 16, "d_kv": 8, "d_ff": 32, "num_layers": 1, "num_heads": 2}

@@ -35,7 +35,7 @@ from dsf.model_parts.t5_encoder import MARKER as T5_MARKER
 from dsf.models.wan.config import WanConfig
 from dsf.models.wan.keys import DIT
 from dsf.models.wan.text import CLIP_MARKER, WAN_T5_MARKER
-from dsf.models.wan.vae_keys import VAE
+from dsf.model_parts.wan_vae_keys import VAE
 from dsf.models.wan.model import default_boundary, expert_timestep_ranges
 from dsf.models.wan.pipeline import IMAGE_TO_VIDEO, TEXT_IMAGE_TO_VIDEO, WanPipeline
 from dsf.diffusion.schedules import WAN

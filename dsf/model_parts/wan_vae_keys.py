@@ -18,7 +18,7 @@ The patch size and the latent statistics are not in the shapes.
 
 Example:
     >>> import dsf
-    >>> from dsf.models.wan.vae import init_vae
+    >>> from dsf.model_parts.wan_vae import init_vae
     >>> cfg = WanVAEConfig(base_dim=4, z_dim=2, dim_mult=(1, 2, 2), num_res_blocks=1, temperal_downsample=(True, True),
     ...                    latents_mean=(0, 0), latents_std=(1, 1))
     >>> ours = dsf.tree.flatten_dict(init_vae(cfg, dsf.random.key(0)))
@@ -40,7 +40,7 @@ import torch
 from dsf.files import loading
 from dsf.files.io import Source
 from dsf.model_parts.family import Checkpoint, Layout
-from dsf.models.wan.vae import WAN21_VAE_CONFIG, WAN22_VAE_CONFIG, WanVAE, WanVAEConfig, vae_param_shapes
+from dsf.model_parts.wan_vae import WAN21_VAE_CONFIG, WAN22_VAE_CONFIG, WanVAE, WanVAEConfig, vae_param_shapes
 from dsf.tree import flatten_dict
 
 ORIGINAL_PREFIXES = ("model.",)  # DiffSynth's WanVideoVAE wraps the original module as .model
@@ -153,7 +153,7 @@ def _rename(key: str, renames: Mapping[str, str], parts: tuple[tuple[str, str], 
 def original_vae_to_ours(flat: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A flat original-layout Wan VAE state dict in our (diffusers) layout; keys it does not know keep their name.
 
-    >>> from dsf.models.wan.vae import init_vae
+    >>> from dsf.model_parts.wan_vae import init_vae
     >>> cfg = WanVAEConfig(base_dim=4, z_dim=2, dim_mult=(1, 2, 2), num_res_blocks=1, temperal_downsample=(True, True),
     ...                    latents_mean=(0, 0), latents_std=(1, 1))
     >>> original = ours_to_original_vae(init_vae(cfg, __import__("dsf").random.key(0)))
@@ -169,7 +169,7 @@ def original_vae_to_ours(flat: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
 def ours_to_original_vae(params) -> dict[str, torch.Tensor]:
     """The flat original-layout state dict (``Wan2.1_VAE.pth`` / ``Wan2.2_VAE.pth`` names) of a tree or flat dict in ours.
 
-    >>> from dsf.models.wan.vae import init_vae
+    >>> from dsf.model_parts.wan_vae import init_vae
     >>> original = ours_to_original_vae(init_vae(WanVAEConfig(base_dim=4, z_dim=2, dim_mult=(1, 2), temperal_downsample=(True,),
     ...                                                       is_residual=True, latents_mean=(0, 0), latents_std=(1, 1)),
     ...                                          __import__("dsf").random.key(0)))
@@ -299,7 +299,7 @@ def load_vae(source: Source, config: Mapping | WanVAEConfig | None = None, *, dt
     ``config.json`` beside the weights < ``config`` (``AutoencoderKLWan`` config keys, or a :class:`WanVAEConfig`).
 
     >>> import dsf
-    >>> from dsf.models.wan.vae import init_vae
+    >>> from dsf.model_parts.wan_vae import init_vae
     >>> cfg = WanVAEConfig(base_dim=4, z_dim=2, dim_mult=(1, 2), temperal_downsample=(True,), latents_mean=(0, 0), latents_std=(1, 1))
     >>> vae, vparams = load_vae(ours_to_original_vae(init_vae(cfg, dsf.random.key(0))), {"latents_mean": [0, 0], "latents_std": [1, 1]})
     >>> vae.config == cfg, len(vparams["decoder"]["up_blocks"][0]["resnets"])

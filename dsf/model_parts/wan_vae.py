@@ -1,5 +1,7 @@
 """The Wan 2.1 and 2.2 causal video VAEs as pure functions of a diffusers-layout (``AutoencoderKLWan``) param tree.
 
+A shared model part: Wan and Qwen-Image use this network; keys and loading are in :mod:`dsf.model_parts.wan_vae_keys`.
+
 Every temporal convolution is causal: it sees the current frame and the two before it. A video
 (B, 3, T, H, W) with T = 1 + 4k is therefore encoded chunk by chunk, the first frame alone and
 then 4 frames at a time, each chunk giving one latent frame; latents are decoded one latent frame
@@ -14,7 +16,7 @@ the temporal downsampler lets the first frame through alone and the temporal ups
 double the first latent frame.
 
 Wan 2.2 (``is_residual=True``) adds 2×2 pixel patches and parameter-free shortcuts around each
-level (:mod:`dsf.models.wan.vae22`). Latents are normalized per channel, ``(μ − mean)/std``.
+level (:mod:`dsf.model_parts.wan_vae22`). Latents are normalized per channel, ``(μ − mean)/std``.
 
 Example:
     >>> import torch, dsf
@@ -39,7 +41,7 @@ from einops import rearrange
 import dsf
 from dsf import ops
 from dsf.model_parts.init import xavier_uniform
-from dsf.models.wan.vae22 import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD, avg_down, dup_up, patchify, unpatchify
+from dsf.model_parts.wan_vae22 import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD, avg_down, dup_up, patchify, unpatchify
 from dsf.model_parts.posterior import posterior_latents
 from dsf.random import Key, split
 from dsf.model_parts.tiling import check_tiling, tiled_apply

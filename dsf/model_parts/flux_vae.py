@@ -1,5 +1,7 @@
 """The FLUX.1 VAE (16-channel KL autoencoder, ×8) as pure functions of a diffusers-layout param tree.
 
+A shared model part: FLUX.1 and Z-Image use this network; keys and loading are in :mod:`dsf.model_parts.flux_vae_keys`.
+
 The encoder maps images (B, 3, H, W) in [−1, 1] through ResNet levels with stride-2 downsampling,
 a mid block (ResNet, one-head self-attention over the H·W positions, ResNet) and a GroupNorm+SiLU
 head to the posterior moments (mean ‖ log-variance). The decoder mirrors it with nearest ×2

@@ -14,7 +14,7 @@ shapes: a non-FLUX VAE without its ``config.json`` needs them in ``config=``.
 
 Example:
     >>> import dsf
-    >>> from dsf.models.flux.vae import init_vae
+    >>> from dsf.model_parts.flux_vae import init_vae
     >>> cfg = FluxVAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)
     >>> ldm = ours_to_ldm(init_vae(cfg, dsf.random.key(0)))
     >>> tuple(ldm["decoder.mid.attn_1.q.weight"].shape), "decoder.up.0.block.0.nin_shortcut.weight" in ldm
@@ -34,7 +34,7 @@ import torch
 from dsf.files import loading
 from dsf.files.io import Source
 from dsf.model_parts.family import Checkpoint, Layout
-from dsf.models.flux.vae import FluxVAE, FluxVAEConfig, vae_param_shapes
+from dsf.model_parts.flux_vae import FluxVAE, FluxVAEConfig, vae_param_shapes
 from dsf.tree import flatten_dict
 
 LDM_PREFIXES = ("first_stage_model.", "vae.")  # a VAE inside a whole-pipeline LDM / ComfyUI file
@@ -231,7 +231,7 @@ def load_vae(source: Source, config: Mapping | FluxVAEConfig | None = None, *, d
     the weights < ``config`` (``AutoencoderKL`` config keys, or a :class:`FluxVAEConfig`).
 
     >>> import dsf
-    >>> from dsf.models.flux.vae import init_vae
+    >>> from dsf.model_parts.flux_vae import init_vae
     >>> cfg = FluxVAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4)
     >>> vae, vparams = load_vae(ours_to_ldm(init_vae(cfg, dsf.random.key(0))), {"norm_num_groups": 4})
     >>> vae.config == cfg, len(vparams["decoder"]["up_blocks"][0]["resnets"])
