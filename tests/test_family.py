@@ -4,6 +4,9 @@ the family's components, on the tiny pipelines' params."""
 
 from __future__ import annotations
 
+import importlib
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -13,13 +16,18 @@ from dsf.files.model_files import components_of, recognize_model_files, require_
 from dsf.model_parts.family import family_of, registered
 from dsf.models import flux, wan
 
+# every family package under models/ (one with a family.py), each imported so that it registers its record
+FAMILIES = [
+    importlib.import_module(f"dsf.models.{path.parent.name}").FAMILY
+    for path in sorted((Path(__file__).resolve().parents[1] / "models").glob("*/family.py"))
+]
+
 
 @pytest.fixture(scope="module")
 def pipes():
-    return {"FLUX.1": flux.FAMILY.tiny_pipeline(), "Wan": wan.FAMILY.tiny_pipeline()}
+    return {family.name: family.tiny_pipeline() for family in FAMILIES}
 
 
-FAMILIES = [flux.FAMILY, wan.FAMILY]
 IDS = [family.name for family in FAMILIES]
 
 

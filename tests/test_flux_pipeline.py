@@ -12,7 +12,8 @@ from diffusers import FluxPipeline as DiffusersFluxPipeline
 from PIL import Image
 
 from dsf.files.hub import ModelSource
-from dsf.models.flux import keys, vae_keys
+from dsf.model_parts import flux_vae_keys as vae_keys
+from dsf.models.flux import keys
 from dsf.models.flux.pipeline import load_pipeline
 from tiny_flux import write_tiny_flux_pipeline
 

@@ -29,7 +29,7 @@ ALLOWED = {  # layer -> the layers it may import
     "models": {"engine", "files", "diffusion", "training", "model_parts", "transforms", "models"},
     "cli": {"engine", "files", "diffusion", "training", "model_parts", "transforms", "models", "cli"},
 }
-FAMILIES = ("flux", "wan")  # packages with a family record
+FAMILIES = tuple(sorted(path.parent.name for path in (ROOT / "models").glob("*/family.py")))  # packages with a family record
 EXAMPLES = ("digits", "moving_digits")
 
 
