@@ -12,6 +12,8 @@ Example:
     >>> blocks = [{"w": torch.full((2, 2), 0.5)} for _ in range(2)]
     >>> run_blocks(lambda p, h, scale: h @ p["w"] * scale, blocks, torch.ones(1, 2), 2.0)
     tensor([[4., 4.]])
+    >>> run_blocks(lambda p, h, scale: h @ p["w"] * scale, blocks, torch.ones(1, 2), 2.0, span=range(1, 2))
+    tensor([[2., 2.]])
 """
 
 from __future__ import annotations
@@ -29,15 +31,19 @@ def _materializing(block_fn: Callable) -> Callable:
     return call
 
 
-def run_blocks(block_fn: Callable, blocks: Sequence, carry, *args, **kwargs):
+def run_blocks(block_fn: Callable, blocks: Sequence, carry, *args, span: range | None = None, **kwargs):
     """``carry = block_fn(block_params_i, carry, *args, **kwargs)`` for each block, hooked.
 
     ``block_fn`` receives materialized parameters (tensors or forms that ``dsf.ops`` understand);
     ``carry`` is a tensor or a tuple of tensors; ``args``/``kwargs`` are shared by all blocks.
+    ``span``: the indices of the blocks to run (default: all). A model that reads states between
+    blocks, or stops early, runs its list in spans; each block keeps its index in the whole list,
+    so hooks select it by path and a look-ahead transform prepares across the spans of one call.
     """
     hooks = active_hooks()
     list_path = block_list_path(blocks) if any(hook.blocks is not None for hook in hooks) else None
-    for index, block in enumerate(blocks):
+    for index in range(len(blocks)) if span is None else span:
+        block = blocks[index]
         site = BlockSite(index=index, blocks=blocks, list_path=list_path)
         selected = [hook for hook in hooks if hook.selects(site)]
         call = block_fn
