@@ -1,6 +1,7 @@
 """dsf.model_parts.decoder_lm against transformers at fp32: Qwen3 (model and causal-LM layouts), Qwen2.5-VL's language
 model with 3-D positions, Mistral3's language model with a sliding window; batched prompts with padding; layers run
-one at a time through run_blocks, and only as many as the states asked for need."""
+one at a time through run_blocks (so fp8 and block offload stream them), and only as many as the states asked for
+need."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from transformers import (
 
 import dsf
 from dsf.model_parts.decoder_lm import hidden_states_fn, lm_shapes, lm_to_ours, stack_of
+from dsf.transforms import fp8, offload
+from dsf.transforms.offload import count_transfers
 from dsf.tree import flatten_dict, unflatten_dict
 
 TEXT = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4,
@@ -132,3 +135,15 @@ def test_bad_inputs_are_named():
         hidden_states_fn(stack_of(model), (-1,))(params, torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 3))
     with pytest.raises(ValueError, match="holds no decoder stack"):
         stack_of(torch.nn.Linear(1, 1))
+
+
+def test_layers_stream_under_fp8_and_block_offload():
+    model, params = loaded(qwen3)
+    ids, mask = tokens()
+    stack = dsf.chain(fp8(where=r"^layers/", compute_dtype=torch.float32), offload(device="cpu"))
+    encode = hidden_states_fn(stack_of(model), (-1,))
+    with count_transfers() as moved:
+        (got,) = stack(encode)(stack.init(params), ids, mask)
+    (plain,) = encode(params, ids, mask)
+    assert moved.blocks == list(range(len(params["layers"])))  # each layer fetched once, in order
+    assert 0 < (got - plain).norm() / plain.norm() < 0.1  # fp8 storage: near, not equal
