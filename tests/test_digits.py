@@ -5,14 +5,13 @@ import importlib.util
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import dsf
 from dsf.models.digits import (
-    DigitsConfig, build_tokenizer, dit_apply, generate, generate_tensors, init_dit, load_model, new_model, save_model,
+    DigitsConfig, build_tokenizer, dit_apply, generate_tensors, init_dit, load_model, new_model, save_model,
     tokenize,
 )
 
@@ -92,14 +91,3 @@ def test_recipe_trains_saves_samples_and_resumes(tmp_path):
                  "--seed", "1", "--out", str(out), "--num_inference_steps", "2"])
     files = sorted(out.glob("*.png"))
     assert len(files) == 3 and Image.open(files[0]).size == (16, 16)
-
-
-def test_recipe_previews_the_validation_prompts_with_the_trained_params(tmp_path):
-    prompts = ["a handwritten digit seven", "a handwritten digit one"]
-    load_recipe().main(["--output_path", str(tmp_path), "--batch_size", "8", "--dim", "32", "--depth", "1", "--max_steps", "2",
-                        "--samples_per_digit", "1", "--num_inference_steps", "2", "--validation_prompts", *prompts,
-                        "--validation_steps", "1", "--validation_num_inference_steps", "3"])
-    assert sorted(path.name for path in (tmp_path / "validation").iterdir()) == ["step-1", "step-2"]
-    expected = generate(load_model(tmp_path / "model"), prompts, seed=0, num_inference_steps=3, progress=False)
-    for index, image in enumerate(expected):
-        assert np.array_equal(np.asarray(Image.open(tmp_path / "validation" / "step-2" / f"{index}.png")), np.asarray(image))

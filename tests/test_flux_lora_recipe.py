@@ -284,21 +284,6 @@ def test_resume_continues_as_if_never_stopped(tiny, digits, sft_run, tmp_path):
     assert_same_file(tmp_path / "step-3.safetensors", sft_run[0] / "step-3.safetensors")
 
 
-def test_validation_previews_are_written_and_leave_the_training_alone(tiny, digits, sft_run, tmp_path):
-    from PIL import Image
-
-    run(tiny, digits, tmp_path, "--lora_layout", "diffusers", "--validation_prompts", "a digit one", "a digit two",
-        "--validation_steps", "2", "--validation_num_inference_steps", "2")
-    folder = tmp_path / "validation"
-    assert sorted(str(path.relative_to(folder)) for path in folder.rglob("*.png")) == [
-        "step-2/0.png", "step-2/1.png", "step-3/0.png", "step-3/1.png"]
-    assert Image.open(folder / "step-3" / "1.png").size == (SIZE, SIZE)
-    assert losses(tmp_path) == losses(sft_run[0])
-    assert_same_file(tmp_path / "step-3.safetensors", sft_run[0] / "step-3.safetensors")
-    with pytest.raises(ValueError, match="--task sft:train does not train with"):
-        run(tiny, digits, tmp_path / "cached", "--task", "sft:train", "--validation_prompts", "a digit one")
-
-
 # ----------------------------------------------------------------------------- recognizing files
 
 

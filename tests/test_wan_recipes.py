@@ -117,19 +117,6 @@ def test_resumed_lora_training_equals_an_uninterrupted_run(folders, dataset, tra
     assert all(torch.equal(resumed[k].up, uninterrupted[k].up) for k in resumed)
 
 
-def test_validation_previews_are_first_frames_and_leave_the_training_alone(folders, dataset, trained_lora, tmp_path):
-    lora_run(folders("t2v"), dataset, tmp_path, "--max_steps", "2", "--lora_layout", "diffusers",
-             "--validation_prompts", "a bar moves", "a red square", "--validation_steps", "1",
-             "--validation_num_inference_steps", "2")
-    folder = tmp_path / "validation"
-    assert sorted(str(path.relative_to(folder)) for path in folder.rglob("*.png")) == [
-        "step-1/0.png", "step-1/1.png", "step-2/0.png", "step-2/1.png"]
-    assert Image.open(folder / "step-2" / "0.png").size == (SIZE, SIZE)
-    assert [row["loss"] for row in log_rows(tmp_path)] == [row["loss"] for row in log_rows(trained_lora)]
-    with pytest.raises(ValueError, match="image-to-video"):
-        lora_run(folders("i2v"), dataset, tmp_path / "i2v", "--max_steps", "1", "--validation_prompts", "a bar moves")
-
-
 def test_one_expert_trains_only_on_its_sigma_range(folders, dataset, tmp_path, monkeypatch):
     sigmas = []
     call = WanDiT.__call__
@@ -208,7 +195,6 @@ def test_i2v_from_an_image_writes_an_mp4(folders, tmp_path):
     ("t2v-a14b", [], "two experts: train one at a time with --expert high_noise"),
     ("t2v", ["--expert", "low_noise"], "is not a Wan2.2 A14B folder"),
     ("t2v", ["--fp8_models", "vae"], r"--fp8_models takes components of \('dit', 't5', 'clip'\), got \['vae'\]"),
-    ("t2v", ["--task", "sft:train", "--validation_prompts", "a cat"], "--task sft:train does not run"),
 ])
 def test_bad_flags_name_the_problem(folders, dataset, tmp_path, variant, flags, message):
     with pytest.raises(ValueError, match=message):
