@@ -15,6 +15,7 @@ from dsf.models import qwen_image
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import QwenImagePipeline, QwenImageTransformer2DModel  # noqa: E402
+from tiny_flux import randomize  # noqa: E402
 
 TINY = dict(in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
             joint_attention_dim=24, axes_dims_rope=(4, 6, 6))
@@ -22,23 +23,9 @@ BATCH, HEIGHT, WIDTH, TEXT_LEN = 2, 8, 6, 5
 MASK = torch.tensor([[True, True, True, False, False], [True] * 5])
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    """Every parameter random (norm scales around 1), so a swapped or misplaced tensor shows."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.ndim == 2:
-                p.copy_(noise / p.shape[1] ** 0.5)
-            elif "norm" in name and "linear" not in name:
-                p.copy_(1 + 0.2 * noise)
-            else:
-                p.copy_(0.2 * noise)
-
-
 def _reference(zero_cond_t: bool) -> QwenImageTransformer2DModel:
     model = QwenImageTransformer2DModel(**TINY, zero_cond_t=zero_cond_t).eval()
-    _randomize(model, seed=int(zero_cond_t))
+    randomize(model, seed=int(zero_cond_t))
     return model
 
 

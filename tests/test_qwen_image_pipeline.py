@@ -4,9 +4,13 @@ same noise; loading from the folder and from component files."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dsf.models.qwen_image import pipeline as qwen_pipeline
 from tiny_qwen_image import write_tiny_qwen_image_pipeline
@@ -102,3 +106,17 @@ def test_load_from_component_files(repo, tmp_path):
     noise = torch.randn(1, 16, HEIGHT // 8, WIDTH // 8, generator=torch.Generator().manual_seed(6))
     expected = _reference_images(reference, ["a cat"], noise, 4.0, steps=2)
     assert float((_our_images(ours, ["a cat"], noise, 4.0, steps=2) - expected).abs().max()) <= 1e-4
+
+
+def test_t2i_recipe_writes_the_pipelines_image_through_block_offload(repo, tmp_path):
+    spec = importlib.util.spec_from_file_location("qwen_image_t2i", Path(__file__).resolve().parents[1] / "recipes" / "qwen_image_t2i.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    root, _ = repo
+    out = tmp_path / "cat.png"
+    recipe.main(["--model_path", str(root), "--prompt", "a cat", "--seed", "5", "--num_inference_steps", "2",
+                 "--height", str(HEIGHT), "--width", str(WIDTH), "--dtype", "float32", "--device", "cpu",
+                 "--offload", "block", "--out", str(out)])
+    pipe = qwen_pipeline.load_pipeline(root)
+    expected = pipe.generate(pipe.params, "a cat", seed=5, height=HEIGHT, width=WIDTH, num_inference_steps=2, progress=False)
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))

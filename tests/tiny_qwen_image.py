@@ -9,26 +9,13 @@ import torch
 from dsf.models.qwen_image.pipeline import SCHEDULER_CONFIG
 from dsf.models.qwen_image.text import QWEN25_VL_7B_CONFIG
 from dsf.models.qwen_image.tiny import TEXT_TINY, tiny_tokenizer
+from tiny_flux import randomize
 
 DIT_TINY = dict(in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
                 joint_attention_dim=TEXT_TINY["hidden_size"], axes_dims_rope=(4, 6, 6))
 VAE_TINY = dict(base_dim=4, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
 VISION_TINY = {"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": TEXT_TINY["hidden_size"],
                "fullatt_block_indexes": [0]}
-
-
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Every parameter random (norm scales around 1), so a swapped or misplaced tensor shows."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.ndim >= 2:
-                p.copy_(noise / p[0].numel() ** 0.5)
-            elif ("norm" in name and "linear" not in name) or name.endswith("gamma"):
-                p.copy_(1 + 0.2 * noise)
-            else:
-                p.copy_(0.2 * noise)
 
 
 def tiny_text_encoder_model(vocab_size: int):

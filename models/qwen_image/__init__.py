@@ -1,4 +1,5 @@
-"""Qwen-Image (text-to-image, and the Edit models' DiT): the DiT and the VAE as pure functions over param trees.
+"""Qwen-Image (text-to-image, and the Edit models' DiT): the DiT, the VAE and the Qwen2.5-VL text encoder as pure
+functions over param trees, the pipeline and the training pieces.
 
 Example:
     >>> import torch, dsf
@@ -10,6 +11,7 @@ Example:
     True
 """
 
+from dsf.model_parts.family import register
 from dsf.models.qwen_image.config import QwenImageConfig
 from dsf.models.qwen_image.keys import COMFY_PREFIX, DIT, load_dit
 from dsf.models.qwen_image.model import (
@@ -23,13 +25,21 @@ from dsf.models.qwen_image.model import (
     position_ids,
     unpatchify,
 )
+from dsf.models.qwen_image.pipeline import QwenImagePipeline, load_pipeline
+from dsf.models.qwen_image.text import QwenTextEncoder, load_text_encoder
 from dsf.models.qwen_image.vae import QWEN_IMAGE_VAE_CONFIG, VAE, QwenImageVAE, load_vae
+from dsf.models.qwen_image.family import FAMILY
+
+register(FAMILY)
 
 __all__ = [
     "COMFY_PREFIX",
     "DIT",
+    "FAMILY",
     "QwenImageConfig",
     "QwenImageDiT",
+    "QwenImagePipeline",
+    "QwenTextEncoder",
     "QwenImageVAE",
     "QWEN_IMAGE_VAE_CONFIG",
     "VAE",
@@ -38,6 +48,8 @@ __all__ = [
     "dit_params_meta",
     "init_dit",
     "load_dit",
+    "load_pipeline",
+    "load_text_encoder",
     "load_vae",
     "param_shapes",
     "patchify",

@@ -28,9 +28,9 @@ from einops import rearrange
 
 import dsf
 from dsf import ops
-from dsf.model_parts.init import normal
+from dsf.model_parts.init import transformer_params
 from dsf.model_parts.input_checks import check_conditioning_shapes, fits, shape_of
-from dsf.random import Key, split
+from dsf.random import Key
 from dsf.models.qwen_image.config import ROPE_THETA, TIMESTEP_FEATURES, QwenImageConfig
 
 NORM_EPS = 1e-6
@@ -87,16 +87,7 @@ def init_dit(config: QwenImageConfig, key: Key, dtype: torch.dtype = torch.float
     >>> params["txt_norm"]["weight"].tolist() == [1.0] * 8
     True
     """
-    shapes = param_shapes(config)
-    flat = {}
-    for name_key, (name, shape) in zip(split(key, len(shapes)), shapes.items()):
-        if len(shape) == 2:
-            flat[name] = normal(name_key, shape, std=0.02, dtype=dtype)
-        elif name.endswith(".weight"):  # the only 1-D weights are norm scales
-            flat[name] = torch.ones(shape, dtype=dtype)
-        else:
-            flat[name] = torch.zeros(shape, dtype=dtype)
-    return dsf.tree.unflatten_dict(flat)
+    return dsf.tree.unflatten_dict(transformer_params(param_shapes(config), key, dtype))
 
 
 def patchify(latents: torch.Tensor) -> torch.Tensor:
