@@ -94,10 +94,15 @@ class QwenTextEncoder:
         input_ids, keep = self.tokenize(prompts, template, drop)
         device = dense(params["embed_tokens"]["weight"]).device
         (hidden,) = self.states(params, input_ids.to(device), keep.to(device))
-        hidden, keep = hidden[:, drop:], keep[:, drop:].to(device)
+        return self.after_template(hidden, keep.to(device), drop)
+
+    def after_template(self, hidden: torch.Tensor, keep: torch.Tensor, drop: int):
+        """``(text_embeds, text_mask)`` of last hidden states (B, L, D) with their mask of valid tokens: the first
+        ``drop`` (the template's system part) cut, at most ``max_sequence_length`` kept, padding zeroed."""
+        hidden, keep = hidden[:, drop : drop + self.max_sequence_length], keep[:, drop : drop + self.max_sequence_length]
         length = int(keep.sum(1).max())
         hidden, keep = hidden[:, :length], keep[:, :length]
-        return torch.where(keep[..., None], hidden, torch.zeros((), dtype=hidden.dtype, device=device)), keep
+        return torch.where(keep[..., None], hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device)), keep
 
 
 def text_config(config: Any = None, found: Mapping | None = None):
