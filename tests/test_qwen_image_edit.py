@@ -97,7 +97,7 @@ def test_area_size_is_diffusers_calculate_dimensions():
 # ----------------------------------------------------------------------------- the Edit-2509/2511 pipeline
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import QwenImageEditPlusPipeline  # noqa: E402
+from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline  # noqa: E402
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus  # noqa: E402
 from tiny_qwen_image import write_tiny_qwen_image_pipeline  # noqa: E402
 
@@ -155,6 +155,7 @@ def test_edit_pipeline_matches_diffusers(edit_repo, monkeypatch):
     ours = type(ours)(**{name: getattr(ours, name) for name in ours.__dataclass_fields__} | {
         "condition_area": CONDITION_AREA, "vae_area": VAE_AREA})
     assert ours.dit.config.zero_cond_t == reference.transformer.config.zero_cond_t
+    assert (reference.prompt_template_encode, reference.prompt_template_encode_start_idx) == (edit.EDIT_TEMPLATE, edit.EDIT_DROP)
     noise = torch.randn(1, 16, HEIGHT // 8, WIDTH // 8, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         expected = reference(image=IMAGES, prompt="a red dog", negative_prompt=" ", true_cfg_scale=4.0, height=HEIGHT,
@@ -220,3 +221,25 @@ def test_edit_lora_training_sees_the_condition_images(edit_repo, tmp_path, monke
     assert len({first, second, both}) == 3  # the condition images reach the DiT and the prompt encoding
     with pytest.raises(ValueError, match="a sample with 'edit_image' trains a Qwen-Image-Edit model"):
         run("plain", ["0.png"])
+
+
+def test_the_first_edit_models_pipeline_matches_diffusers(edit_repo):
+    """Qwen/Qwen-Image-Edit: one image, its tokens inside the template, seen at about 1024² pixels by both encoders."""
+    root, plus = edit_repo
+    if plus.transformer.config.zero_cond_t:
+        pytest.skip("the first Qwen-Image-Edit has no zero_cond_t")
+    reference = QwenImageEditPipeline(scheduler=plus.scheduler, vae=plus.vae, text_encoder=plus.text_encoder,
+                                      tokenizer=plus.tokenizer, processor=plus.processor, transformer=plus.transformer)
+    assert (reference.prompt_template_encode, reference.prompt_template_encode_start_idx) == (edit.EDIT_SINGLE_TEMPLATE,
+                                                                                              edit.EDIT_DROP)
+    ours = edit.load_edit_pipeline(root, single=True)
+    noise = torch.randn(1, 16, HEIGHT // 8, WIDTH // 8, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = reference(image=IMAGES[1], prompt="a red dog", negative_prompt=" ", true_cfg_scale=4.0, height=HEIGHT,
+                             width=WIDTH, num_inference_steps=2, output_type="pt",
+                             latents=QwenImageEditPipeline._pack_latents(noise, 1, 16, HEIGHT // 8, WIDTH // 8)).images
+        images = ours.decode(ours.params, ours.denoise(ours.params, "a red dog", images=IMAGES[1:], noise=noise, height=HEIGHT,
+                                                       width=WIDTH, num_inference_steps=2, progress=False)) / 2 + 0.5
+    assert float((images - expected).abs().max()) <= 1e-4
+    with pytest.raises(ValueError, match="takes 1 to 1 condition images, got 2"):
+        ours.denoise(ours.params, "a red dog", images=IMAGES, height=HEIGHT, width=WIDTH, num_inference_steps=1)

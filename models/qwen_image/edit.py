@@ -1,7 +1,8 @@
-"""Qwen-Image-Edit-2509/2511: the prompt encoding where Qwen2.5-VL sees the condition images, and the pipeline.
+"""Qwen-Image-Edit (-2509, -2511): the prompt encoding where Qwen2.5-VL sees the condition images, and the pipeline.
 
-The Edit models (Qwen-Image-Edit-2509/2511's "Picture N:" template; the first :data:`EDIT_DROP` template tokens
-dropped) encode a prompt together with the condition images: the images are cut into patches by Qwen's image
+The Edit models encode a prompt together with the condition images, in their template (Edit-2509/2511:
+:data:`EDIT_TEMPLATE` with a "Picture N:" prefix per image; the first Edit: :data:`EDIT_SINGLE_TEMPLATE`, one image;
+the first :data:`EDIT_DROP` template tokens dropped): the images are cut into patches by Qwen's image
 processor, the vision tower (transformers' module called on its own params, :func:`dsf.model_parts.modules.call_module`)
 turns them into one state per 2×2 patch group, those states replace the ``<|image_pad|>`` tokens (expanded to one per
 state) in the language model's input embeddings, and the language model runs at transformers' 3-D positions
@@ -9,8 +10,9 @@ state) in the language model's input embeddings, and the language model runs at 
 through :func:`dsf.run_blocks` (:mod:`dsf.model_parts.decoder_lm`). The last hidden state after the dropped part is
 the DiT's conditioning, image tokens included, as for text-to-image.
 
-:class:`QwenImageEditPipeline` edits (or composes) one to three condition images: each is resized to about
-:data:`CONDITION_AREA` pixels for the vision tower and :data:`VAE_AREA` for the VAE, whose latents follow the image's
+:class:`QwenImageEditPipeline` edits (or composes) one to three condition images (the first Edit: one): each is
+resized to about :data:`CONDITION_AREA` pixels for the vision tower (the first Edit: :data:`VAE_AREA`) and
+:data:`VAE_AREA` for the VAE, whose latents follow the image's
 tokens in the DiT (frame index 1, 2, ...; at t = 0 for a ``zero_cond_t`` DiT, Edit-2511); the output is the last
 image's aspect at about :data:`VAE_AREA` pixels unless sized.
 
@@ -30,7 +32,7 @@ from PIL import Image
 
 from dsf.files import loading
 from dsf.files.hub import local_source
-from dsf.files.io import Source
+from dsf.files.io import Source, read_json
 from dsf.model_parts.input_checks import prompt_lists
 from dsf.model_parts.modules import call_module, meta_module, state_shapes
 from dsf.diffusion.sampling import sample
@@ -47,6 +49,8 @@ EDIT_TEMPLATE = (
     "that meets the user's requirements while maintaining consistency with the original input where appropriate."
     "<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 )
+# diffusers' QwenImageEditPipeline (the first Qwen-Image-Edit): one image, its tokens inside the template
+EDIT_SINGLE_TEMPLATE = EDIT_TEMPLATE.replace("user\n{}", "user\n<|vision_start|><|image_pad|><|vision_end|>{}")
 EDIT_DROP = 64
 PICTURE_TEMPLATE = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
@@ -97,25 +101,24 @@ class QwenVision:
 
 
 def edit_prompt(encoder: QwenTextEncoder, vision: QwenVision, params: Mapping, prompts: str | Sequence[str],
-                images: Sequence[Image.Image]):
+                images: Sequence[Image.Image], template: str = EDIT_TEMPLATE, numbered: bool = True):
     """``(text_embeds, text_mask)`` of each prompt with the condition ``images`` (the same images for every prompt)
-    in the Edit template; ``params`` holds ``text_encoder`` and ``vision``.
+    in ``template``, after a "Picture N:" prefix per image when ``numbered``; ``params`` holds ``text_encoder`` and
+    ``vision``.
 
     >>> from dsf.models.qwen_image.tiny import tiny_edit_encoders
     >>> encoder, vision = tiny_edit_encoders()
     >>> embeds, mask = edit_prompt(encoder, vision, {"text_encoder": encoder.params, "vision": vision.params}, "a cat",
     ...                            [Image.new("RGB", (56, 56))])
-    >>> embeds.shape, bool(mask.all())  # 16 states: the tiny encoder's max_sequence_length
-    (torch.Size([1, 16, 16]), True)
+    >>> embeds.shape, bool(mask.all())  # 'user', '\\n', "Picture 1: ", its 4 image states, 'a', ' cat', the end
+    (torch.Size([1, 20, 16]), True)
     """
     prompts, _ = prompt_lists(prompts, "")
     device = dense(params["text_encoder"]["embed_tokens"]["weight"]).device
     states, grid = vision.image_states(params["vision"], images, device)
     merge = vision.visual.spatial_merge_size ** 2
-    prefix = "".join(PICTURE_TEMPLATE.format(index + 1) for index in range(len(images)))
-    for count in (grid.prod(-1) // merge).tolist():  # one pad token per merged image state, image by image
-        prefix = prefix.replace(IMAGE_PAD, "<|placeholder|>" * count, 1)
-    texts = [EDIT_TEMPLATE.format(prefix.replace("<|placeholder|>", IMAGE_PAD) + prompt) for prompt in prompts]
+    prefix = "".join(PICTURE_TEMPLATE.format(index + 1) for index in range(len(images))) if numbered else ""
+    texts = [_expanded(template.format(prefix + prompt), (grid.prod(-1) // merge).tolist()) for prompt in prompts]
     batch = encoder.tokenizer(texts, padding=True, padding_side="right", return_tensors="pt")
     ids, keep = batch["input_ids"].to(device), batch["attention_mask"].to(device).bool()
     is_image = ids == vision.image_token_id
@@ -124,7 +127,19 @@ def edit_prompt(encoder: QwenTextEncoder, vision: QwenVision, params: Mapping, p
     positions, _ = vision.positions.get_rope_index(ids, mm_token_type_ids=is_image.int(), image_grid_thw=grid.repeat(len(prompts), 1),
                                                    attention_mask=keep)
     (hidden,) = encoder.states(params["text_encoder"], None, keep, inputs_embeds=embeds, position_ids=positions)
-    return encoder.after_template(hidden, keep, EDIT_DROP)
+    return encoder.after_template(hidden, keep, EDIT_DROP, limited=False)  # as diffusers' Edit pipelines: no cut
+
+
+def _expanded(text: str, counts: Sequence[int]) -> str:
+    """``text`` with its ``<|image_pad|>`` tokens, in order, repeated ``counts`` times (one per merged image state).
+
+    >>> _expanded("a<|image_pad|>b<|image_pad|>", [2, 1])
+    'a<|image_pad|><|image_pad|>b<|image_pad|>'
+    """
+    pieces = text.split(IMAGE_PAD)
+    if len(pieces) - 1 != len(counts):
+        raise ValueError(f"the prompt template holds {len(pieces) - 1} image tokens for {len(counts)} images")
+    return pieces[0] + "".join(IMAGE_PAD * count + piece for count, piece in zip(counts, pieces[1:]))
 
 
 def load_vision(source: Source, image_processor=None, *, config: Any = None, dtype: torch.dtype | None = None,
@@ -177,6 +192,8 @@ class QwenImageEditPipeline(QwenImagePipeline):
     vision: QwenVision | None = None
     condition_area: int = CONDITION_AREA
     vae_area: int = VAE_AREA
+    template: str = EDIT_TEMPLATE
+    max_images: int = 3  # the first Edit: one image, in EDIT_SINGLE_TEMPLATE, seen at VAE_AREA
 
     @property
     def params(self) -> dict:
@@ -186,7 +203,8 @@ class QwenImageEditPipeline(QwenImagePipeline):
     def encode_edit_prompts(self, params, prompts: Sequence[str], images: Sequence[Image.Image]) -> dict:
         """DiT conditioning of prompts with the condition images (resized for the vision tower)."""
         seen = [image.resize(area_size(self.condition_area, *image.size), Image.LANCZOS) for image in images]
-        embeds, mask = edit_prompt(self.text_encoder, self.vision, params, prompts, seen)
+        embeds, mask = edit_prompt(self.text_encoder, self.vision, params, prompts, seen, self.template,
+                                   numbered=self.template == EDIT_TEMPLATE)
         return {"text_embeds": embeds.to(device_of(params["dit"]), dtype_of(params["dit"])),
                 "text_mask": mask.to(device_of(params["dit"]))}
 
@@ -204,8 +222,9 @@ class QwenImageEditPipeline(QwenImagePipeline):
                 cfg_scale: float = CFG_SCALE, noise: torch.Tensor | None = None, progress: bool = True) -> torch.Tensor:
         """Final latents for ``prompt`` with the condition ``images`` (1 to 3 PIL images); see :meth:`generate`."""
         prompts, negatives = prompt_lists(prompt, negative_prompt)
-        if not 1 <= len(images) <= 3:
-            raise ValueError(f"Qwen-Image-Edit takes 1 to 3 condition images, got {len(images)}; pass images=[...]")
+        if not 1 <= len(images) <= self.max_images:
+            raise ValueError(f"this Qwen-Image-Edit model takes 1 to {self.max_images} condition images, got "
+                             f"{len(images)}; pass images=[...]")
         default_width, default_height = area_size(self.vae_area, *images[-1].size)
         height = (height or default_height) // self.multiple * self.multiple
         width = (width or default_width) // self.multiple * self.multiple
@@ -226,10 +245,12 @@ class QwenImageEditPipeline(QwenImagePipeline):
 
 
 def load_edit_pipeline(source=None, *, text_encoder=None, image_processor=None, dtype=None, device="cpu",
-                       text_encoder_config=None, **options) -> QwenImageEditPipeline:
-    """A Qwen-Image-Edit-2509/2511 pipeline from a diffusers folder or hub repo (``Qwen/Qwen-Image-Edit-2509``), or
-    component sources as :func:`dsf.models.qwen_image.pipeline.load_pipeline` takes them; the vision tower comes from
-    the text encoder's files, ``image_processor`` (default: the folder's ``processor/``) is Qwen's image processor.
+                       text_encoder_config=None, single: bool | None = None, **options) -> QwenImageEditPipeline:
+    """A Qwen-Image-Edit pipeline from a diffusers folder or hub repo (``Qwen/Qwen-Image-Edit-2509``,
+    ``Qwen/Qwen-Image-Edit-2511``, ``Qwen/Qwen-Image-Edit``), or component sources as
+    :func:`dsf.models.qwen_image.pipeline.load_pipeline` takes them; the vision tower comes from the text encoder's
+    files, ``image_processor`` (default: the folder's ``processor/``) is Qwen's image processor. ``single``: the first
+    Edit's one-image form (default: when the folder's ``model_index.json`` names ``QwenImageEditPipeline``).
     """
     pipe = load_pipeline(source, text_encoder=text_encoder, dtype=dtype, device=device,
                          text_encoder_config=text_encoder_config, **options)
@@ -238,4 +259,9 @@ def load_edit_pipeline(source=None, *, text_encoder=None, image_processor=None, 
                          dtype=dtype.get("text_encoder") if isinstance(dtype, dict) else dtype,
                          device=device.get("text_encoder", "cpu") if isinstance(device, dict) else device)
     fields = {name: getattr(pipe, name) for name in pipe.__dataclass_fields__}
-    return QwenImageEditPipeline(**fields, vision=vision)
+    root = pipeline_root(source, "Qwen-Image-Edit")
+    index = root / "model_index.json" if root is not None else None
+    if single is None:
+        single = index is not None and index.is_file() and read_json(index).get("_class_name") == "QwenImageEditPipeline"
+    form = {"template": EDIT_SINGLE_TEMPLATE, "max_images": 1, "condition_area": VAE_AREA} if single else {}
+    return QwenImageEditPipeline(**fields, vision=vision, **form)

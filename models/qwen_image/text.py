@@ -96,10 +96,12 @@ class QwenTextEncoder:
         (hidden,) = self.states(params, input_ids.to(device), keep.to(device))
         return self.after_template(hidden, keep.to(device), drop)
 
-    def after_template(self, hidden: torch.Tensor, keep: torch.Tensor, drop: int):
+    def after_template(self, hidden: torch.Tensor, keep: torch.Tensor, drop: int, limited: bool = True):
         """``(text_embeds, text_mask)`` of last hidden states (B, L, D) with their mask of valid tokens: the first
-        ``drop`` (the template's system part) cut, at most ``max_sequence_length`` kept, padding zeroed."""
-        hidden, keep = hidden[:, drop : drop + self.max_sequence_length], keep[:, drop : drop + self.max_sequence_length]
+        ``drop`` (the template's system part) cut, at most ``max_sequence_length`` kept (all with ``limited=False``:
+        the Edit models keep every image state), padding zeroed."""
+        end = drop + self.max_sequence_length if limited else None
+        hidden, keep = hidden[:, drop:end], keep[:, drop:end]
         length = int(keep.sum(1).max())
         hidden, keep = hidden[:, :length], keep[:, :length]
         return torch.where(keep[..., None], hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device)), keep
