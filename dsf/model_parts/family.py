@@ -182,7 +182,8 @@ class Family:
     ``lora_text_encoders``: ``{LoRA key prefix: component of the pipeline's params}`` for text-encoder keys
     (kohya's ``lora_te1_`` ...); the names after the prefix are the component's own, ``_``-joined after a prefix
     ending in ``_``. ``diffsynth_module``: DiffSynth-Studio's module name of a native module name (``None`` where
-    the names are not its; the field ``None``: DiffSynth-Studio uses the native names).
+    the names are not its; the field ``None``: DiffSynth-Studio uses the native names, or ours with
+    ``diffsynth_uses_ours``, as for Z-Image, whose DiffSynth module names are diffusers').
     """
 
     name: str
@@ -203,6 +204,7 @@ class Family:
     tiny_pipeline: Callable[[], Any]
     lora_text_encoders: Mapping[str, str] = field(default_factory=dict)
     diffsynth_module: Callable[[str], str | None] | None = None
+    diffsynth_uses_ours: bool = False
 
     def shape_free_fields(self) -> list[str]:
         """The config fields a checkpoint's shapes cannot tell (they come from its config.json, or ``config=``)."""
