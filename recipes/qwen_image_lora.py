@@ -5,7 +5,9 @@
         --lora_rank 32 --fp8_models dit,text_encoder --use_gradient_checkpointing --output_path outputs/dogs
 
 The metadata (csv, json or jsonl) has an ``image`` column (paths inside --dataset_base_path) and a ``prompt``
-column. The model is a diffusers Qwen-Image pipeline folder (--model_path) or hub repo (--model_id, e.g.
+column; with ``--extra_inputs edit_image`` (an Edit-2509/2511 model, its ``processor/`` beside) also an
+``edit_image`` column, one path or a list of paths (a JSON list in a csv cell): the condition images of each sample
+(``--batch_size 1``). The model is a diffusers Qwen-Image pipeline folder (--model_path) or hub repo (--model_id, e.g.
 Qwen/Qwen-Image); --dit, --vae and --text_encoder take other files (ComfyUI's single files) instead of the folder's.
 
 What trains: a LoRA of --lora_rank on the DiT (--lora_target_modules: DiffSynth-Studio's Qwen-Image targets by
@@ -43,6 +45,7 @@ from dsf.cli.lora_paradigm import trained_lora
 from dsf.cli.training_flags import add_dataset_flags, add_training_flags, batch_stream, train_config
 from dsf.files.hub import ModelSource
 from dsf.model_parts.lora_files import LAYOUTS
+from dsf.models.qwen_image.edit import load_edit_pipeline
 from dsf.models.qwen_image.pipeline import load_pipeline
 from dsf.models.qwen_image.training import LORA_TARGETS, SampleEncoder, direct_distill_loss, sft_loss
 from dsf.training.cache import CachedDataset, encode_into_cache
@@ -64,6 +67,7 @@ def parser() -> argparse.ArgumentParser:
     data = add_dataset_flags(p, "image and prompt")
     data.add_argument("--max_pixels", type=positive_int, default=1024 * 1024, help="bound on the image area without --height/--width")
     data.add_argument("--max_sequence_length", type=positive_int, default=512, help="Qwen2.5-VL tokens per prompt")
+    data.add_argument("--extra_inputs", choices=("edit_image",), help="edit_image: train an Edit model on condition images")
     models = p.add_argument_group("models")
     models.add_argument("--model_path", help="a diffusers Qwen-Image pipeline folder")
     models.add_argument("--model_id", help="a hub repo, e.g. Qwen/Qwen-Image")
@@ -102,6 +106,8 @@ def check_flags(args) -> None:
     unknown = [c for c in args.fp8_models.split(",") if c and c not in FP8_COMPONENTS]
     if unknown:
         raise ValueError(f"--fp8_models takes components of {FP8_COMPONENTS}, got {unknown}")
+    if args.extra_inputs and args.task != "sft":
+        raise ValueError("--extra_inputs edit_image trains with --task sft (the condition images are encoded as drawn)")
     if args.trainable_models and (args.lora_checkpoint or args.offload_blocks or "dit" in args.fp8_models):
         raise ValueError("--trainable_models dit trains the whole DiT: drop --lora_checkpoint, --offload_blocks and "
                          "dit from --fp8_models")
@@ -147,8 +153,9 @@ def main(argv: list[str]):
     #    and with --offload_blocks the DiT waits on the CPU.
     devices = {name: "meta" if name in NOT_RUN[args.task] else device for name in COMPONENTS}
     devices["dit"] = "cpu" if args.offload_blocks and devices["dit"] != "meta" else devices["dit"]
-    pipe = load_pipeline(source, dit=args.dit, vae=args.vae, text_encoder=args.text_encoder, tokenizer=args.tokenizer,
-                         dtype=dtype, device=devices, max_sequence_length=args.max_sequence_length)
+    load = load_edit_pipeline if args.extra_inputs else load_pipeline
+    pipe = load(source, dit=args.dit, vae=args.vae, text_encoder=args.text_encoder, tokenizer=args.tokenizer,
+                dtype=dtype, device=devices, max_sequence_length=args.max_sequence_length)
     params = pipe.params
 
     # 2. The data: images and prompts, or the encoded samples of a data-processing run.
@@ -173,7 +180,7 @@ def main(argv: list[str]):
     if args.preset_lora_path:
         params["dit"] = merge_lora(load_lora(params["dit"], args.preset_lora_path))
     paradigm = chosen_paradigm(args, dtype)
-    encode = None if args.task == "sft:train" else paradigm.transforms(SampleEncoder(pipe))
+    encode = None if args.task == "sft:train" else paradigm.transforms(SampleEncoder(pipe, args.dataset_base_path))
 
     # 5. The loss, and the data stream (samples are encoded as they are drawn, unless they come from the cache).
     loss = direct_distill_loss(pipe) if args.task == "direct_distill" else sft_loss(pipe.dit)

@@ -1,11 +1,16 @@
-"""Qwen-Image text-to-image (and image-to-image) from the command line, with low-memory transforms.
+"""Qwen-Image text-to-image (image-to-image, and with an Edit model image editing) from the command line, with
+low-memory transforms.
 
     python recipes/qwen_image_t2i.py --model_path /path/to/Qwen-Image --prompt "a sign that says hello" --out sign.png
     python recipes/qwen_image_t2i.py --model_id Qwen/Qwen-Image --prompt "a cat" \\
         --device cuda --dtype bfloat16 --fp8 dit,text_encoder --offload block --vram_limit 8 --out cat.png
 
-``--model_id`` downloads into $DSF_MODEL_BASE_PATH (ModelScope, or the Hugging Face Hub with
-DSF_DOWNLOAD_SOURCE=huggingface). ``--dit``/``--vae``/``--text_encoder`` take single files (ComfyUI's
+    python recipes/qwen_image_t2i.py --model_id Qwen/Qwen-Image-Edit-2509 --edit_image dog.png --edit_image hat.png \\
+        --prompt "the dog from picture 1 wears the hat from picture 2" --out dog.png
+
+``--edit_image`` (1 to 3, an Edit-2509/2511 model) gives the condition images; without --height/--width the
+output has the last one's aspect at about 1024² pixels. ``--model_id`` downloads into $DSF_MODEL_BASE_PATH
+(ModelScope, or the Hugging Face Hub with DSF_DOWNLOAD_SOURCE=huggingface). ``--dit``/``--vae``/``--text_encoder`` take single files (ComfyUI's
 ``qwen_image_bf16.safetensors``, ``qwen_image_vae.safetensors``, ``qwen_2.5_vl_7b.safetensors``) instead of the
 folder's. The defaults are the model card's: 1328×1328, 50 steps, true CFG 4 against the negative prompt " ".
 The transforms wrap the whole pipeline call: fp8 storage of the named components, offload of the weights to the
@@ -24,6 +29,7 @@ import dsf
 from dsf.cli.flag_types import finite_float, positive_int
 from dsf.cli.inference_flags import add_memory_flags, add_model_flags, lora_scales, memory_transforms, storage_device
 from dsf.files.hub import ModelSource
+from dsf.models.qwen_image.edit import load_edit_pipeline
 from dsf.models.qwen_image.pipeline import CFG_SCALE, HEIGHT, NEGATIVE_PROMPT, NUM_INFERENCE_STEPS, WIDTH, load_pipeline
 from dsf.transforms import load_lora
 
@@ -35,11 +41,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--text_encoder", help="a Qwen2.5-VL file or folder (e.g. ComfyUI's qwen_2.5_vl_7b.safetensors)")
     p.add_argument("--tokenizer", help="the tokenizer folder, with --text_encoder outside a pipeline folder")
     p.add_argument("--num_inference_steps", type=positive_int, default=NUM_INFERENCE_STEPS)
-    p.add_argument("--height", type=positive_int, default=HEIGHT)
-    p.add_argument("--width", type=positive_int, default=WIDTH)
+    p.add_argument("--height", type=positive_int, help=f"default {HEIGHT} (with --edit_image: the last image's aspect)")
+    p.add_argument("--width", type=positive_int, help=f"default {WIDTH} (with --edit_image: the last image's aspect)")
     p.add_argument("--cfg_scale", type=finite_float, default=CFG_SCALE)
     p.add_argument("--input_image", help="image-to-image: the starting image")
     p.add_argument("--denoising_strength", type=finite_float, default=1.0)
+    p.add_argument("--edit_image", action="append", default=[], help="an Edit model's condition image; repeatable (1 to 3)")
     add_memory_flags(p, lora_help="a LoRA file (any layout); repeatable")
     p.add_argument("--out", default="qwen_image.png")
     return p
@@ -48,8 +55,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> None:
     args = parser().parse_args(argv)
     source = args.model_path or (ModelSource(model_id=args.model_id) if args.model_id else None)
-    pipe = load_pipeline(source, dit=args.dit, vae=args.vae, text_encoder=args.text_encoder, tokenizer=args.tokenizer,
-                         dtype=getattr(torch, args.dtype), device=storage_device(args))
+    load = load_edit_pipeline if args.edit_image else load_pipeline
+    pipe = load(source, dit=args.dit, vae=args.vae, text_encoder=args.text_encoder, tokenizer=args.tokenizer,
+                dtype=getattr(torch, args.dtype), device=storage_device(args))
 
     params = pipe.params
     for path, scale in zip(args.lora, lora_scales(args)):
@@ -57,11 +65,15 @@ def main(argv: list[str]) -> None:
     stack = memory_transforms(args)
     params = stack.init(params, dsf.random.key(args.seed))
 
+    if args.edit_image:
+        request = {"images": [Image.open(path).convert("RGB") for path in args.edit_image]}
+    else:
+        request = {"input_image": Image.open(args.input_image) if args.input_image else None,
+                   "denoising_strength": args.denoising_strength}
     image = stack(pipe.generate)(
         params, args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
-        num_inference_steps=args.num_inference_steps, height=args.height, width=args.width, cfg_scale=args.cfg_scale,
-        input_image=Image.open(args.input_image) if args.input_image else None,
-        denoising_strength=args.denoising_strength,
+        num_inference_steps=args.num_inference_steps, height=args.height or (None if args.edit_image else HEIGHT),
+        width=args.width or (None if args.edit_image else WIDTH), cfg_scale=args.cfg_scale, **request,
     )
     image.save(args.out)
     print(f"wrote {args.out}")

@@ -173,3 +173,17 @@ def test_direct_distillation_matches_the_teachers_latents_through_the_sampler(re
     assert float(log_rows(tmp_path / "out")[0]["loss"]) == pytest.approx(expected, rel=1e-5)
     factors = lora_factors(repo, tmp_path / "out" / "step-1.safetensors")
     assert any(f.up.any() for f in factors.values())
+
+
+def test_t2i_recipe_applies_a_trained_lora_file(repo, trained, tmp_path):
+    recipe = load_recipe("qwen_image_t2i")
+    path = trained / "step-2.safetensors"
+    recipe.main(["--model_path", str(repo), "--prompt", "a red dog", "--seed", "2", "--num_inference_steps", "2",
+                 "--height", str(SIZE), "--width", str(SIZE), "--dtype", "float32", "--device", "cpu", "--lora", str(path),
+                 "--out", str(tmp_path / "dog.png")])
+    pipe = load_pipeline(repo)
+    params = {**pipe.params, "dit": load_lora(pipe.dit_params, path)}
+    expected = pipe.generate(params, "a red dog", seed=2, height=SIZE, width=SIZE, num_inference_steps=2, progress=False)
+    plain = pipe.generate(pipe.params, "a red dog", seed=2, height=SIZE, width=SIZE, num_inference_steps=2, progress=False)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "dog.png")), np.asarray(expected))
+    assert not np.array_equal(np.asarray(expected), np.asarray(plain))

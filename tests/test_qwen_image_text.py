@@ -15,9 +15,8 @@ from dsf.models.qwen_image.tiny import TEXT_TINY, tiny_tokenizer
 diffusers = pytest.importorskip("diffusers")
 from diffusers import QwenImagePipeline  # noqa: E402
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
+from tiny_qwen_image import tiny_text_encoder_model  # noqa: E402
 
-VISION_TINY = {"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16,
-               "fullatt_block_indexes": [0]}
 PROMPTS = ["a red cat on the wall", "a dog", "a blue sign that says hello"]
 
 
@@ -28,14 +27,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def reference(tokenizer):
-    text = qwen_text.QWEN25_VL_7B_CONFIG | TEXT_TINY | {"vocab_size": len(tokenizer)}  # Qwen-Image's, made tiny
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=VISION_TINY)
-    torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))  # norm scales off 1 too
-    return model
+    return tiny_text_encoder_model(tokenizer)
 
 
 def _diffusers_embeds(model, tokenizer, prompts, max_sequence_length=512):

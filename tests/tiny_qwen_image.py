@@ -8,22 +8,23 @@ import torch
 
 from dsf.models.qwen_image.pipeline import SCHEDULER_CONFIG
 from dsf.models.qwen_image.text import QWEN25_VL_7B_CONFIG
-from dsf.models.qwen_image.tiny import TEXT_TINY, tiny_tokenizer
+from dsf.models.qwen_image.tiny import TEXT_TINY, VISION_TINY, tiny_tokenizer
 from tiny_flux import randomize
 
 DIT_TINY = dict(in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
                 joint_attention_dim=TEXT_TINY["hidden_size"], axes_dims_rope=(4, 6, 6))
 VAE_TINY = dict(base_dim=4, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
-VISION_TINY = {"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": TEXT_TINY["hidden_size"],
-               "fullatt_block_indexes": [0]}
 
 
-def tiny_text_encoder_model(vocab_size: int):
-    """A tiny random ``Qwen2_5_VLForConditionalGeneration`` with Qwen-Image's text settings (eps, RoPE θ)."""
+def tiny_text_encoder_model(tokenizer):
+    """A tiny random ``Qwen2_5_VLForConditionalGeneration`` with Qwen-Image's text settings (eps, RoPE θ), its vision
+    token ids those of ``tokenizer``."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    text = QWEN25_VL_7B_CONFIG | TEXT_TINY | {"vocab_size": vocab_size}
-    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=VISION_TINY)).eval()
+    text = QWEN25_VL_7B_CONFIG | TEXT_TINY | {"vocab_size": len(tokenizer)}
+    ids = {f"{name}_token_id": tokenizer.convert_tokens_to_ids(token) for name, token in
+           [("image", "<|image_pad|>"), ("vision_start", "<|vision_start|>"), ("vision_end", "<|vision_end|>")]}
+    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=VISION_TINY, **ids)).eval()
     randomize(model, seed=2)
     return model
 
@@ -40,6 +41,6 @@ def write_tiny_qwen_image_pipeline(root: Path, zero_cond_t: bool = False):
     with torch.no_grad():
         vae.decoder.conv_out.weight.mul_(0.3)  # few pixels at the clamp
     pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG), vae=vae,
-                             text_encoder=tiny_text_encoder_model(len(tokenizer)), tokenizer=tokenizer, transformer=transformer)
+                             text_encoder=tiny_text_encoder_model(tokenizer), tokenizer=tokenizer, transformer=transformer)
     pipe.save_pretrained(root)
     return pipe

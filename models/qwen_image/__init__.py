@@ -1,5 +1,5 @@
-"""Qwen-Image (text-to-image, and the Edit models' DiT): the DiT, the VAE and the Qwen2.5-VL text encoder as pure
-functions over param trees, the pipeline and the training pieces.
+"""Qwen-Image (text-to-image; Edit-2509/2511 with condition images): the DiT, the VAE, the Qwen2.5-VL text encoder
+and vision tower as pure functions over param trees, the pipelines and the training pieces.
 
 Example:
     >>> import torch, dsf
@@ -13,6 +13,7 @@ Example:
 
 from dsf.model_parts.family import register
 from dsf.models.qwen_image.config import QwenImageConfig
+from dsf.models.qwen_image.edit import QwenImageEditPipeline, QwenVision, edit_prompt, load_edit_pipeline, load_vision
 from dsf.models.qwen_image.keys import COMFY_PREFIX, DIT, load_dit
 from dsf.models.qwen_image.model import (
     QwenImageDiT,
@@ -38,6 +39,8 @@ __all__ = [
     "FAMILY",
     "QwenImageConfig",
     "QwenImageDiT",
+    "QwenImageEditPipeline",
+    "QwenVision",
     "QwenImagePipeline",
     "QwenTextEncoder",
     "QwenImageVAE",
@@ -47,9 +50,12 @@ __all__ = [
     "check_inputs",
     "dit_params_meta",
     "init_dit",
+    "edit_prompt",
     "load_dit",
+    "load_edit_pipeline",
     "load_pipeline",
     "load_text_encoder",
+    "load_vision",
     "load_vae",
     "param_shapes",
     "patchify",

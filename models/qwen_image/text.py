@@ -94,10 +94,17 @@ class QwenTextEncoder:
         input_ids, keep = self.tokenize(prompts, template, drop)
         device = dense(params["embed_tokens"]["weight"]).device
         (hidden,) = self.states(params, input_ids.to(device), keep.to(device))
-        hidden, keep = hidden[:, drop:], keep[:, drop:].to(device)
+        return self.after_template(hidden, keep.to(device), drop)
+
+    def after_template(self, hidden: torch.Tensor, keep: torch.Tensor, drop: int, limited: bool = True):
+        """``(text_embeds, text_mask)`` of last hidden states (B, L, D) with their mask of valid tokens: the first
+        ``drop`` (the template's system part) cut, at most ``max_sequence_length`` kept (all with ``limited=False``:
+        the Edit models keep every image state), padding zeroed."""
+        end = drop + self.max_sequence_length if limited else None
+        hidden, keep = hidden[:, drop:end], keep[:, drop:end]
         length = int(keep.sum(1).max())
         hidden, keep = hidden[:, :length], keep[:, :length]
-        return torch.where(keep[..., None], hidden, torch.zeros((), dtype=hidden.dtype, device=device)), keep
+        return torch.where(keep[..., None], hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device)), keep
 
 
 def text_config(config: Any = None, found: Mapping | None = None):

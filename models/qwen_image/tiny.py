@@ -1,8 +1,8 @@
 """Tiny randomly initialized Qwen-Image components, for examples, smoke tests and benchmarks (no files).
 
 :func:`tiny_tokenizer` is a real byte-level BPE ``Qwen2Tokenizer`` (Qwen's pre-tokenizer and chat special tokens)
-over a small vocabulary: every byte, and each word of the prompt templates as one token, so a template's system
-part is as many tokens as with Qwen's own tokenizer (34 for text-to-image).
+over a small vocabulary: every byte, and each word of the prompt templates as one token, so the text-to-image
+template's system part is as many tokens as with Qwen's own tokenizer (34; the Edit one's is 66 here, 64 there).
 
 Example:
     >>> pipe = tiny_pipeline()
@@ -22,6 +22,7 @@ import dsf
 from dsf.model_parts.decoder_lm import hidden_states_fn, lm_to_ours
 from dsf.model_parts.wan_vae import WanVAEConfig, init_vae
 from dsf.models.qwen_image.config import QwenImageConfig
+from dsf.models.qwen_image.edit import EDIT_TEMPLATE, PICTURE_TEMPLATE, QwenImageEditPipeline, load_vision
 from dsf.models.qwen_image.model import QwenImageDiT, init_dit
 from dsf.models.qwen_image.pipeline import QwenImagePipeline
 from dsf.models.qwen_image.text import T2I_TEMPLATE, QwenTextEncoder, language_model, text_config
@@ -43,7 +44,7 @@ def tiny_tokenizer():
 
     vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
     bytes_only = Qwen2Tokenizer(vocab=dict(vocab), merges=[])
-    text = T2I_TEMPLATE.format(" " + WORDS)
+    text = T2I_TEMPLATE.format(" " + WORDS) + EDIT_TEMPLATE.format(PICTURE_TEMPLATE.format(1))
     for token in SPECIAL_TOKENS:
         text = text.replace(token, "\n")
     merges = []
@@ -79,3 +80,31 @@ def tiny_pipeline(seed: int = 0) -> QwenImagePipeline:
     vae_config = WanVAEConfig(base_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
     return QwenImagePipeline(QwenImageDiT(dit_config), init_dit(dit_config, dit_key), QwenImageVAE(vae_config),
                              init_vae(vae_config, vae_key), tiny_text_encoder(seed))
+
+
+VISION_TINY = {"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
+               "out_hidden_size": TEXT_TINY["hidden_size"], "fullatt_block_indexes": [0]}
+
+
+def tiny_edit_encoders(seed: int = 0):
+    """``(text encoder, vision tower)`` of a tiny random Qwen2.5-VL (:data:`TEXT_TINY`, :data:`VISION_TINY`), with
+    :func:`tiny_tokenizer` and Qwen's default image processor."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLImageProcessor
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    encoder = tiny_text_encoder(seed)
+    config = {"text_config": TEXT_TINY | {"vocab_size": len(encoder.tokenizer)}, "vision_config": VISION_TINY,
+              "image_token_id": encoder.tokenizer.convert_tokens_to_ids("<|image_pad|>")}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        visual = Qwen2_5_VisionTransformerPretrainedModel(Qwen2_5_VLConfig(**config).vision_config)
+    vision = load_vision({"visual." + k: v for k, v in visual.state_dict().items()}, Qwen2VLImageProcessor(), config=config)
+    return encoder, vision
+
+
+def tiny_edit_pipeline(seed: int = 0) -> QwenImageEditPipeline:
+    """:func:`tiny_pipeline` with a tiny vision tower, condition images seen at about 56² (vision) and 64² pixels (VAE)."""
+    encoder, vision = tiny_edit_encoders(seed)
+    pipe = tiny_pipeline(seed)
+    fields = {name: getattr(pipe, name) for name in pipe.__dataclass_fields__} | {"text_encoder": encoder}
+    return QwenImageEditPipeline(**fields, vision=vision, condition_area=56 * 56, vae_area=64 * 64)

@@ -5,7 +5,8 @@ the diffusers layout (with or without ComfyUI's prefix), a VAE in the diffusers 
 Qwen2.5-VL text encoder.
 
 Training splits into the gradient-free steps, run once per sample by :class:`SampleEncoder` (VAE encoding of the
-image, Qwen2.5-VL encoding of the prompt), and :func:`sft_loss`, flow matching of the DiT on what they produce,
+image, Qwen2.5-VL encoding of the prompt; for an Edit model with an ``edit_image`` column, the condition images'
+VAE latents and the prompt encoded with them), and :func:`sft_loss`, flow matching of the DiT on what they produce,
 on Qwen-Image's training schedule (DiffSynth's: exponential shift μ 0.8, terminal 0.02), or
 :func:`direct_distill_loss` (the student samples through :meth:`QwenImagePipeline.denoise` and matches the teacher
 image's latents). The prompt states are padded to ``max_sequence_length`` so that samples batch; the loss cuts the
@@ -25,7 +26,9 @@ Example:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -39,8 +42,9 @@ from dsf.models.qwen_image.keys import DIT
 from dsf.models.qwen_image.model import QwenImageDiT
 from dsf.models.qwen_image.pipeline import QwenImagePipeline
 from dsf.models.qwen_image.vae import VAE
+from dsf.training.data import load_image, resolve_data_path, to_rgb
 
-IMAGE_KEY, PROMPT_KEY = "image", "prompt"
+IMAGE_KEY, PROMPT_KEY, EDIT_KEY = "image", "prompt", "edit_image"
 # DiffSynth-Studio's Qwen-Image LoRA targets (examples/qwen_image/model_training/lora/Qwen-Image.sh): every
 # attention projection of both streams, the second MLP layers and the modulations
 LORA_TARGETS = "to_q,to_k,to_v,add_q_proj,add_k_proj,add_v_proj,to_out.0,to_add_out,img_mlp.net.2,img_mod.1,txt_mlp.net.2,txt_mod.1"
@@ -63,6 +67,7 @@ class SampleEncoder:
     """
 
     pipe: QwenImagePipeline
+    base_path: str | None = None  # the dataset folder, where an ``edit_image`` column's paths are
 
     def __call__(self, params, item: Mapping[str, Any]) -> dict[str, Any]:
         missing = [key for key in (IMAGE_KEY, PROMPT_KEY) if key not in item]
@@ -71,14 +76,34 @@ class SampleEncoder:
                 f"a Qwen-Image training sample needs the columns {missing} (it has {sorted(item)}); name the image "
                 f"column {IMAGE_KEY!r} and the prompt column {PROMPT_KEY!r} in the metadata"
             )
+        edit_images = self.edit_images(item)
         with torch.no_grad():
             image = item[IMAGE_KEY][None].to(device_of(params["vae"]), dtype_of(params["vae"]))
             latents = self.pipe.vae.encode(params["vae"], image)
-            embeds, mask = self.pipe.text_encoder.encode(params["text_encoder"], [item[PROMPT_KEY]])
+            if edit_images:
+                text = self.pipe.encode_edit_prompts(params, [item[PROMPT_KEY]], edit_images)
+                embeds, mask = text["text_embeds"], text["text_mask"]
+                references = {"reference_latents": [r[0] for r in self.pipe.reference_latents(params, edit_images, 1)]}
+            else:
+                embeds, mask = self.pipe.text_encoder.encode(params["text_encoder"], [item[PROMPT_KEY]])
+                references = {}
         padding = self.pipe.text_encoder.max_sequence_length - mask.shape[1]
-        columns = {key: value for key, value in item.items() if key != IMAGE_KEY}
+        columns = {key: value for key, value in item.items() if key not in (IMAGE_KEY, EDIT_KEY)}
         return {**columns, "latents": latents[0], "text_embeds": torch.nn.functional.pad(embeds[0], (0, 0, 0, padding)),
-                "text_mask": torch.nn.functional.pad(mask[0], (0, padding))}
+                "text_mask": torch.nn.functional.pad(mask[0], (0, padding)), **references}
+
+    def edit_images(self, item: Mapping[str, Any]) -> list:
+        """The item's condition images (``edit_image``: a path or a list of paths inside the dataset folder, a JSON
+        list in a csv cell); none without the column."""
+        paths = item.get(EDIT_KEY)
+        if paths in (None, ""):
+            return []
+        if isinstance(paths, str):
+            paths = json.loads(paths) if paths.startswith("[") else [paths]
+        if self.base_path is None or not hasattr(self.pipe, "vision"):
+            raise ValueError(f"a sample with {EDIT_KEY!r} trains a Qwen-Image-Edit model: load an Edit pipeline and give "
+                             "SampleEncoder the dataset folder (base_path=)")
+        return [to_rgb(load_image(resolve_data_path(Path(self.base_path), path, f"column {EDIT_KEY!r}"))) for path in paths]
 
 
 def trimmed_text(text_embeds: torch.Tensor, text_mask: torch.Tensor) -> dict:
@@ -94,12 +119,23 @@ def trimmed_text(text_embeds: torch.Tensor, text_mask: torch.Tensor) -> dict:
     return {"text_embeds": text_embeds[:, :length], "text_mask": None if bool(mask.all()) else mask}
 
 
+def reference_batch(per_sample: list, device, dtype) -> list[torch.Tensor]:
+    """The condition images' latents of a batch (per sample, a list of (16, h, w)) as one (B, 16, h, w) per image.
+
+    >>> [tuple(r.shape) for r in reference_batch([[torch.zeros(16, 2, 2)], [torch.ones(16, 2, 2)]], "cpu", torch.float32)]
+    [(2, 16, 2, 2)]
+    """
+    if len({len(sample) for sample in per_sample}) > 1:
+        raise ValueError("the samples of a batch have different numbers of edit images; use --batch_size 1")
+    return [torch.stack(images).to(device, dtype) for images in zip(*per_sample)]
+
+
 def sft_loss(dit: QwenImageDiT, schedule: FlowSchedule = QWEN_IMAGE):
     """``loss(params, batch, key)``: flow matching of the DiT (``params["dit"]``) on a batch of encoded samples.
 
     Timesteps are drawn from Qwen-Image's 1000-step training grid with its loss weights
     (:func:`dsf.diffusion.losses.flow_matching_loss`). The batch holds ``latents`` (B, 16, h, w), ``text_embeds``
-    (B, L, D) and ``text_mask`` (B, L).
+    (B, L, D) and ``text_mask`` (B, L), and for Edit models ``reference_latents`` (per sample, the condition images').
 
     >>> import dsf
     >>> from dsf.models.qwen_image.tiny import tiny_pipeline
@@ -109,13 +145,16 @@ def sft_loss(dit: QwenImageDiT, schedule: FlowSchedule = QWEN_IMAGE):
     True
     """
 
-    def velocity(dit_params, latents, sigma, text_embeds, text_mask):
-        return dit(dit_params, latents, sigma.to(latents.dtype), text_embeds=text_embeds, text_mask=text_mask)
+    def velocity(dit_params, latents, sigma, text_embeds, text_mask, reference_latents=()):
+        return dit(dit_params, latents, sigma.to(latents.dtype), text_embeds=text_embeds, text_mask=text_mask,
+                   reference_latents=reference_latents)
 
     def loss(params, batch, key):
         device, dtype = device_of(params["dit"]), dtype_of(params["dit"])
         latents = batch["latents"].to(device, dtype)
         cond = trimmed_text(batch["text_embeds"].to(device, dtype), batch["text_mask"].to(device))
+        if "reference_latents" in batch:
+            cond["reference_latents"] = reference_batch(batch["reference_latents"], device, dtype)
         return flow_matching_loss(velocity, params["dit"], latents, key, cond, schedule=schedule)
 
     return loss
