@@ -182,7 +182,8 @@ class Family:
     ``lora_text_encoders``: ``{LoRA key prefix: component of the pipeline's params}`` for text-encoder keys
     (kohya's ``lora_te1_`` ...); the names after the prefix are the component's own, ``_``-joined after a prefix
     ending in ``_``. ``diffsynth_module``: DiffSynth-Studio's module name of a native module name (``None`` where
-    the names are not its; the field ``None``: DiffSynth-Studio uses the native names).
+    the names are not its; the field ``None``: DiffSynth-Studio uses the native names). ``diffsynth_uses_ours``:
+    DiffSynth-Studio names the DiT's modules as ours (diffusers'), not natively (FLUX.2: it reads diffusers files only).
     """
 
     name: str
@@ -203,6 +204,7 @@ class Family:
     tiny_pipeline: Callable[[], Any]
     lora_text_encoders: Mapping[str, str] = field(default_factory=dict)
     diffsynth_module: Callable[[str], str | None] | None = None
+    diffsynth_uses_ours: bool = False
 
     def shape_free_fields(self) -> list[str]:
         """The config fields a checkpoint's shapes cannot tell (they come from its config.json, or ``config=``)."""
@@ -235,11 +237,13 @@ def registered() -> tuple[Family, ...]:
 
 
 def family_of(paths: Iterable[str]) -> Family | None:
-    """The registered family whose DiT has these weight paths ("/"-joined, ours), or ``None``.
+    """The registered family whose DiT has these weight paths ("/"-joined, ours), or ``None``; where the signatures of
+    several fit (one family's DiT names may include another's), the one whose signature has the most paths.
 
     >>> from dsf.models import flux
     >>> family_of(["proj/weight"]) is None
     True
     """
     paths = list(paths)
-    return next((family for family in registered() if family.owns(paths)), None)
+    owners = [family for family in registered() if family.owns(paths)]
+    return max(owners, key=lambda family: len(family.signature), default=None)

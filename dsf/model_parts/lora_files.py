@@ -177,6 +177,8 @@ def _namings(family: Family | None, shapes: tuple[tuple[str, tuple], ...]) -> di
     if family is None or family.native_layout is None:
         return {"ours": ours, "native": ours, "diffsynth": ours}
     native = _fusions(family, shapes)
+    if family.diffsynth_uses_ours:
+        return {"ours": ours, "native": native, "diffsynth": ours}
     rename = family.diffsynth_module
     if rename is None:
         return {"ours": ours, "native": native, "diffsynth": native}

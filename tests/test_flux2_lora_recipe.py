@@ -1,0 +1,111 @@
+"""recipes/flux2_lora.py end to end on tiny FLUX.2 repos laid out like the hub ones: text-to-image and editing
+(reference images), split training, fp8 and block offload, the LoRA it writes loaded by diffusers' pipeline with the
+same output, and its BFL-named (ComfyUI) file read back to the same LoRA."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dsf
+from dsf.models.flux2.pipeline import load_pipeline
+from dsf.training.data import write_image_folder
+from dsf.transforms import load_lora
+from tiny_flux2 import write_tiny_flux2_pipeline
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+from diffusers import Flux2KleinPipeline  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE, LENGTH, ROWS = 32, 64, 2
+
+
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("flux2_lora", ROOT / "recipes" / "flux2_lora.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+flux2_lora = load_recipe()
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("FLUX.2-klein-base-tiny")
+    write_tiny_flux2_pipeline(root, "klein-base")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Images, prompts, and an ``edit_image`` column naming another image of the folder as the reference."""
+    folder = tmp_path_factory.mktemp("data")
+    gen = np.random.default_rng(0)
+    images = [gen.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for _ in range(ROWS)]
+    rows = [{"prompt": f"pattern {i}", "edit_image": f"images/{(i + 1) % ROWS:05d}.png"} for i in range(ROWS)]
+    return write_image_folder(folder, images, rows)
+
+
+def run(repo, data: Path, output: Path, *flags: str):
+    argv = ["--model_path", str(repo), "--dataset_base_path", str(data.parent), "--dataset_metadata_path", str(data),
+            "--height", str(SIZE), "--width", str(SIZE), "--max_sequence_length", str(LENGTH), "--lora_rank", "4",
+            "--max_steps", "2", "--learning_rate", "1e-2", "--device", "cpu", "--output_path", str(output), *flags]
+    return flux2_lora.main(argv)
+
+
+def test_sft_writes_a_lora_that_diffusers_loads_with_the_same_output(repo, data, tmp_path):
+    run(repo, data, tmp_path / "out", "--lora_layout", "diffusers")
+    lora_file = tmp_path / "out" / "step-2.safetensors"
+    assert any(k.startswith("transformer.transformer_blocks.0.attn.to_q.lora_A") for k in load_file(lora_file))
+    pipe = load_pipeline(repo, max_sequence_length=LENGTH)
+    noise = pipe.noise(3, 1, SIZE, SIZE, pipe.params)
+    options = dict(height=SIZE, width=SIZE, num_inference_steps=2, guidance_scale=3.0)
+    params = {**pipe.params, "dit": load_lora(pipe.params["dit"], lora_file)}
+    with torch.no_grad():
+        ours = pipe.denoise(params, "pattern 0", noise=noise, progress=False, **options)
+        plain = pipe.denoise(pipe.params, "pattern 0", noise=noise, progress=False, **options)
+    reference = Flux2KleinPipeline.from_pretrained(repo)
+    reference.load_lora_weights(str(lora_file))
+    with torch.no_grad():
+        raw = reference(prompt="pattern 0", latents=noise, max_sequence_length=LENGTH, output_type="latent", **options).images
+    bn = reference.vae.bn
+    theirs = (reference._patchify_latents(raw) - bn.running_mean.view(1, -1, 1, 1)) / torch.sqrt(
+        bn.running_var.view(1, -1, 1, 1) + reference.vae.config.batch_norm_eps)
+    error = float((ours - theirs).abs().max() / theirs.abs().max())
+    assert error <= 1e-4, error
+    assert float((plain - theirs).abs().max() / theirs.abs().max()) > 100 * max(error, 1e-7)  # the LoRA is applied
+
+
+def test_edit_training_with_reference_images_and_its_bfl_named_file(repo, data, tmp_path):
+    """Editing trains with the reference latents in the DiT's input; the ComfyUI (BFL-named) file reads back exactly."""
+    trained = run(repo, data, tmp_path / "edit", "--reference_columns", "edit_image", "--lora_layout", "comfyui")
+    plain = run(repo, data, tmp_path / "t2i", "--lora_layout", "comfyui")
+    file = load_file(tmp_path / "edit" / "step-2.safetensors")
+    assert "diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight" in file
+    assert "diffusion_model.single_blocks.0.linear1.lora_up.weight" in file
+    pipe = load_pipeline(repo, max_sequence_length=LENGTH)
+    back = dsf.weight.dense_tree(dsf.transforms.merge_lora(load_lora(pipe.params["dit"], tmp_path / "edit" / "step-2.safetensors")))
+    merged = dsf.weight.dense_tree(dsf.transforms.merge_lora(trained["dit"]))
+    flat_back, flat = dsf.tree.flatten_dict(back), dsf.tree.flatten_dict(merged)
+    assert all(torch.allclose(flat_back[k], flat[k], rtol=1e-5, atol=1e-6) for k in flat)
+    edited, text_only = (dsf.tree.flatten_dict(dsf.weight.dense_tree(dsf.transforms.merge_lora(t["dit"]))) for t in (trained, plain))
+    assert any(not torch.allclose(edited[k], text_only[k]) for k in edited)  # the reference images changed what was learned
+
+
+def test_split_training_equals_training_in_one_go_under_fp8_and_offload(repo, data, tmp_path):
+    memory = ("--fp8_models", "text", "--offload_models", "dit,text", "--use_gradient_checkpointing")
+    cache = run(repo, data, tmp_path / "cache", "--task", "sft:data_process", *memory)
+    split = flux2_lora.main(["--model_path", str(repo), "--dataset_base_path", str(cache), "--task", "sft:train",
+                             "--lora_rank", "4", "--max_steps", "2", "--learning_rate", "1e-2", "--device", "cpu",
+                             "--output_path", str(tmp_path / "split"), *memory])
+    whole = run(repo, data, tmp_path / "whole", *memory)
+    a, b = (load_file(tmp_path / name / "step-2.safetensors") for name in ("split", "whole"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+    assert split is not None and whole is not None
