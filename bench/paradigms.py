@@ -10,10 +10,14 @@ bench/from_scratch_quality.py:
 - differential LoRA: LoRA 1 on plain digits folded into the base, LoRA 2 on the same digits dilated;
   LoRA 2 alone on the base should thicken the strokes of plain prompts;
 - two-stage split training: seconds per step from cached text states against the unsplit run;
+- Diffusion-DPO: a LoRA trained to prefer the thick over the plain stroke of each digit (plain
+  prompts, the frozen base as the reference) should raise the ink fraction of plain prompts while
+  the digits stay readable;
 - training from scratch: the base model itself.
 
     python bench/paradigms.py                          # trains the base first (about 4 min on 2 idle cores)
     python bench/paradigms.py --model outputs/digits/model
+    python bench/paradigms.py --model outputs/digits/model --rows dpo   # one row
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ import dsf
 from dsf.training.cache import write_cache
 from dsf.models.digits import digit_accuracy, ink_fraction, load_model, prompt_for, real_digit_classifier
 from dsf.models.digits.paradigms import (
-    LORA_TARGETS, distill_items, distill_loss, encode_text_once, full_sft, load_cached, lora_sft, seeded_images,
-    split_loss, teacher_cache, with_merged_lora, with_preset_lora, write_style_folder,
+    LORA_TARGETS, distill_items, distill_loss, dpo_loss, encode_text_once, full_sft, load_cached, lora_sft,
+    preference_pairs, seeded_images, split_loss, teacher_cache, with_merged_lora, with_preset_lora, write_style_folder,
 )
 from dsf.models.digits.training import data_stream, digits_loss, load_training_set
 from dsf.training.paradigm import fit
@@ -43,6 +47,7 @@ from dsf.transforms import save_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 STYLE_WORDS = " thick strokes"
+ROWS = ("scratch", "lora", "differential", "distill", "split", "dpo")
 
 
 # ----------------------------------------------------------------------------- measures
@@ -166,6 +171,26 @@ def split_rows(model, args, workdir: Path) -> list[tuple]:
              unsplit, split)]
 
 
+def dpo_rows(model, classifier, args, workdir: Path) -> list[tuple]:
+    pairs = preference_pairs(style_items(workdir, "thick"), style_items(workdir, "plain"))
+    trained, seconds = timed(lambda: fit(
+        lora_sft(args.lora_rank), dpo_loss(model, model.params, args.dpo_beta), model.params,
+        data_stream(pairs, 64, dsf.random.key(11)), short_run(args.dpo_steps, args.learning_rate), key=dsf.random.key(12),
+        has_aux=True))
+    digits, prompts, seeds = eval_set(args.per_digit)
+    before, after = samples(model, prompts, seeds), samples(with_merged_lora(model, trained), prompts, seeds)
+    data_ink = (ink_fraction(torch.stack([pair["preferred"] for pair in pairs])),
+                ink_fraction(torch.stack([pair["rejected"] for pair in pairs])))
+    name = f"Diffusion-DPO beta {args.dpo_beta:g}, LoRA r{args.lora_rank}, {args.dpo_steps} steps, {seconds:.0f} s"
+    return [
+        (name, f"chain(lora({args.lora_rank}, ...), checkpoint()); reference: the frozen base",
+         f"ink fraction, plain prompts (data: preferred {data_ink[0]:.2f}, rejected {data_ink[1]:.2f})",
+         ink_fraction(before), ink_fraction(after)),
+        ("", "", "digit accuracy, same samples", digit_accuracy(classifier, before, digits),
+         digit_accuracy(classifier, after, digits)),
+    ]
+
+
 def scratch_rows(model, classifier, args, training_seconds) -> list[tuple]:
     digits, prompts, seeds = eval_set(args.per_digit)
     trained = "" if training_seconds is None else f", trained here in {training_seconds:.0f} s"
@@ -196,7 +221,13 @@ def main() -> None:
     parser.add_argument("--distill_seeds_per_digit", type=int, default=30)
     parser.add_argument("--split_steps", type=int, default=10)
     parser.add_argument("--split_rounds", type=int, default=3)
+    parser.add_argument("--dpo_steps", type=int, default=200)
+    parser.add_argument("--dpo_beta", type=float, default=1000.0)
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"the rows to measure, comma-separated from {','.join(ROWS)}")
     args = parser.parse_args()
+    unknown = sorted(set(args.rows.split(",")) - set(ROWS))
+    if unknown:
+        parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
 
     output = Path(args.output_path)
     training_seconds, model_folder = None, args.model
@@ -209,12 +240,18 @@ def main() -> None:
     workdir = output / "runs"
     workdir.mkdir(parents=True, exist_ok=True)
 
+    measures = {
+        "scratch": lambda: scratch_rows(model, classifier, args, training_seconds),
+        "lora": lambda: lora_style_rows(model, classifier, args, workdir),
+        "differential": lambda: differential_rows(model, classifier, args, workdir),
+        "distill": lambda: distill_rows(model, classifier, args),
+        "split": lambda: split_rows(model, args, workdir),
+        "dpo": lambda: dpo_rows(model, classifier, args, workdir),
+    }
     rows, started = [], time.perf_counter()
-    rows += scratch_rows(model, classifier, args, training_seconds)
-    rows += lora_style_rows(model, classifier, args, workdir)
-    rows += differential_rows(model, classifier, args, workdir)
-    rows += distill_rows(model, classifier, args)
-    rows += split_rows(model, args, workdir)
+    for name in ROWS:
+        if name in args.rows.split(","):
+            rows += measures[name]()
     print(f"\nSVM accuracy on held-out real digits: {real_accuracy:.3f}; {args.per_digit} samples per digit, seeds unseen in "
           f"training; {torch.get_num_threads()} threads; paradigms took {time.perf_counter() - started:.0f} s\n")
     print_table(rows)

@@ -19,6 +19,26 @@ Example:
     >>> params = t.init(params, dsf.random.key(0))
     >>> bool(t(loss)(params, torch.ones(1, 2)) == loss(params, torch.ones(1, 2)))
     True
+
+Writing a transform
+-------------------
+A transform is a :class:`Transform` record of up to three pieces; anyone can write one, and it
+composes with dsf's own in every chain order when it keeps these rules:
+
+- ``init(params, key)`` sees the tree as the transforms chained before it left it: plain tensors and
+  :class:`dsf.weight.Weight` records whose slots (fetch, gather, decode, adapt) earlier stages filled,
+  with their storage (data on the CPU or on disk, DTensor shards, fp8 or int8 bytes, LoRA factors). It
+  returns a new tree and changes nothing in place. Randomness comes from ``key`` (folded with the
+  transform's name, so chain position does not change it).
+- A transform that stores weights (fills a slot) follows the guide in :mod:`dsf.weight`: claim a slot
+  only when it is free (:func:`dsf.weight.check_slot_free`, refused at init with an error naming the
+  transform, the weight and the stage there), select weights by ``where=`` and shape rather than by the
+  dtype of their data (:func:`dsf.weight.is_float_weight`), and keep the stages already there. Its
+  complete example, an int8 storage transform, is in that module's docstring.
+- ``hooks`` (:class:`BlockHook`) wrap each block ``run_blocks`` runs, ordered by their fixed rank, not
+  by chain order; a hook ranked below ``MATERIALIZE_RANK`` sees stored records, one above it plain
+  tensors. A hook uses ``try/finally`` for what it holds (see :class:`BlockHook`).
+- ``wraps`` (:class:`FunctionWrap`) wrap the whole function, ordered by rank too.
 """
 
 from __future__ import annotations

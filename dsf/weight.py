@@ -17,6 +17,71 @@ Example:
     >>> w = Weight(torch.ones(2, 2, dtype=torch.bfloat16)).with_stage(Cast(torch.float32))
     >>> materialize(w).dtype
     torch.float32
+
+Writing a storage transform
+---------------------------
+A transform's ``init`` sees the tree as the transforms chained before it left it: plain tensors, and
+records whose slots they filled. What a slot tells about ``data``:
+
+- fetch (offload): ``data`` and the tensors of the decode stage live in storage memory (the CPU,
+  pinned for a GPU, or a :class:`dsf.files.disk.DiskTensor` still on disk);
+- gather (shard): ``data`` is a DTensor holding this rank's rows;
+- decode (fp8, :class:`Cast`, or a transform written outside dsf): ``data`` is encoded, and only that
+  stage can read it; its dtype says nothing about the weight (fp8 bytes, int8, packed bits);
+- adapt (lora): factors applied to the decoded value, whatever decoded it.
+
+The rules, which make "chain order never matters" hold for a transform written outside dsf too:
+
+1. **Claim a slot only if it is free.** Before changing anything, a transform that fills a slot calls
+   :func:`check_slot_free` on each weight it selects: a slot another transform filled is refused at
+   init with an error naming the transform, the weight, the stage there and its storage. Each of two
+   transforms claiming one slot refuses the other's record, so the pair fails at init in every order.
+2. **Select by ``where=`` and shape, never by the dtype of ``data``.** A record whose decode slot is
+   filled holds encoded storage, whatever its dtype, not something to skip: skipping it keeps the other
+   transform's storage in one order and not in the other. Handle it (move it, split its bytes) or refuse
+   it (rule 1). :func:`is_float_weight` tells the two apart: a tensor that is not floating point and not
+   encoded (an index table) is no weight, and passes.
+3. **Keep the meaning of the slots already filled.** Re-encode ``data`` where it lives (its device; pinned
+   stays pinned), in the weight's shape (``Weight.shape`` is what lora and shard read), and keep the
+   other stages: ``Weight(new_data, record.stages).with_stage(new_stage)``.
+4. **Whole-record phases carry what they do not know.** A fetch or gather stage moves or assembles every
+   tensor of the record (``optree.tree_map`` over it), whatever stage holds it.
+
+A complete storage transform, int8 weights with a per-tensor scale (what tests/test_transform_law.py
+composes with every transform of dsf, in every order):
+
+    >>> import optree, dsf
+    >>> @stage("decode")
+    ... class Int8(Stage):
+    ...     scale: torch.Tensor
+    ...     dtype: torch.dtype = optree.dataclasses.field(pytree_node=False)
+    ...
+    ...     def apply(self, value):
+    ...         return (value.to(torch.float32) * self.scale).to(self.dtype)
+    >>> def int8(where=None) -> dsf.Transform:
+    ...     keep = dsf.tree.as_predicate(where)
+    ...
+    ...     def selected(path, param):  # rule 2: where= and shape; encoded storage is not skipped
+    ...         return keep(path, param) and is_float_weight(param) and len(param.shape) >= 2
+    ...
+    ...     def stored(path, param):
+    ...         check_slot_free("int8", path, param, "decode")  # rule 1, before anything changes
+    ...         record = as_weight(param)
+    ...         scale = record.data.detach().abs().amax().float().clamp(min=1e-12) / 127
+    ...         data = (record.data.detach().float() / scale).round().to(torch.int8)
+    ...         data = data.pin_memory() if record.data.is_pinned() else data  # rule 3: where it lived
+    ...         return Weight(data, record.stages).with_stage(Int8(scale, record.data.dtype))
+    ...
+    ...     return dsf.Transform("int8", init_fn=lambda params, key=None: map_weights(stored, params, selected))
+    >>> params = {"q": {"weight": torch.tensor([[0.5, -1.0], [0.25, 0.0]]), "bias": torch.zeros(2)}}
+    >>> stored = int8().init(params)
+    >>> stored["q"]["weight"].data.dtype, materialize(stored["q"]["weight"]).tolist()
+    (torch.int8, [[0.5039370059967041, -1.0], [0.25196850299835205, 0.0]])
+    >>> from dsf.transforms import fp8
+    >>> dsf.chain(int8(), fp8()).init(params)
+    Traceback (most recent call last):
+    ...
+    ValueError: fp8 cannot store 'q/weight': its decode slot already holds Int8 (int8 storage) from another transform; a weight takes one decode transform, in any chain order: narrow the where= of one of them
 """
 
 from __future__ import annotations
@@ -222,6 +287,43 @@ def map_weights(fn, tree, where=None):
         return fn(path, param) if keep(path, param) else param
 
     return map_with_path(visit, tree, is_leaf=lambda x: isinstance(x, Weight))
+
+
+def is_float_weight(param) -> bool:
+    """Whether ``param`` is a floating-point weight: float data, or data that a decode stage encodes (fp8 bytes, an
+    outsider's int8); an integer tensor without a decode stage (an index table) is not one.
+
+    >>> is_float_weight(torch.ones(1)), is_float_weight(torch.arange(2)), is_float_weight(Weight(torch.arange(2)))
+    (True, False, False)
+    >>> is_float_weight(Weight(torch.ones(1, dtype=torch.int8)).with_stage(Cast(torch.float32)))
+    True
+    """
+    record = as_weight(param)
+    dtype = getattr(record.data, "dtype", None)
+    return "decode" in record.stages or (dtype is not None and dtype.is_floating_point)
+
+
+def check_slot_free(transform: str, path: str, param, phase: str) -> None:
+    """Refuse, at init, to fill the ``phase`` slot of the weight at ``path`` when another transform's stage holds it
+    (rule 1 of the module's guide); ``transform`` names the transform asking.
+
+    >>> check_slot_free("int8", "w", Weight(torch.ones(1)), "decode")
+    >>> check_slot_free("int8", "w", Weight(torch.ones(1, dtype=torch.bfloat16)).with_stage(Cast(torch.float32)), "decode")
+    Traceback (most recent call last):
+    ...
+    ValueError: int8 cannot store 'w': its decode slot already holds Cast (bfloat16 storage) from another transform; a weight takes one decode transform, in any chain order: narrow the where= of one of them
+    """
+    if phase not in PHASES:
+        raise ValueError(f"unknown weight phase {phase!r}; phases are {PHASES}")
+    present = param.stages.get(phase) if isinstance(param, Weight) else None
+    if present is None:
+        return
+    storage = getattr(param.data, "dtype", type(param.data).__name__)
+    raise ValueError(
+        f"{transform} cannot store {path!r}: its {phase} slot already holds {type(present).__name__} "
+        f"({str(storage).removeprefix('torch.')} storage) from another transform; a weight takes one {phase} transform, "
+        "in any chain order: narrow the where= of one of them"
+    )
 
 
 def as_weight(param) -> Weight:

@@ -29,7 +29,10 @@ base first (differential LoRA). --fp8_models stores frozen components in fp8.
 Written under --output_path: ``step-N.safetensors`` every --save_steps steps (default: once per
 epoch) and at the end (the LoRA in --lora_layout, or the whole DiT in the diffusers layout),
 ``log.csv``, and the resumable state in ``checkpoints/`` (every --checkpoint_steps, default
---save_steps) that --resume continues from.
+--save_steps) that --resume continues from. --validation_prompts (sft and direct_distill) adds
+previews every --validation_steps steps: ``validation/step-N/<index>.png``, sampled at --seed in
+--height × --width (1024 × 1024 without them) with --validation_num_inference_steps, through the
+paradigm's chain.
 
 Several GPUs: the same command under ``torchrun --nproc_per_node N recipes/flux_lora.py ...``.
 Each process trains on its share of the batches (N processes with --gradient_accumulation_steps a
@@ -71,7 +74,7 @@ from dsf.models.flux.training import (
 )
 from dsf.training.paradigm import DataFromParams, Paradigm, fit
 from dsf.cli.lora_paradigm import trained_lora
-from dsf.cli.training_flags import add_dataset_flags, add_training_flags, batch_stream, train_config
+from dsf.cli.training_flags import add_dataset_flags, add_training_flags, batch_stream, train_config, validation_options
 from dsf.transforms import checkpoint, fp8, load_lora, lora_trainable, merge_lora, save_lora
 from dsf.transforms.lora import TRAINED
 from dsf.model_parts.lora_files import LAYOUTS
@@ -125,6 +128,9 @@ def check_flags(args) -> None:
         raise ValueError(f"--fp8_models takes components of {FP8_COMPONENTS}, got {unknown}")
     if args.trainable_models and args.lora_checkpoint:
         raise ValueError("--lora_checkpoint continues a LoRA, but --trainable_models dit trains the whole DiT; drop one")
+    if args.validation_prompts and args.task not in ("sft", "direct_distill"):
+        raise ValueError(f"--validation_prompts samples with the VAE and the text encoders, which --task {args.task} "
+                         "does not train with; preview with --task sft or direct_distill")
 
 
 def model_files(args) -> list:
@@ -242,6 +248,18 @@ def chosen_paradigm(args, compute_dtype) -> Paradigm:
     return Paradigm("LoRA", dsf.chain(stack, trained_lora(args)), lora_trainable)
 
 
+def preview_images(pipe: FluxPipeline, args):
+    """``generate(params, prompts)``: the pipeline's images of ``prompts`` at --seed (image i from the noise
+    ``fold_in(key(seed), i)``, the same at every preview) in --height × --width, or 1024 × 1024."""
+    size = {"height": args.height or 1024, "width": args.width or 1024}
+
+    def generate(params, prompts):
+        return pipe.generate(params, prompts, seed=args.seed, num_inference_steps=args.validation_num_inference_steps,
+                             progress=False, **size)
+
+    return generate
+
+
 def save_lora_file(layout: str):
     return lambda path, params: save_lora(params["dit"], path, layout, name=TRAINED)
 
@@ -299,20 +317,20 @@ def main(argv: list[str]):
 
     # 5. The loss, and the data stream (samples are encoded as they are drawn by the initialized
     #    encoders, unless they come from the cache).
-    if args.task == "direct_distill":
-        pipe = FluxPipeline(models["dit"], params["dit"], models["vae"], params["vae"], models["clip"], models["t5"],
-                            max_sequence_length=args.max_sequence_length)
-        loss = direct_distill_loss(pipe)
-    else:
-        loss = sft_loss(models["dit"])
+    pipe = None if args.task == "sft:train" else FluxPipeline(
+        models["dit"], params["dit"], models["vae"], params["vae"], models["clip"], models["t5"],
+        max_sequence_length=args.max_sequence_length)
+    loss = direct_distill_loss(pipe) if args.task == "direct_distill" else sft_loss(models["dit"])
 
     data = DataFromParams(lambda initialized: batch_stream(
         dataset, args.batch_size, data_key, None if encode is None else functools.partial(encode, initialized)))
 
-    # 6. Train: AdamW on the LoRA factors (or the DiT), saving the LoRA in --lora_layout (or the DiT).
+    # 6. Train: AdamW on the LoRA factors (or the DiT), saving the LoRA in --lora_layout (or the DiT), with
+    #    previews of --validation_prompts sampled through the same chain.
     config = train_config(args, len(dataset), processes=world.size)
     save = save_dit_file if args.trainable_models else save_lora_file(args.lora_layout)
-    trained = unshard(fit(paradigm, loss, params, data, config, key=fit_key, save=save))  # on every rank
+    previews = {} if pipe is None else validation_options(args, config, paradigm.transforms(preview_images(pipe, args)))
+    trained = unshard(fit(paradigm, loss, params, data, config, key=fit_key, save=save, **previews))  # on every rank
     if world.rank == 0:
         print(f"trained {config.max_steps} steps; the last file is {args.output_path}/step-{config.max_steps}.safetensors")
     return trained

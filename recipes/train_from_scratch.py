@@ -7,6 +7,9 @@
 Training writes under --output_path: the dataset folder (``data/``: PNG files and metadata.csv),
 ``log.csv``, resumable checkpoints (``checkpoints/``), the finished model (``model/``) and
 ``samples.png`` (a row per digit). ``--resume`` continues a killed run from its last checkpoint.
+``--validation_prompts "a handwritten digit seven" ...`` adds previews while training, every
+``--validation_steps`` steps (default: --checkpoint_steps): ``validation/step-N/<index>.png``, at
+--seed and --cfg_scale.
 
     torchrun --nproc_per_node 4 recipes/train_from_scratch.py --shard   # 4 processes, DiT sharded
 
@@ -31,6 +34,7 @@ from dsf.models.digits.paradigms import from_scratch
 from dsf.training.paradigm import fit
 from dsf.models.digits.training import data_stream, digits_loss, load_training_set, write_digits_folder
 from dsf.cli.train_sample import run_command, sample_parser, save_numbered
+from dsf.cli.training_flags import add_validation_flags, validation_options
 from dsf.training.train import TrainConfig
 from dsf.transforms import checkpoint
 from dsf.transforms.shard import shard, unshard
@@ -57,6 +61,7 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_inference_steps", type=positive_int, default=20)
     parser.add_argument("--dim", type=positive_int, default=DigitsConfig.dim, help="DiT width (smaller trains faster)")
     parser.add_argument("--depth", type=positive_int, default=DigitsConfig.depth, help="number of DiT blocks")
+    add_validation_flags(parser)
     return parser
 
 
@@ -101,9 +106,15 @@ def run_training(args) -> Path:
         resume=args.resume,
         run_settings={"batch_size": args.batch_size},
     )
+    def preview(params, prompts):
+        return generate(dataclasses.replace(model, params=params), prompts, seed=args.seed, cfg_scale=args.cfg_scale,
+                        num_inference_steps=args.validation_num_inference_steps, progress=False)
+
+    previews = validation_options(args, dataclasses.replace(train_config, save_steps=args.checkpoint_steps),
+                                  paradigm.transforms(preview))
     started = time.perf_counter()
     params = fit(paradigm, digits_loss(model), model.params, data_stream(items, args.batch_size, data_key), train_config,
-                 key=train_key)
+                 key=train_key, **previews)
     trained = dataclasses.replace(model, params=unshard(params))
     if world.rank != 0:
         return output / "model"

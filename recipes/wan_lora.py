@@ -27,6 +27,10 @@ of the training grid (derived from the folder's boundary_ratio, or set by
 Written under --output_path: ``step-N.safetensors`` (the LoRA in --lora_layout) every --save_steps
 steps (default: once per epoch) and at the end, ``log.csv``, and the resumable state in
 ``checkpoints/`` (every --checkpoint_steps, default --save_steps) that --resume continues from.
+--validation_prompts (--task sft, text-to-video and TI2V models) adds previews every
+--validation_steps steps: a one-frame video of each prompt at --seed in --height × --width,
+``validation/step-N/<index>.png``, sampled through the paradigm's chain (one expert of an A14B
+model samples every σ alone).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from dsf.models.wan.pipeline import EXPERTS, holds_two_experts, load_pipeline
 from dsf.models.wan.training import LORA_TARGETS, SampleEncoder, VideoDataset, expert_timestep_boundaries, sft_loss
 from dsf.training.paradigm import DataFromParams, Paradigm, fit
 from dsf.cli.lora_paradigm import trained_lora
-from dsf.cli.training_flags import add_dataset_flags, add_training_flags, batch_stream, train_config
+from dsf.cli.training_flags import add_dataset_flags, add_training_flags, batch_stream, train_config, validation_options
 from dsf.transforms import checkpoint, fp8, lora_trainable, save_lora
 from dsf.transforms.lora import TRAINED
 from dsf.cli.flag_types import finite_float, positive_int
@@ -94,6 +98,22 @@ def check_flags(args) -> None:
     unknown = [c for c in args.fp8_models.split(",") if c and c not in FP8_COMPONENTS]
     if unknown:
         raise ValueError(f"--fp8_models takes components of {FP8_COMPONENTS}, got {unknown}")
+    if args.validation_prompts and args.task != "sft":
+        raise ValueError(f"--validation_prompts samples with the VAE and umT5, which --task {args.task} does not run; "
+                         "preview with --task sft")
+
+
+def preview_frames(pipe, args):
+    """``generate(params, prompts)``: the frame of a one-frame video of each prompt at --seed (video i from the
+    noise ``fold_in(key(seed), i)``, the same at every preview) in --height × --width."""
+    pipe.check_request(1, args.height, args.width, None)
+
+    def generate(params, prompts):
+        videos = pipe.generate(params, prompts, seed=args.seed, num_frames=1, height=args.height, width=args.width,
+                               num_inference_steps=args.validation_num_inference_steps, progress=False)
+        return [frames[0] for frames in videos]
+
+    return generate
 
 
 def check_expert(args, dit_source) -> None:
@@ -199,13 +219,15 @@ def main(argv: list[str]):
     data = DataFromParams(lambda initialized: batch_stream(
         dataset, args.batch_size, data_key, None if encode is None else functools.partial(encode, initialized)))
 
-    # 6. Train: AdamW on the LoRA factors, saving the LoRA in --lora_layout.
+    # 6. Train: AdamW on the LoRA factors, saving the LoRA in --lora_layout, with previews of
+    #    --validation_prompts sampled through the same chain.
     config = train_config(args, len(dataset))
 
     def save(path, trained):
         save_lora(trained["dit"], path, args.lora_layout, name=TRAINED)
 
-    trained = fit(paradigm, loss, params, data, config, key=fit_key, save=save)
+    previews = validation_options(args, config, paradigm.transforms(preview_frames(pipe, args))) if args.validation_prompts else {}
+    trained = fit(paradigm, loss, params, data, config, key=fit_key, save=save, **previews)
     print(f"trained {config.max_steps} steps; the last file is {args.output_path}/step-{config.max_steps}.safetensors")
     return trained
 

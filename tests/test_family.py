@@ -74,7 +74,7 @@ def test_model_files_are_recognized_by_the_familys_components(pipes, family, tmp
     found = recognize_model_files([tmp_path / "vae.safetensors", tmp_path / "dit.safetensors"], family)
     assert {key: path.name for key, path in found.items()} == {"vae": "vae.safetensors", "dit": "dit.safetensors"}
     assert components_of(["nothing.weight"], family) == []
-    text = next(key for key in family.components if key not in found)  # a text encoder, which no file here holds
+    text = next(key for key in family.components if key not in files)  # a text encoder, not among the files
     with pytest.raises(ValueError, match=rf"no {family.components[text].name} among --model_paths"):
         require_components(found, ["dit", "vae", text], "--model_paths", family)
 

@@ -5,6 +5,9 @@ by a weight record whose ``data`` is float8 and whose decode stage holds the sca
 or one per output channel (row). Materialization computes ``data.to(dtype) * scale``. Bytes halve
 against bf16; nothing computes in fp8.
 
+A weight another transform already stores (its decode slot filled: an outsider's int8, a dtype
+cast) is refused at init, in every chain order (the guide in :mod:`dsf.weight`).
+
 fp8 weights get no gradient. What trains is said once, by the paradigm's ``where=``
 (:class:`dsf.training.paradigm.Paradigm`): a paradigm whose ``where`` selects an fp8 weight fails
 at init, whatever the chain order; ``dsf.value_and_grad`` refusing float8 leaves is the second line. LoRA over an fp8 base trains: its factors are separate
@@ -29,7 +32,7 @@ import torch
 from dsf.files.disk import DiskTensor
 from dsf.transform import Transform
 from dsf.tree import Where, as_predicate
-from dsf.weight import Stage, Weight, as_weight, map_weights, stage
+from dsf.weight import Stage, Weight, as_weight, check_slot_free, is_float_weight, map_weights, stage
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -97,8 +100,7 @@ def fp8(where: Where = None, granularity: str = "tensor", compute_dtype: torch.d
     keep = as_predicate(where)
 
     def selected(path: str, param) -> bool:
-        data = as_weight(param).data
-        return keep(path, param) and data.dtype.is_floating_point and len(data.shape) >= 2
+        return keep(path, param) and is_float_weight(param) and len(as_weight(param).shape) >= 2
 
     def init(params, key=None):
         return map_weights(lambda path, param: _stored_in_fp8(path, param, granularity, compute_dtype), params, selected)
@@ -109,6 +111,7 @@ def fp8(where: Where = None, granularity: str = "tensor", compute_dtype: torch.d
 
 
 def _stored_in_fp8(path: str, param, granularity: str, compute_dtype: torch.dtype) -> Weight:
+    check_slot_free("fp8", path, param, "decode")
     record = as_weight(param)
     if isinstance(record.data, DiskTensor):
         raise ValueError(

@@ -4,8 +4,9 @@
 along its first dimension over :func:`dsf.training.distributed.mesh` (each of ``n`` ranks keeps ``1/n`` of
 the rows) and gives its weight record a gather stage. At use, after any fetch (offload) and before
 decode (fp8) and adapt (lora), the gather stage all-gathers every DTensor of the record into a plain
-tensor: fp8 data travels as bytes, with its scale; LoRA factors are plain tensors, whole on every
-rank. The gathered weights live while their block runs; with ``checkpoint()`` the block gathers
+tensor: fp8 data travels as bytes, with its scale, and so does any weight another transform encodes
+(its decode slot filled, e.g. an outsider's int8: split whatever its dtype, in every chain order);
+LoRA factors are plain tensors, whole on every rank. The gathered weights live while their block runs; with ``checkpoint()`` the block gathers
 them again in backward instead of keeping them. In backward the gather's reduce-scatter averages
 the gradients of sharded trainable leaves over the ranks, each rank keeping its shard; the
 optimizer state of such leaves is sharded alike (:func:`dsf.training.distributed.shardwise`).
@@ -42,7 +43,7 @@ from dsf.lookahead import look_ahead
 from dsf.tally import Tally
 from dsf.transform import GATHER_RANK, Transform
 from dsf.tree import NAMESPACE, Where, as_predicate, map_with_path
-from dsf.weight import Stage, Weight, as_weight, map_weights, stage
+from dsf.weight import Stage, Weight, as_weight, is_float_weight, map_weights, stage
 
 
 @dataclass
@@ -126,11 +127,6 @@ class _Gatherer:
         return self.ahead.pop((id(blocks), index), block)
 
 
-def _is_float(param) -> bool:
-    dtype = getattr(as_weight(param).data, "dtype", None)
-    return dtype is not None and dtype.is_floating_point
-
-
 def _sharded(path: str, param, device_mesh) -> Weight:
     record = as_weight(param).with_stage(Gather())
     if not isinstance(record.data, torch.Tensor):
@@ -156,7 +152,7 @@ def shard(where: Where = None) -> Transform:
         return map_weights(
             lambda path, param: _sharded(path, param, device_mesh),
             params,
-            where=lambda path, param: keep(path, param) and _is_float(param),
+            where=lambda path, param: keep(path, param) and is_float_weight(param),
         )
 
     gather_ahead, per_call = look_ahead("shard", GATHER_RANK, _Gatherer)

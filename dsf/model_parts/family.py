@@ -182,8 +182,8 @@ class Family:
     ``lora_text_encoders``: ``{LoRA key prefix: component of the pipeline's params}`` for text-encoder keys
     (kohya's ``lora_te1_`` ...); the names after the prefix are the component's own, ``_``-joined after a prefix
     ending in ``_``. ``diffsynth_module``: DiffSynth-Studio's module name of a native module name (``None`` where
-    the names are not its; the field ``None``: DiffSynth-Studio uses the native names). ``diffsynth_uses_ours``:
-    DiffSynth-Studio names the DiT's modules as ours (diffusers'), not natively (FLUX.2: it reads diffusers files only).
+    the names are not its; the field ``None``: DiffSynth-Studio uses the native names, or ours with
+    ``diffsynth_uses_ours``, as for Z-Image, whose DiffSynth module names are diffusers').
     """
 
     name: str

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from dsf.random import Key, normal as _normal, uniform
+from dsf.random import Key, normal as _normal, split, uniform
 
 
 def xavier_uniform(key: Key, shape: Sequence[int], dtype=torch.float32) -> torch.Tensor:
@@ -36,3 +36,20 @@ def normal(key: Key, shape: Sequence[int], std: float = 0.02, dtype=torch.float3
     [0.0, 0.0, 0.0]
     """
     return _normal(key, shape, dtype=dtype) * std
+
+
+def transformer_params(shapes: dict[str, Sequence[int]], key: Key, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Fresh flat parameters of a transformer's ``{key: shape}``: matrices N(0, 0.02²), the other ``.weight``
+    entries (norm scales) ones, the rest (biases) zeros; one key per entry, split from ``key``.
+
+    >>> flat = transformer_params({"lin.weight": (2, 3), "lin.bias": (2,), "norm.weight": (3,)}, __import__("dsf").random.key(0))
+    >>> flat["lin.bias"].tolist(), flat["norm.weight"].tolist(), tuple(flat["lin.weight"].shape)
+    ([0.0, 0.0], [1.0, 1.0, 1.0], (2, 3))
+    """
+    flat = {}
+    for name_key, (name, shape) in zip(split(key, len(shapes)), shapes.items()):
+        if len(shape) == 2:
+            flat[name] = normal(name_key, shape, std=0.02, dtype=dtype)
+        else:
+            flat[name] = (torch.ones if name.endswith(".weight") else torch.zeros)(shape, dtype=dtype)
+    return flat

@@ -87,7 +87,8 @@ def fit(paradigm: Paradigm, loss: Callable, params, data: DataStream | DataFromP
     """``params`` through :meth:`Paradigm.init`, then ``paradigm.where`` trained on ``stack(loss)`` by
     :func:`dsf.training.train.train`; the key is split into an init key and a training key.
     ``train_options`` go to ``train`` as they are: ``optimizer=``, ``has_aux=``, ``save=``,
-    ``callback=`` (EMA is ``config.ema``).
+    ``callback=``, ``validate=`` with ``validate_every=`` (EMA is ``config.ema``). A ``validate`` sampler
+    meets the initialized params: wrap it in the paradigm's stack (``paradigm.transforms(sampler)``) as the loss is.
 
     >>> import torch, dsf
     >>> from dsf.training import optim

@@ -16,7 +16,8 @@ Files under ``config.output_path``:
     step-{N}.safetensors     the trainable leaves, "."-joined checkpoint keys
     step-{N}-ema.safetensors their exponential moving average, when ``ema`` is set
     checkpoints/{N}/         the resumable state (orbax, checksummed), newest ``keep_last`` kept
-    tensorboard/             the same scalars, when ``torch.utils.tensorboard`` imports
+    validation/step-{N}/     the preview images ``{index}.png`` of ``validate`` (every ``validate_every`` steps)
+    tensorboard/             the same scalars (and previews), when ``torch.utils.tensorboard`` imports
 
 Example:
     >>> import torch, dsf
@@ -42,9 +43,11 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -60,6 +63,7 @@ LossFn = Callable[[Any, Any, Key], torch.Tensor]  # or (loss, {metric name: scal
 DataStream = Callable[[Any], Iterator[tuple[Any, Any]]]
 Callback = Callable[[int, Any, float], None]
 Saver = Callable[[str, Any], None]
+Validate = Callable[[Any], Sequence[Any]]  # params -> PIL images
 
 LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "elapsed_seconds")
 # the settings of the default AdamW, which an optimizer= passed to train replaces
@@ -185,6 +189,8 @@ def train(
     save: Saver | None = None,
     optimizer: Optimizer | None = None,
     has_aux: bool = False,
+    validate: Validate | None = None,
+    validate_every: int | None = None,
 ):
     """Train the leaves of ``params`` that ``where`` selects; return ``params`` with the trained leaves.
 
@@ -204,6 +210,14 @@ def train(
     the default (the trainable leaves under their "."-joined paths), e.g. a LoRA in a file layout.
     A non-finite loss or gradient norm stops the run with a
     ``FloatingPointError`` before that step is applied or saved.
+
+    ``validate(params)`` returns preview images (PIL images, e.g. of fixed prompts and seeds, so the same
+    prompt shows the same noise at every step); it runs without gradients every ``validate_every``
+    steps and after the last one, before that step's checkpoint, and its images are written to
+    ``validation/step-{N}/{index}.png`` (a folder that appears whole) and to TensorBoard. A preview
+    folder already there (from a run killed after writing it) is not made again; the previews run
+    under a forked torch random state, so they take nothing from the training's randomness. In a job
+    every rank calls ``validate`` (the collectives of sharded weights need all ranks); the main rank writes.
 
     >>> import dsf
     >>> def data(position):
@@ -229,8 +243,22 @@ def train(
     >>> trained = train(loss_and_metrics, params, data, config, key=dsf.random.key(0), optimizer=sgd, has_aux=True)
     >>> round(trained["w"].item(), 1)
     2.0
+
+    Previews every 2 steps (a sampler would draw images of fixed prompts and seeds):
+
+    >>> import tempfile
+    >>> from PIL import Image
+    >>> folder = tempfile.mkdtemp()
+    >>> config = TrainConfig(learning_rate=0.1, max_steps=4, progress=False, output_path=folder)
+    >>> def preview(p):
+    ...     return [Image.new("L", (2, 2), round(100 * p["w"].item()))]
+    >>> _ = train(lambda p, x, k: ((p["w"] - x) ** 2).sum(), params, data, config, key=dsf.random.key(0),
+    ...           validate=preview, validate_every=2)
+    >>> sorted(os.listdir(os.path.join(folder, "validation"))), os.listdir(os.path.join(folder, "validation", "step-4"))
+    (['step-2', 'step-4'], ['0.png'])
     """
     world = distributed.world()
+    _check_validation(validate, validate_every, config)
     trainable = trainable_leaves(params, where)
     chosen = _default_optimizer(config) if optimizer is None else _checked_optimizer(optimizer, config)
     stepper = distributed.shardwise(chosen)
@@ -278,6 +306,8 @@ def train(
                 log.write(step, loss, learning_rate, grad_norm, elapsed, metrics)
                 bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
             bar.update()
+            if validate is not None and (step % validate_every == 0 or step == config.max_steps):
+                _preview(config.output_path, step, validate, _with_leaves(params, trainable), log, resumed=bool(newest))
             _save_due(config, checkpoint_dir, step, params, trainable, optimizer_state, ema, key, position, elapsed, save,
                       optimizer)
             if callback is not None:
@@ -457,9 +487,65 @@ def _newest_good_state(checkpoint_dir: str, newest: int, sharded: bool) -> tuple
 
 
 def _remove_stale_step_files(output_path: str | None) -> None:
-    """Remove the temporary step files a killed run was writing (main rank)."""
+    """Remove the temporary step files and preview folders a killed run was writing (main rank)."""
     if output_path is not None and distributed.is_main():
         checkpoint.remove_stale_temporaries(output_path, r"step-\d+(-ema)?\.safetensors")
+        checkpoint.remove_stale_temporaries(os.path.join(output_path, "validation"), r"step-\d+")
+
+
+def _check_validation(validate: Validate | None, validate_every: int | None, config: TrainConfig) -> None:
+    if validate is None and validate_every is None:
+        return
+    if validate is None or validate_every is None:
+        given, missing = ("validate", "validate_every") if validate_every is None else ("validate_every", "validate")
+        raise ValueError(f"{given} was given without {missing}; previews need both: a sampling function and how often to run it")
+    _require_positive_int("validate_every", validate_every)
+    if config.output_path is None:
+        raise ValueError("validate writes its previews under output_path/validation; set output_path")
+
+
+def _preview(output_path: str, step: int, validate: Validate, params, log: "_RunLog", resumed: bool) -> None:
+    """The previews of ``step``: made by ``validate`` and written as ``validation/step-{step}/{index}.png`` through a
+    temporary folder, or, in a ``resumed`` run, read back when the killed run wrote them already (as the main rank
+    sees the folder, so that every rank samples or none); logged to TensorBoard."""
+    folder = os.path.join(output_path, "validation", f"step-{step}")
+    if _as_main_rank_sees(resumed and os.path.isdir(folder)):
+        if distributed.is_main():
+            from PIL import Image
+
+            names = sorted(os.listdir(folder), key=lambda name: int(name.removesuffix(".png")))
+            log.images(step, [Image.open(os.path.join(folder, name)) for name in names])
+        return
+    with torch.no_grad(), torch.random.fork_rng():
+        images = list(validate(params))
+    if distributed.is_main():
+        _write_preview_folder(folder, images)
+    log.images(step, images)
+
+
+def _as_main_rank_sees(value: bool) -> bool:
+    """``value`` as the main rank computed it, on every rank of a job."""
+    if distributed.world().size == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _write_preview_folder(folder: str, images: Sequence[Any]) -> None:
+    """``images`` (PIL) as ``{index}.png`` in ``folder``, written to a temporary folder beside it and renamed over
+    what a former run left there."""
+    for index, image in enumerate(images):
+        if not hasattr(image, "save"):
+            raise TypeError(f"validate must return PIL images (e.g. a pipeline's generate), got {type(image).__name__} "
+                            f"at index {index}")
+    parent, name = os.path.split(folder)
+    os.makedirs(parent, exist_ok=True)
+    temporary = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp")
+    for index, image in enumerate(images):
+        image.save(os.path.join(temporary, f"{index}.png"))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(temporary, folder)
 
 
 def _check_same_leaves(restored: dict[str, torch.Tensor], trainable: dict[str, torch.Tensor], where: str) -> None:
@@ -649,6 +735,15 @@ class _RunLog:
             for name, value in scalars.items():
                 if value is not None:
                     self.tensorboard.add_scalar(f"train/{name}", value, step)
+
+    def images(self, step: int, images: Sequence[Any]) -> None:
+        """Preview images (PIL) of ``step`` to TensorBoard, as ``validation/{index}``."""
+        if self.tensorboard is None:
+            return
+        import numpy as np
+
+        for index, image in enumerate(images):
+            self.tensorboard.add_image(f"validation/{index}", np.asarray(image.convert("RGB")), step, dataformats="HWC")
 
     def __enter__(self):
         return self

@@ -13,7 +13,9 @@ leaves it trains; :func:`dsf.training.paradigm.fit` initializes the stack on the
   :class:`dsf.diffusion.distill.TeacherCache` filled on the fly (:func:`teacher_cache`);
 - two-stage split training: :func:`encode_text_once` runs the text encoder once (stage 1, stored
   with :func:`dsf.training.cache.write_cache`), :func:`split_loss` trains from its output without the text
-  encoder (stage 2).
+  encoder (stage 2);
+- preference optimization: :func:`dpo_loss` (Diffusion-DPO against a frozen reference, e.g. the base
+  model) on :func:`preference_pairs`, under any stack such as :func:`lora_sft`, trained with ``has_aux=True``.
 
 :func:`write_style_folder` writes the digits restyled (inverted colors, thick strokes) as dataset
 folders for the LoRA paradigms.
@@ -52,6 +54,7 @@ from dsf.training.data import write_image_folder
 from dsf.diffusion.distill import TeacherCache, direct_distill_loss
 from dsf.files.io import Source
 from dsf.diffusion.losses import flow_matching_loss
+from dsf.diffusion.preference import diffusion_dpo_loss
 from dsf.models.digits.config import DigitsConfig
 from dsf.models.digits.pipeline import SCHEDULE, DigitsModel
 from dsf.models.digits.text import prompt_for
@@ -344,5 +347,56 @@ def split_loss(model: DigitsModel, prompt_dropout: float = 0.1):
         dropped = dsf.random.uniform(drop_key, (len(batch["image"]),)) < prompt_dropout
         text = torch.where(dropped[:, None, None], batch["empty_text_embeds"], batch["text_embeds"])
         return flow_matching_loss(model.velocity, params, batch["image"], loss_key, {"text_embeds": text}, schedule=SCHEDULE)
+
+    return loss
+
+
+# ----------------------------------------------------------------------------- preference optimization (Diffusion-DPO)
+
+
+def preference_pairs(preferred: Sequence[dict], rejected: Sequence[dict]) -> list[dict]:
+    """Items ``{"preferred", "rejected", "prompt"}`` from two item lists of the same prompts, pair by pair
+    (e.g. the thick and the plain digits of :func:`write_style_folder`).
+
+    >>> import torch
+    >>> pairs = preference_pairs([{"image": torch.ones(1), "prompt": "a digit one"}],
+    ...                          [{"image": torch.zeros(1), "prompt": "a digit one"}])
+    >>> sorted(pairs[0]), pairs[0]["preferred"].tolist()
+    (['preferred', 'prompt', 'rejected'], [1.0])
+    """
+    if len(preferred) != len(rejected):
+        raise ValueError(f"got {len(preferred)} preferred but {len(rejected)} rejected items; give one of each per pair")
+    pairs = []
+    for index, (better, worse) in enumerate(zip(preferred, rejected)):
+        if better["prompt"] != worse["prompt"]:
+            raise ValueError(f"pair {index} has two prompts, {better['prompt']!r} and {worse['prompt']!r}; "
+                             "a preference compares two samples of one prompt")
+        pairs.append({"preferred": better["image"], "rejected": worse["image"], "prompt": better["prompt"]})
+    return pairs
+
+
+def dpo_loss(model: DigitsModel, reference_params, beta: float = 1000.0):
+    """``loss(params, batch, key) -> (loss, metrics)``: :func:`dsf.diffusion.preference.diffusion_dpo_loss`
+    of the model at ``params`` against ``reference_params`` (frozen, e.g. ``model.params``) on batches of
+    :func:`preference_pairs`; the metrics (reward margin, preference accuracy) are logged with ``has_aux=True``.
+
+    >>> import torch, dsf
+    >>> from dsf.training.data import collate
+    >>> from dsf.models.digits import DigitsConfig, new_model
+    >>> model = new_model(DigitsConfig(dim=32, depth=1, heads=2, text_dim=8, text_layers=1), dsf.random.key(0))
+    >>> batch = collate(preference_pairs([{"image": torch.ones(3, 16, 16), "prompt": "a digit one"}],
+    ...                                  [{"image": -torch.ones(3, 16, 16), "prompt": "a digit one"}]))
+    >>> loss, metrics = dpo_loss(model, model.params)(model.params, batch, dsf.random.key(1))
+    >>> round(loss.item(), 4), metrics["reward_margin"].item()  # the policy is still the reference
+    (0.6931, 0.0)
+    """
+
+    def loss(params, batch, key):
+        prompts = list(batch["prompt"])
+        cond = {"text_embeds": model.text_embeds(params, prompts)}
+        with torch.no_grad():
+            reference_cond = {"text_embeds": model.text_embeds(reference_params, prompts)}
+        return diffusion_dpo_loss(model.velocity, params, reference_params, batch["preferred"], batch["rejected"], key,
+                                  cond, beta=beta, reference_cond=reference_cond, schedule=SCHEDULE)
 
     return loss

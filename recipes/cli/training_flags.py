@@ -11,12 +11,16 @@ Example:
     >>> config = train_config(parser.parse_args(["--num_epochs", "2", "--batch_size", "2"]), dataset_size=10)
     >>> config.max_steps, config.save_steps, config.checkpoint_steps
     (10, 5, 5)
+    >>> args = parser.parse_args(["--validation_prompts", "a cat", "a dog", "--validation_steps", "2"])
+    >>> options = validation_options(args, config, lambda params, prompts: [f"{params}: {p}" for p in prompts])
+    >>> options["validate"]("trained"), options["validate_every"]
+    (['trained: a cat', 'trained: a dog'], 2)
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from dsf.training.data import batches, collate
 from dsf.random import Key
@@ -73,7 +77,38 @@ def add_training_flags(
     output.add_argument("--save_steps", type=positive_int, help="default: once per epoch")
     output.add_argument("--checkpoint_steps", type=positive_int, help="resumable state every N steps (default: --save_steps)")
     output.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output_path")
+    add_validation_flags(output)
     return {"training": training, "LoRA": lora, "output": output}
+
+
+def add_validation_flags(group, num_inference_steps: int = 20) -> None:
+    """Add --validation_prompts, --validation_steps and --validation_num_inference_steps to ``group`` (a parser or
+    an argument group); :func:`validation_options` reads them.
+
+    >>> parser = argparse.ArgumentParser()
+    >>> add_validation_flags(parser)
+    >>> parser.parse_args(["--validation_prompts", "a cat", "a dog"]).validation_prompts
+    ['a cat', 'a dog']
+    """
+    group.add_argument("--validation_prompts", nargs="+", default=[],
+                       help="preview images of these prompts while training, in OUTPUT/validation/step-N/ (seeded by --seed)")
+    group.add_argument("--validation_steps", type=positive_int, help="previews every N steps (default: --save_steps)")
+    group.add_argument("--validation_num_inference_steps", type=positive_int, default=num_inference_steps,
+                       help="sampling steps of a preview")
+
+
+def validation_options(args: argparse.Namespace, config: TrainConfig,
+                       generate: Callable[[Any, list[str]], list]) -> dict[str, Any]:
+    """The ``validate=``/``validate_every=`` options of :func:`dsf.training.train.train` for --validation_prompts:
+    ``generate(params, prompts)`` (PIL images, seeded alike at every call) every --validation_steps steps
+    (default: the config's ``save_steps``); none without prompts. See the module example."""
+    if not args.validation_prompts:
+        if args.validation_steps is not None:
+            raise ValueError("--validation_steps says how often to preview --validation_prompts; pass the prompts too")
+        return {}
+    prompts = list(args.validation_prompts)
+    return {"validate": lambda params: generate(params, prompts),
+            "validate_every": args.validation_steps or config.save_steps or config.max_steps}
 
 
 def train_config(args: argparse.Namespace, dataset_size: int, processes: int = 1) -> TrainConfig:

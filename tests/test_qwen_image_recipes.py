@@ -1,0 +1,175 @@
+"""recipes/qwen_image_lora.py end to end on a tiny Qwen-Image saved like the hub repo: LoRA training, the LoRA in
+diffusers' QwenImagePipeline giving our pipeline's image, resumed and split runs bit-equal to the plain one, full
+fine-tuning, fp8 base with block offload."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from dsf.model_parts.lora_files import read_lora
+from dsf.models.qwen_image.pipeline import load_pipeline
+from dsf.transforms import load_lora
+from dsf.transforms.lora import linear_weight_shapes
+
+pytest.importorskip("diffusers")
+from diffusers import QwenImagePipeline  # noqa: E402
+from tiny_qwen_image import write_tiny_qwen_image_pipeline  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE, TOKENS = 32, 16
+
+
+def load_recipe(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+qwen_image_lora = load_recipe("qwen_image_lora")
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("hub") / "Qwen-Image"
+    write_tiny_qwen_image_pipeline(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("dogs")
+    Image.new("RGB", (40, 40), (200, 40, 40)).save(folder / "red.png")
+    Image.fromarray(np.tile(np.arange(48, dtype=np.uint8)[None, :, None] * 5, (40, 1, 3))).save(folder / "ramp.png")
+    (folder / "metadata.csv").write_text("image,prompt\nred.png,a red dog\nramp.png,a blue sign that says hello\n")
+    return folder / "metadata.csv"
+
+
+def lora_run(model: Path, metadata: Path, output: Path, *flags: str):
+    return qwen_image_lora.main([
+        "--dataset_base_path", str(metadata.parent), "--dataset_metadata_path", str(metadata), "--model_path", str(model),
+        "--height", str(SIZE), "--width", str(SIZE), "--max_sequence_length", str(TOKENS), "--learning_rate", "1e-2",
+        "--lora_rank", "4", "--device", "cpu", "--output_path", str(output), *flags,
+    ])
+
+
+def log_rows(output: Path) -> list[dict]:
+    with open(output / "log.csv", newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def lora_factors(repo: Path, path: Path) -> dict:
+    return read_lora(path, linear_weight_shapes(load_pipeline(repo, max_sequence_length=TOKENS).dit_params))
+
+
+def assert_same_lora(repo, a: Path, b: Path) -> None:
+    first, second = lora_factors(repo, a), lora_factors(repo, b)
+    assert sorted(first) == sorted(second)
+    assert all(torch.equal(first[k].up, second[k].up) and torch.equal(first[k].down, second[k].down) for k in first)
+
+
+@pytest.fixture(scope="module")
+def trained(repo, dataset, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("lora")
+    lora_run(repo, dataset, output, "--max_steps", "2", "--lora_layout", "diffusers")
+    return output
+
+
+def test_a_trained_lora_in_diffusers_gives_our_image(repo, trained):
+    assert [row["step"] for row in log_rows(trained)] == ["1", "2"]
+    path = trained / "step-2.safetensors"
+    with safe_open(str(path), framework="pt") as file:
+        assert "transformer.transformer_blocks.0.attn.to_q.lora_B.weight" in set(file.keys())
+    ours = load_pipeline(repo, max_sequence_length=TOKENS)
+    params = {**ours.params, "dit": load_lora(ours.dit_params, path)}
+    noise = torch.randn(1, 16, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        image = ours.decode(params, ours.denoise(params, "a red dog", noise=noise, height=SIZE, width=SIZE,
+                                                 num_inference_steps=2, progress=False)) / 2 + 0.5
+        plain = ours.decode(ours.params, ours.denoise(ours.params, "a red dog", noise=noise, height=SIZE, width=SIZE,
+                                                      num_inference_steps=2, progress=False)) / 2 + 0.5
+    reference = QwenImagePipeline.from_pretrained(repo)
+    reference.load_lora_weights(str(path))
+    with torch.no_grad():
+        expected = reference(prompt="a red dog", negative_prompt=" ", true_cfg_scale=4.0, height=SIZE, width=SIZE,
+                             num_inference_steps=2, max_sequence_length=TOKENS, output_type="pt",
+                             latents=QwenImagePipeline._pack_latents(noise, 1, 16, SIZE // 8, SIZE // 8)).images
+    assert float((image - expected).abs().max()) <= 1e-4
+    assert float((plain - expected).abs().max()) > 1e-3  # the LoRA changed the image
+
+
+def test_resumed_training_equals_the_uninterrupted_run(repo, dataset, trained, tmp_path):
+    lora_run(repo, dataset, tmp_path, "--max_steps", "1", "--lora_layout", "diffusers")
+    lora_run(repo, dataset, tmp_path, "--max_steps", "2", "--lora_layout", "diffusers", "--resume")
+    assert [row["step"] for row in log_rows(tmp_path)] == ["1", "2"]
+    assert_same_lora(repo, tmp_path / "step-2.safetensors", trained / "step-2.safetensors")
+
+
+def test_split_training_equals_the_plain_run(repo, dataset, trained, tmp_path):
+    lora_run(repo, dataset, tmp_path / "cache", "--task", "sft:data_process")
+    qwen_image_lora.main([
+        "--dataset_base_path", str(tmp_path / "cache"), "--model_path", str(repo), "--max_sequence_length", str(TOKENS),
+        "--learning_rate", "1e-2", "--lora_rank", "4", "--device", "cpu", "--task", "sft:train", "--max_steps", "2",
+        "--output_path", str(tmp_path / "train"),
+    ])
+    assert_same_lora(repo, tmp_path / "train" / "step-2.safetensors", trained / "step-2.safetensors")
+
+
+def test_fp8_base_with_block_offload_trains(repo, dataset, tmp_path):
+    lora_run(repo, dataset, tmp_path, "--max_steps", "1", "--fp8_models", "dit,text_encoder", "--offload_blocks",
+             "--use_gradient_checkpointing", "--lora_layout", "kohya")
+    factors = lora_factors(repo, tmp_path / "step-1.safetensors")
+    untrained = [path for path, f in factors.items() if not f.up.any()]
+    assert len(factors) == 2 * 12
+    # the last block's text output is never read: its text query, text output projection and text MLP get no gradient
+    assert untrained == [f"transformer_blocks/1/{m}/weight" for m in ("attn/add_q_proj", "attn/to_add_out", "txt_mlp/net/2")]
+
+
+def test_full_fine_tuning_writes_a_dit_that_loads(repo, dataset, tmp_path):
+    lora_run(repo, dataset, tmp_path, "--max_steps", "1", "--trainable_models", "dit")
+    pipe = load_pipeline(repo, dit=tmp_path / "step-1.safetensors", dit_config={"axes_dims_rope": [4, 6, 6]},
+                         max_sequence_length=TOKENS)
+    base = load_pipeline(repo, max_sequence_length=TOKENS)
+    changed = pipe.dit_params["transformer_blocks"][0]["attn"]["to_q"]["weight"]
+    assert not torch.equal(changed, base.dit_params["transformer_blocks"][0]["attn"]["to_q"]["weight"])
+
+
+def test_differential_lora_trains_over_the_preset_merged_into_the_base(repo, dataset, trained, tmp_path):
+    lora_run(repo, dataset, tmp_path / "plain", "--max_steps", "1")
+    lora_run(repo, dataset, tmp_path / "diff", "--max_steps", "1", "--preset_lora_path", str(trained / "step-2.safetensors"))
+    plain, differential = log_rows(tmp_path / "plain"), log_rows(tmp_path / "diff")
+    assert float(plain[0]["loss"]) != float(differential[0]["loss"])  # the same step sees another base
+    preset = lora_factors(repo, trained / "step-2.safetensors")
+    new = lora_factors(repo, tmp_path / "diff" / "step-1.safetensors")
+    assert sorted(new) == sorted(preset)  # the file holds the new adapter only, not the preset merged into the base
+    assert not any(torch.equal(new[k].up, preset[k].up) for k in new if preset[k].up.any())
+
+
+def test_direct_distillation_matches_the_teachers_latents_through_the_sampler(repo, tmp_path):
+    """The first step's loss is the MSE between the base student's sampled latents and the teacher image's latents."""
+    from dsf.training.data import image_to_tensor
+
+    pipe = load_pipeline(repo, max_sequence_length=TOKENS)
+    teacher = pipe.generate(pipe.params, "a red dog", seed=1, num_inference_steps=3, cfg_scale=4.0, height=SIZE,
+                            width=SIZE, progress=False)
+    folder = tmp_path / "teacher"
+    folder.mkdir()
+    teacher.save(folder / "dog.png")
+    (folder / "metadata.csv").write_text("image,prompt,seed,num_inference_steps,cfg_scale\ndog.png,a red dog,1,2,4\n")
+    lora_run(repo, folder / "metadata.csv", tmp_path / "out", "--task", "direct_distill", "--max_steps", "1")
+    with torch.no_grad():
+        target = pipe.vae.encode(pipe.vae_params, image_to_tensor(Image.open(folder / "dog.png"))[None])
+        student = pipe.denoise(pipe.params, "a red dog", seed=1, num_inference_steps=2, cfg_scale=4.0, height=SIZE,
+                               width=SIZE, progress=False)
+    expected = float((student - target).square().mean())
+    assert float(log_rows(tmp_path / "out")[0]["loss"]) == pytest.approx(expected, rel=1e-5)
+    factors = lora_factors(repo, tmp_path / "out" / "step-1.safetensors")
+    assert any(f.up.any() for f in factors.values())
