@@ -1,5 +1,5 @@
-"""Train a LoRA on a FLUX.2 DiT (dev or klein) from an image folder, text-to-image or editing, with DiffSynth-Studio's
-training flags.
+"""Train a LoRA on a FLUX.2 DiT (dev or klein), or the whole DiT, from an image folder, text-to-image or editing, with
+DiffSynth-Studio's training flags.
 
     python recipes/flux2_lora.py --model_path /path/to/FLUX.2-klein-base-4B \\
         --dataset_base_path data/cats --dataset_metadata_path data/cats/metadata.csv \\
@@ -13,7 +13,8 @@ the DiT attends as extra tokens as it does at inference. The model comes from a 
 --text_encoder with --tokenizer).
 
 What trains: a LoRA of --lora_rank on the DiT (--lora_target_modules: BFL or diffusers module names; the default
-is every attention and MLP projection; --lora_checkpoint continues a LoRA file). Memory: --fp8_models stores the
+is every attention and MLP projection; --lora_checkpoint continues a LoRA file), or with --trainable_models dit the
+whole DiT (full fine-tuning). --preset_lora_path merges a LoRA into the base first (differential LoRA). Memory: --fp8_models stores the
 frozen DiT and text encoder in fp8, --offload_models streams them from the CPU one block at a time (keeping
 --vram_limit GiB resident), --use_gradient_checkpointing recomputes each block in backward; split training
 encodes the data once without the DiT and trains without the VAE and text encoder.
@@ -27,7 +28,7 @@ encodes the data once without the DiT and trains without the VAE and text encode
 
 Written under --output_path: ``step-N.safetensors`` every --save_steps steps (default: once per epoch) and at the
 end (the LoRA in --lora_layout: ``diffusers`` for diffusers and DiffSynth-Studio, ``comfyui``/``kohya`` in BFL names
-for ComfyUI), ``log.csv``, and the resumable state in ``checkpoints/`` that --resume continues from.
+for ComfyUI; or the whole DiT in the diffusers layout), ``log.csv``, and the resumable state in ``checkpoints/`` that --resume continues from.
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ from dsf.models.flux2.training import LORA_TARGETS, SampleEncoder, sft_loss
 from dsf.training.cache import CachedDataset, encode_into_cache
 from dsf.training.data import FolderDataset
 from dsf.training.paradigm import DataFromParams, Paradigm, fit
-from dsf.transforms import checkpoint, fp8, lora_trainable, offload, save_lora
+from dsf.training.checkpoint import save_safetensors
+from dsf.transforms import checkpoint, fp8, load_lora, lora_trainable, merge_lora, offload, save_lora
 from dsf.transforms.lora import TRAINED
+from dsf.weight import dense_tree
 
 FROZEN_COMPONENTS = ("dit", "text")  # what --fp8_models and --offload_models may name
 TASKS = ("sft", "sft:data_process", "sft:train")
@@ -80,6 +83,8 @@ def parser() -> argparse.ArgumentParser:
     models.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     groups = add_training_flags(p, output_path="outputs/flux2_lora", lora_targets=LORA_TARGETS, lora_layouts=LAYOUTS)
     groups["training"].add_argument("--task", default="sft", choices=TASKS)
+    groups["training"].add_argument("--trainable_models", choices=("dit",), help="dit: full fine-tuning of the DiT instead of a LoRA")
+    groups["LoRA"].add_argument("--preset_lora_path", help="a LoRA merged into the base before training (differential LoRA)")
     return p
 
 
@@ -109,6 +114,8 @@ def check_flags(args) -> None:
         raise ValueError(f"pass both --height and --width or neither (got {args.height}, {args.width})")
     _components("--fp8_models", args.fp8_models)
     _components("--offload_models", args.offload_models)
+    if args.trainable_models and args.lora_checkpoint:
+        raise ValueError("--lora_checkpoint continues a LoRA, but --trainable_models dit trains the whole DiT; drop one")
 
 
 def memory_transforms(args, compute_dtype) -> dsf.Transform:
@@ -129,6 +136,21 @@ def memory_transforms(args, compute_dtype) -> dsf.Transform:
     if args.use_gradient_checkpointing or args.use_gradient_checkpointing_offload:
         stack.append(checkpoint(offload_activations=args.use_gradient_checkpointing_offload))
     return dsf.chain(*stack)
+
+
+def chosen_paradigm(args, compute_dtype) -> Paradigm:
+    """What the flags train, as one chain: the memory transforms, then (LoRA) the adapter.
+
+    >>> flags = ["--dataset_base_path", "d", "--fp8_models", "text", "--lora_rank", "4"]
+    >>> chosen_paradigm(parser().parse_args(flags), torch.float32).transforms.name
+    "chain(fp8(granularity=tensor, compute_dtype=float32), lora(rank=4, alpha=None, name='lora'))"
+    >>> chosen_paradigm(parser().parse_args([*flags, "--trainable_models", "dit"]), torch.float32).name
+    'full fine-tuning'
+    """
+    stack = memory_transforms(args, compute_dtype)
+    if args.trainable_models:
+        return Paradigm("full fine-tuning", stack, r"^dit/")
+    return Paradigm("LoRA", dsf.chain(stack, trained_lora(args)), lora_trainable)
 
 
 def main(argv: list[str]):
@@ -168,8 +190,11 @@ def main(argv: list[str]):
         print(f"cached {len(dataset)} encoded samples: {index}")
         return Path(args.output_path)
 
-    # 4. The paradigm, one chain: fp8 storage, block offload, gradient checkpointing, the LoRA on the DiT.
-    paradigm = Paradigm("LoRA", dsf.chain(memory_transforms(args, dtype), trained_lora(args)), lora_trainable)
+    # 4. The paradigm, one chain: a preset LoRA merged into the base first, then fp8 storage, block offload, gradient
+    #    checkpointing, the LoRA on the DiT (or the whole DiT).
+    if args.preset_lora_path:
+        params["dit"] = merge_lora(load_lora(params["dit"], args.preset_lora_path))
+    paradigm = chosen_paradigm(args, dtype)
     encode = None if args.task == "sft:train" else paradigm.transforms(encoder)
 
     # 5. The loss (flow matching on FLUX.2's training schedule), and the data stream.
@@ -180,7 +205,10 @@ def main(argv: list[str]):
     config = train_config(args, len(dataset))
 
     def save(path, trained):
-        save_lora(trained["dit"], path, args.lora_layout, name=TRAINED)
+        if args.trainable_models:
+            save_safetensors(path, dsf.tree.flatten_dict(dense_tree(trained["dit"])))
+        else:
+            save_lora(trained["dit"], path, args.lora_layout, name=TRAINED)
 
     trained = fit(paradigm, sft_loss(pipe.dit), params, data, config, key=fit_key, save=save)
     print(f"trained {config.max_steps} steps; the last file is {args.output_path}/step-{config.max_steps}.safetensors")

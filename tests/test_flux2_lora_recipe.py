@@ -109,3 +109,25 @@ def test_split_training_equals_training_in_one_go_under_fp8_and_offload(repo, da
     a, b = (load_file(tmp_path / name / "step-2.safetensors") for name in ("split", "whole"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
     assert split is not None and whole is not None
+
+
+def test_full_fine_tuning_writes_a_dit_that_loads_and_a_preset_lora_is_merged_first(repo, data, tmp_path):
+    from dsf.models import flux2
+    from dsf.transforms import lora, save_lora
+
+    pipe = load_pipeline(repo, max_sequence_length=LENGTH)
+    run(repo, data, tmp_path / "full", "--trainable_models", "dit", "--max_steps", "1")
+    dit, params = flux2.load_dit(tmp_path / "full" / "step-1.safetensors", config={"axes_dims_rope": [4, 4, 4, 4]})
+    assert dit.config == pipe.dit.config
+    before, after = dsf.tree.flatten_dict(pipe.params["dit"]), dsf.tree.flatten_dict(params)
+    assert after.keys() == before.keys() and any(not torch.equal(after[k], before[k]) for k in before)
+
+    preset = lora(rank=2, targets="img_in").init(pipe.params["dit"], dsf.random.key(9))
+    preset = dsf.tree.map_with_path(lambda p, x: torch.randn_like(x) if p.endswith("/up") else x, preset)
+    save_lora(preset, tmp_path / "preset.safetensors", "comfyui")
+    with_preset = run(repo, data, tmp_path / "preset", "--preset_lora_path", str(tmp_path / "preset.safetensors"),
+                      "--max_steps", "1")
+    base = dsf.tree.flatten_dict(dsf.weight.dense_tree(with_preset["dit"]))["x_embedder.weight"]
+    merged = dsf.tree.flatten_dict(dsf.weight.dense_tree(dsf.transforms.merge_lora(preset)))["x_embedder.weight"]
+    assert torch.allclose(base, merged, atol=1e-6)  # the base it trained on is the preset merged (x_embedder: not trained)
+    assert not torch.allclose(base, before["x_embedder.weight"], atol=1e-3)
