@@ -25,6 +25,9 @@ encodes the data once without the DiT and trains without the VAE and text encode
                       the DiT is built from its checkpoint's headers alone, never read
   sft:train           train from that cache (--dataset_base_path CACHE); the VAE and the text encoder
                       are built from their headers alone, never read
+  direct_distill      the student samples with the metadata's seed, num_inference_steps and cfg_scale (its
+                      guidance scale), gradients through the sampler; loss: MSE to the latents of the teacher's
+                      image, at that image's own size
 
 Written under --output_path: ``step-N.safetensors`` every --save_steps steps (default: once per epoch) and at the
 end (the LoRA in --lora_layout: ``diffusers`` for diffusers and DiffSynth-Studio, ``comfyui``/``kohya`` in BFL names
@@ -48,7 +51,7 @@ from dsf.files.hub import ModelSource
 from dsf.model_parts.lora_files import LAYOUTS
 from dsf.models.flux2.pipeline import load_pipeline
 from dsf.models.flux2.text import MAX_TOKENS
-from dsf.models.flux2.training import LORA_TARGETS, SampleEncoder, sft_loss
+from dsf.models.flux2.training import LORA_TARGETS, SampleEncoder, direct_distill_loss, sft_loss
 from dsf.training.cache import CachedDataset, encode_into_cache
 from dsf.training.data import FolderDataset
 from dsf.training.paradigm import DataFromParams, Paradigm, fit
@@ -58,8 +61,8 @@ from dsf.transforms.lora import TRAINED
 from dsf.weight import dense_tree
 
 FROZEN_COMPONENTS = ("dit", "text")  # what --fp8_models and --offload_models may name
-TASKS = ("sft", "sft:data_process", "sft:train")
-NOT_RUN = {"sft": (), "sft:data_process": ("dit",), "sft:train": ("vae", "text")}  # components kept on meta
+TASKS = ("sft", "sft:data_process", "sft:train", "direct_distill")
+NOT_RUN = {"sft": (), "sft:data_process": ("dit",), "sft:train": ("vae", "text"), "direct_distill": ()}  # kept on meta
 
 
 def parser() -> argparse.ArgumentParser:
@@ -112,6 +115,9 @@ def check_flags(args) -> None:
         raise ValueError(f"--task {args.task} reads a dataset folder: pass --dataset_metadata_path")
     if (args.height is None) != (args.width is None):
         raise ValueError(f"pass both --height and --width or neither (got {args.height}, {args.width})")
+    if args.task == "direct_distill" and (args.height or args.reference_columns):
+        raise ValueError("direct_distill trains at the teacher images' own size, without reference images: "
+                         "drop --height/--width and --reference_columns (teacher images within --max_pixels, sides multiples of 16)")
     _components("--fp8_models", args.fp8_models)
     _components("--offload_models", args.offload_models)
     if args.trainable_models and args.lora_checkpoint:
@@ -197,7 +203,9 @@ def main(argv: list[str]):
     paradigm = chosen_paradigm(args, dtype)
     encode = None if args.task == "sft:train" else paradigm.transforms(encoder)
 
-    # 5. The loss (flow matching on FLUX.2's training schedule), and the data stream.
+    # 5. The loss (flow matching on FLUX.2's training schedule, or the student's samples against the teacher's),
+    #    and the data stream.
+    loss = direct_distill_loss(pipe) if args.task == "direct_distill" else sft_loss(pipe.dit)
     data = DataFromParams(lambda initialized: batch_stream(
         dataset, args.batch_size, data_key, None if encode is None else functools.partial(encode, initialized)))
 
@@ -210,7 +218,7 @@ def main(argv: list[str]):
         else:
             save_lora(trained["dit"], path, args.lora_layout, name=TRAINED)
 
-    trained = fit(paradigm, sft_loss(pipe.dit), params, data, config, key=fit_key, save=save)
+    trained = fit(paradigm, loss, params, data, config, key=fit_key, save=save)
     print(f"trained {config.max_steps} steps; the last file is {args.output_path}/step-{config.max_steps}.safetensors")
     return trained
 

@@ -131,3 +131,32 @@ def test_full_fine_tuning_writes_a_dit_that_loads_and_a_preset_lora_is_merged_fi
     merged = dsf.tree.flatten_dict(dsf.weight.dense_tree(dsf.transforms.merge_lora(preset)))["x_embedder.weight"]
     assert torch.allclose(base, merged, atol=1e-6)  # the base it trained on is the preset merged (x_embedder: not trained)
     assert not torch.allclose(base, before["x_embedder.weight"], atol=1e-3)
+
+
+def test_direct_distill_matches_the_student_sampler(repo, tmp_path):
+    import csv
+
+    columns = [{"seed": 11, "num_inference_steps": 2, "cfg_scale": 1}, {"seed": 12, "num_inference_steps": 3, "cfg_scale": 2}]
+    gen = np.random.default_rng(1)
+    images = [gen.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for _ in columns]
+    metadata = write_image_folder(tmp_path / "teacher", images, [{"prompt": f"pattern {i}", **c} for i, c in enumerate(columns)])
+    argv = ["--model_path", str(repo), "--dataset_base_path", str(metadata.parent), "--dataset_metadata_path", str(metadata),
+            "--max_sequence_length", str(LENGTH), "--lora_rank", "4", "--max_steps", "2", "--batch_size", "2",
+            "--device", "cpu", "--task", "direct_distill", "--output_path", str(tmp_path / "out")]
+    flux2_lora.main(argv)
+    with open(tmp_path / "out" / "log.csv") as file:
+        first_loss, second_loss = (float(row["loss"]) for row in csv.DictReader(file))
+    assert first_loss != second_loss
+    pipe = load_pipeline(repo, max_sequence_length=LENGTH)
+    errors = []
+    with torch.no_grad():
+        for i, column in enumerate(columns):
+            image = torch.from_numpy(images[i]).permute(2, 0, 1).float()[None] / 127.5 - 1
+            target = pipe.vae.encode(pipe.vae_params, image)
+            student = pipe.denoise(pipe.params, f"pattern {i}", seed=column["seed"], height=SIZE, width=SIZE,
+                                   num_inference_steps=column["num_inference_steps"], guidance_scale=column["cfg_scale"],
+                                   progress=False)
+            errors.append((student - target).square().mean())
+    assert first_loss == pytest.approx(float(sum(errors) / 2), rel=1e-5)
+    with pytest.raises(ValueError, match="direct_distill trains at the teacher images' own size"):
+        flux2_lora.main([*argv, "--height", "48", "--width", "48"])

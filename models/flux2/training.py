@@ -6,7 +6,9 @@ the BFL, diffusers or ComfyUI layout, a VAE in the BFL or diffusers layout, a te
 Training splits into the gradient-free steps, run once per sample by :class:`SampleEncoder` (VAE encoding of the
 image and of its reference images, the prompt's stacked hidden states), and :func:`sft_loss` on what they produce:
 flow matching on FLUX.2's training schedule (DiffSynth-Studio's: ``σ = linspace(1, 1/1000, 1000)`` shifted at
-μ = 0.8), the reference images' latents attended as extra tokens, dev's embedded guidance 1.0.
+μ = 0.8), the reference images' latents attended as extra tokens, dev's embedded guidance 1.0. Or
+:func:`direct_distill_loss`: the student samples through :meth:`Flux2Pipeline.denoise` and matches the latents of
+the teacher's image.
 
 Example:
     >>> import torch, dsf
@@ -32,6 +34,7 @@ from dsf.model_parts.family import Component
 from dsf.model_parts.pipelines import device_of, dtype_of
 from dsf.models.flux2.keys import DIT
 from dsf.models.flux2.model import Flux2DiT
+from dsf.models.flux2.pipeline import Flux2Pipeline
 from dsf.models.flux2.text import MAX_TOKENS, Flux2TextEncoder
 from dsf.models.flux2.vae import VAE, Flux2VAE
 
@@ -127,5 +130,37 @@ def sft_loss(dit: Flux2DiT, schedule: FlowSchedule = FLUX2):
             "reference_latents": reference_latents(batch, device, dtype),
         }
         return flow_matching_loss(velocity, params["dit"], latents, key, cond, schedule=schedule)
+
+    return loss
+
+
+def direct_distill_loss(pipe: Flux2Pipeline):
+    """``loss(params, batch, key)``: MSE between the student's sampled latents and the teacher image's latents.
+
+    For each sample the student runs :meth:`Flux2Pipeline.denoise` with gradients on, from the noise of the batch's
+    ``seed`` over ``num_inference_steps`` steps with ``cfg_scale`` as its guidance scale (metadata columns; dev
+    embeds it, klein base guides with it), at the size of the target ``latents`` (the VAE latents of the image the
+    teacher generated). ``key`` is unused: the metadata fixes the student's noise.
+
+    >>> import dsf
+    >>> from dsf.models.flux2.tiny import tiny_pipeline
+    >>> pipe = tiny_pipeline()
+    >>> batch = {"latents": torch.zeros(1, 16, 2, 2), "prompt": ["a cat"], "seed": ["0"], "num_inference_steps": ["2"],
+    ...          "cfg_scale": ["1"]}
+    >>> float(direct_distill_loss(pipe)(pipe.params, batch, dsf.random.key(0))) > 0
+    True
+    """
+
+    def loss(params, batch, key):
+        target = batch["latents"]
+        height, width = target.shape[-2] * pipe.multiple, target.shape[-1] * pipe.multiple
+        students = [
+            pipe.denoise(params, prompt, seed=int(seed), num_inference_steps=int(steps), guidance_scale=float(scale),
+                         height=height, width=width, progress=False)
+            for prompt, seed, steps, scale in zip(batch[PROMPT_KEY], batch["seed"], batch["num_inference_steps"],
+                                                  batch["cfg_scale"])
+        ]
+        student = torch.cat(students)
+        return (student.float() - target.to(student.device).float()).square().mean()
 
     return loss
