@@ -226,7 +226,9 @@ def main(argv: list[str]):
     def save(path, trained):
         save_lora(trained["dit"], path, args.lora_layout, name=TRAINED)
 
-    previews = validation_options(args, config, paradigm.transforms(preview_frames(pipe, args))) if args.validation_prompts else {}
+    previews = {}
+    if args.validation_prompts:  # preview_frames checks that the model samples without an image
+        previews = validation_options(args, config, paradigm.transforms(preview_frames(pipe, args)))
     trained = fit(paradigm, loss, params, data, config, key=fit_key, save=save, **previews)
     print(f"trained {config.max_steps} steps; the last file is {args.output_path}/step-{config.max_steps}.safetensors")
     return trained

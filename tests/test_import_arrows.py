@@ -24,7 +24,7 @@ ALLOWED = {  # layer -> the layers it may import
     "files": {"engine", "files"},
     "diffusion": {"engine", "diffusion"},
     "training": {"engine", "files", "training"},
-    "model_parts": {"engine", "files", "model_parts"},
+    "model_parts": {"engine", "files", "training", "model_parts"},
     "transforms": {"engine", "files", "training", "model_parts", "transforms"},
     "models": {"engine", "files", "diffusion", "training", "model_parts", "transforms", "models"},
     "cli": {"engine", "files", "diffusion", "training", "model_parts", "transforms", "models", "cli"},

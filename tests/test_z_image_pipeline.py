@@ -17,7 +17,7 @@ from dsf.models.z_image.pipeline import TURBO_SCHEDULER_CONFIG, guided, pipeline
 diffusers = pytest.importorskip("diffusers")
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas  # noqa: E402
-from tiny_z_image import write_tiny_z_image_pipeline  # noqa: E402
+from tiny_z_image import TEXT_TINY, write_tiny_z_image_pipeline  # noqa: E402
 
 SIZE = 32
 
@@ -108,3 +108,29 @@ def test_t2i_recipe_writes_the_pipelines_image_through_block_offload(repo, tmp_p
     expected = pipe.generate(pipe.params, "a cat", seed=5, height=SIZE, width=SIZE, num_inference_steps=2, cfg_scale=2.0,
                              progress=False)
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
+
+
+def test_pipeline_from_comfyui_single_files_matches_the_folder(repo, tmp_path):
+    """Comfy-Org's files: the DiT in Lumina2 names under model.diffusion_model., the VAE as BFL's ae.safetensors, Qwen3
+    as a causal LM's state dict (qwen_3_4b.safetensors), with the tokenizer folder given apart."""
+    from safetensors.torch import save_file
+
+    from dsf.model_parts.flux_vae_keys import ours_to_ldm
+    from dsf.models.z_image.keys import COMFY_PREFIX, ours_to_lumina2
+
+    root, reference = repo
+    folder = z_image.load_pipeline(root, max_sequence_length=64)
+    files = {
+        "z_image_turbo_bf16.safetensors": {COMFY_PREFIX + k: v for k, v in ours_to_lumina2(reference.transformer.state_dict()).items()},
+        "ae.safetensors": ours_to_ldm(folder.vae_params),
+        "qwen_3_4b.safetensors": {"model." + k: v for k, v in reference.text_encoder.state_dict().items()},
+    }
+    for name, flat in files.items():
+        save_file({k: v.clone().contiguous() for k, v in flat.items()}, tmp_path / name)
+    single = z_image.load_pipeline(dit=tmp_path / "z_image_turbo_bf16.safetensors", vae=tmp_path / "ae.safetensors",
+                                   text_encoder=tmp_path / "qwen_3_4b.safetensors", tokenizer=root / "tokenizer",
+                                   dit_config={"axes_dims": [4, 6, 6]}, vae_config={"norm_num_groups": 4},
+                                   text_encoder_config=TEXT_TINY, max_sequence_length=64)
+    options = dict(num_inference_steps=2, height=SIZE, width=SIZE, noise=_noise(1), progress=False)
+    with torch.no_grad():
+        assert torch.equal(single.denoise(single.params, "a cat", **options), folder.denoise(folder.params, "a cat", **options))

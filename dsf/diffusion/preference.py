@@ -51,7 +51,8 @@ def dpo_loss_from_errors(policy_preferred: torch.Tensor, policy_rejected: torch.
         raise ValueError(f"beta must be positive (how strongly the policy may leave the reference), got {beta!r}")
     errors = (policy_preferred, policy_rejected, reference_preferred, reference_rejected)
     if len({tuple(e.shape) for e in errors}) != 1 or policy_preferred.ndim != 1:
-        raise ValueError(f"the four error vectors must be one per pair and of one length, got shapes {[tuple(e.shape) for e in errors]}")
+        shapes = [tuple(e.shape) for e in errors]
+        raise ValueError(f"the four error vectors must be one per pair and of one length, got shapes {shapes}")
     margin = -beta * ((policy_preferred - reference_preferred) - (policy_rejected - reference_rejected))
     metrics = {"reward_margin": margin.detach().mean(), "preference_accuracy": (margin.detach() > 0).float().mean()}
     return -F.logsigmoid(margin).mean(), metrics
@@ -59,7 +60,8 @@ def dpo_loss_from_errors(policy_preferred: torch.Tensor, policy_rejected: torch.
 
 def diffusion_dpo_loss(model_fn: Callable[..., torch.Tensor], params, reference_params, preferred: torch.Tensor,
                        rejected: torch.Tensor, key: random.Key, cond: dict | None = None, *, beta: float,
-                       reference_cond: dict | None = None, weighted: bool = False, **draw) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                       reference_cond: dict | None = None, weighted: bool = False,
+                       **draw) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``(loss, metrics)`` of Diffusion-DPO of ``model_fn`` at ``params`` against ``reference_params``
     (no gradient) on pairs ``preferred[i]``/``rejected[i]`` under one ``cond`` (the reference's own
     ``reference_cond`` when its conditioning differs, e.g. text states of a text encoder being trained).
@@ -79,7 +81,8 @@ def diffusion_dpo_loss(model_fn: Callable[..., torch.Tensor], params, reference_
     (torch.Size([]), ['preference_accuracy', 'reward_margin'])
     """
     if preferred.shape != rejected.shape:
-        raise ValueError(f"preferred {tuple(preferred.shape)} and rejected {tuple(rejected.shape)} samples must pair up: give them one shape")
+        raise ValueError(f"preferred {tuple(preferred.shape)} and rejected {tuple(rejected.shape)} samples must pair up: "
+                         "give them one shape")
 
     def errors(at_params, x0, at_cond):
         return flow_matching_loss(model_fn, at_params, x0, key, at_cond, weighted=weighted, reduction="none", **draw)

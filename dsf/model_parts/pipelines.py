@@ -1,5 +1,6 @@
 """What every family's pipeline does alike: where a component computes, image sizes and images out,
-and which source and options each component of ``load_pipeline`` gets.
+which source and options each component of ``load_pipeline`` gets, and the steps of an image
+pipeline around its family's own sampling (:class:`ImagePipeline`).
 
 Example:
     >>> import torch
@@ -17,6 +18,7 @@ from PIL import Image
 
 import dsf
 from dsf.files.hub import local_source
+from dsf.training.data import image_to_tensor, resize_and_crop, to_rgb
 from dsf.weight import compute_device, compute_dtype
 
 
@@ -96,3 +98,42 @@ def component_options(dtype, device, component: str) -> dict:
         "dtype": dtype.get(component) if isinstance(dtype, dict) else dtype,
         "device": device.get(component, "cpu") if isinstance(device, dict) else device,
     }
+
+
+class ImagePipeline:
+    """The steps every image pipeline takes alike around its family's sampling, for a family's pipeline dataclass to
+    inherit: seeded noise, image in (``encode_image``), latents out (``decode``), PIL images (``generate``).
+
+    The family defines ``params`` (the param tree, a property), ``latent_shape(height, width)`` (one image's initial
+    latents), ``denoise(params, prompt, **options)`` (final latents; its docstring lists the options) and has a
+    ``vae`` whose ``encode``/``decode`` map images (B, 3, H, W) in [-1, 1] to the DiT's latents and back.
+    ``generate(params, prompt, ...)`` is a pure function of ``params``, so any transform wraps it;
+    ``pipe(prompt, ...)`` calls it with the loaded params.
+    """
+
+    def noise(self, seed: int, batch: int, height: int, width: int, params) -> torch.Tensor:
+        """Initial latents (B, *latent_shape), drawn in float32 on the CPU from ``seed`` (image i: ``fold_in(key, i)``),
+        on the DiT's device and dtype."""
+        key = dsf.random.key(seed)
+        draws = [dsf.random.normal(dsf.random.fold_in(key, i), self.latent_shape(height, width)) for i in range(batch)]
+        return torch.stack(draws).to(device_of(params["dit"]), dtype_of(params["dit"]))
+
+    def encode_image(self, params, image: Image.Image, height: int, width: int, batch: int) -> torch.Tensor:
+        """An input image resized and center-cropped to height×width, as normalized latents on the DiT's device."""
+        pixels = image_to_tensor(resize_and_crop(to_rgb(image), height, width))[None].repeat(batch, 1, 1, 1)
+        latents = self.vae.encode(params["vae"], pixels.to(device_of(params["vae"]), dtype_of(params["vae"])))
+        return latents.to(device_of(params["dit"]), dtype_of(params["dit"]))
+
+    def decode(self, params, latents: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] from latents, on the VAE's device and dtype."""
+        return self.vae.decode(params["vae"], latents.to(device_of(params["vae"]), dtype_of(params["vae"])))
+
+    def generate(self, params, prompt, **options) -> Image.Image | list[Image.Image]:
+        """PIL images for ``prompt``: one image for a string, a list for a list of prompts; ``options`` are
+        :meth:`denoise`'s."""
+        with torch.no_grad():
+            images = to_pil(self.decode(params, self.denoise(params, prompt, **options)))
+        return images[0] if isinstance(prompt, str) else images
+
+    def __call__(self, prompt, **options):
+        return self.generate(self.params, prompt, **options)

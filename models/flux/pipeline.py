@@ -22,8 +22,6 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-import dsf
-from dsf.training.data import image_to_tensor, resize_and_crop, to_rgb
 from dsf.files.io import read_json
 from dsf.models.flux.keys import load_dit
 from dsf.models.flux.model import FluxDiT
@@ -32,7 +30,9 @@ from dsf.model_parts.flux_vae import FluxVAE
 from dsf.model_parts.flux_vae_keys import load_vae
 from dsf.model_parts.input_checks import check_finite, prompt_lists
 from dsf.diffusion.sampling import sample, start_latents
-from dsf.model_parts.pipelines import check_size, component_options, component_source, device_of, dtype_of, pipeline_root, to_pil
+from dsf.model_parts.pipelines import (
+    ImagePipeline, check_size, component_options, component_source, device_of, dtype_of, pipeline_root,
+)
 from dsf.diffusion.schedules import FlowSchedule, from_diffusers_config
 
 # FLUX.1-dev's scheduler_config.json: μ linear in the image token count (0.5 at 256, 1.15 at 4096)
@@ -49,7 +49,7 @@ def pipeline_schedule(scheduler_config: dict) -> FlowSchedule:
 
 
 @dataclass(frozen=True)
-class FluxPipeline:
+class FluxPipeline(ImagePipeline):
     """The four components with their loaded params, and the σ schedule."""
 
     dit: FluxDiT
@@ -81,13 +81,10 @@ class FluxPipeline:
         return self.dit(params["dit"], latents, sigma.to(latents.dtype), text_embeds=text_embeds,
                         pooled_embeds=pooled_embeds, guidance=guidance)
 
-    def noise(self, seed: int, batch: int, height: int, width: int, params) -> torch.Tensor:
-        """Initial noise (B, 16, H/8, W/8), drawn in float32 on the CPU from ``seed`` (image i: ``fold_in(key, i)``)."""
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """One image's latents: (16, H/8, W/8)."""
         factor = self.vae.config.downsample_factor
-        shape = (self.vae.config.latent_channels, height // factor, width // factor)
-        key = dsf.random.key(seed)
-        draws = [dsf.random.normal(dsf.random.fold_in(key, i), shape) for i in range(batch)]
-        return torch.stack(draws).to(device_of(params["dit"]), dtype_of(params["dit"]))
+        return self.vae.config.latent_channels, height // factor, width // factor
 
     def denoise(
         self,
@@ -106,7 +103,14 @@ class FluxPipeline:
         noise: torch.Tensor | None = None,
         progress: bool = True,
     ) -> torch.Tensor:
-        """Final latents (B, 16, H/8, W/8) for ``prompt`` (a string or a list); see :meth:`generate`.
+        """Final latents (B, 16, H/8, W/8) for ``prompt`` (a string or a list).
+
+        ``negative_prompt``, ``seed`` (0), ``num_inference_steps`` (30), ``height``/``width``
+        (1024, multiples of 16), ``embedded_guidance`` (3.5: the distilled guidance of dev models),
+        ``cfg_scale`` (1.0; above 1, true classifier-free guidance against ``negative_prompt``, two
+        DiT calls per step), ``input_image`` with ``denoising_strength`` < 1 (image-to-image from
+        the encoded image noised to the schedule's first σ), ``noise`` (initial latents
+        (B, 16, H/8, W/8) instead of the seeded ones), ``progress``.
 
         Differentiable in ``params`` when gradients are on (distillation trains through it).
         """
@@ -128,33 +132,6 @@ class FluxPipeline:
         negative_cond = {**self.encode_prompts(params, negatives), "guidance": guidance} if cfg_scale != 1.0 else None
         return sample(self.velocity, params, latents, sigmas, cond, negative_cond=negative_cond, cfg_scale=cfg_scale,
                       progress=progress, desc="FLUX.1")
-
-    def decode(self, params, latents: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] from latents, on the VAE's device and dtype."""
-        return self.vae.decode(params["vae"], latents.to(device_of(params["vae"]), dtype_of(params["vae"])))
-
-    def generate(self, params, prompt: str | Sequence[str], **kwargs) -> Image.Image | list[Image.Image]:
-        """PIL images for ``prompt``: one image for a string, a list for a list of prompts.
-
-        ``negative_prompt``, ``seed`` (0), ``num_inference_steps`` (30), ``height``/``width``
-        (1024, multiples of 16), ``embedded_guidance`` (3.5: the distilled guidance of dev models),
-        ``cfg_scale`` (1.0; above 1, true classifier-free guidance against ``negative_prompt``, two
-        DiT calls per step), ``input_image`` with ``denoising_strength`` < 1 (image-to-image from
-        the encoded image noised to the schedule's first σ), ``noise`` (initial latents
-        (B, 16, H/8, W/8) instead of the seeded ones), ``progress``.
-        """
-        with torch.no_grad():
-            images = to_pil(self.decode(params, self.denoise(params, prompt, **kwargs)))
-        return images[0] if isinstance(prompt, str) else images
-
-    def encode_image(self, params, image: Image.Image, height: int, width: int, batch: int) -> torch.Tensor:
-        """An input image resized and center-cropped to height×width, as normalized latents on the DiT's device."""
-        pixels = image_to_tensor(resize_and_crop(to_rgb(image), height, width))[None].repeat(batch, 1, 1, 1)
-        latents = self.vae.encode(params["vae"], pixels.to(device_of(params["vae"]), dtype_of(params["vae"])))
-        return latents.to(device_of(params["dit"]), dtype_of(params["dit"]))
-
-    def __call__(self, prompt, **kwargs):
-        return self.generate(self.params, prompt, **kwargs)
 
 
 def load_pipeline(

@@ -28,18 +28,18 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-import dsf
 from dsf.diffusion.sampling import sample, start_latents
 from dsf.diffusion.schedules import FlowSchedule, from_diffusers_config
 from dsf.files.io import read_json
 from dsf.model_parts.flux_vae import FluxVAE
 from dsf.model_parts.flux_vae_keys import load_vae
 from dsf.model_parts.input_checks import check_finite, prompt_lists
-from dsf.model_parts.pipelines import check_size, component_options, component_source, device_of, dtype_of, pipeline_root, to_pil
+from dsf.model_parts.pipelines import (
+    ImagePipeline, check_size, component_options, component_source, device_of, dtype_of, pipeline_root,
+)
 from dsf.models.z_image.keys import load_dit
 from dsf.models.z_image.model import ZImageDiT
 from dsf.models.z_image.text import MAX_SEQUENCE_LENGTH, Qwen3TextEncoder, load_text_encoder
-from dsf.training.data import image_to_tensor, resize_and_crop, to_rgb
 
 # Tongyi-MAI/Z-Image-Turbo scheduler/scheduler_config.json (FlowMatchEulerDiscreteScheduler)
 TURBO_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}
@@ -85,7 +85,7 @@ def _padded_cat(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class ZImagePipeline:
+class ZImagePipeline(ImagePipeline):
     """The three components with their loaded params, and the σ schedule."""
 
     dit: ZImageDiT
@@ -125,13 +125,10 @@ class ZImagePipeline:
         positive, negative_velocity = both.chunk(2)
         return guided(positive.float(), negative_velocity.float(), cfg_scale, cfg_normalization).to(latents.dtype)
 
-    def noise(self, seed: int, batch: int, height: int, width: int, params) -> torch.Tensor:
-        """Initial noise (B, 16, H/8, W/8), drawn in float32 on the CPU from ``seed`` (image i: ``fold_in(key, i)``)."""
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """One image's latents: (16, H/8, W/8)."""
         factor = self.vae.config.downsample_factor
-        shape = (self.vae.config.latent_channels, height // factor, width // factor)
-        key = dsf.random.key(seed)
-        draws = [dsf.random.normal(dsf.random.fold_in(key, i), shape) for i in range(batch)]
-        return torch.stack(draws).to(device_of(params["dit"]), dtype_of(params["dit"]))
+        return self.vae.config.latent_channels, height // factor, width // factor
 
     def denoise(
         self,
@@ -151,7 +148,13 @@ class ZImagePipeline:
         noise: torch.Tensor | None = None,
         progress: bool = True,
     ) -> torch.Tensor:
-        """Final latents (B, 16, H/8, W/8) for ``prompt`` (a string or a list); see :meth:`generate`.
+        """Final latents (B, 16, H/8, W/8) for ``prompt`` (a string or a list).
+
+        ``negative_prompt``, ``seed`` (0), ``num_inference_steps`` (8, Turbo; 50 for the base model),
+        ``height``/``width`` (1024, multiples of 16), ``cfg_scale`` (1.0: no guidance, Turbo; 4 for the base
+        model, two DiT passes per step), ``cfg_normalization`` (0: off), ``cfg_truncation`` (1.0: guidance at every
+        step), ``input_image`` with ``denoising_strength`` < 1 (image-to-image), ``noise`` (initial latents
+        (B, 16, H/8, W/8) instead of the seeded ones), ``progress``.
 
         Differentiable in ``params`` when gradients are on.
         """
@@ -170,32 +173,6 @@ class ZImagePipeline:
             cond |= {"negative": self.encode_prompts(params, negatives), "cfg_scale": cfg_scale,
                      "cfg_normalization": cfg_normalization, "cfg_truncation": cfg_truncation}
         return sample(self.velocity, params, latents, sigmas, cond, progress=progress, desc="Z-Image")
-
-    def decode(self, params, latents: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] from latents, on the VAE's device and dtype."""
-        return self.vae.decode(params["vae"], latents.to(device_of(params["vae"]), dtype_of(params["vae"])))
-
-    def generate(self, params, prompt: str | Sequence[str], **kwargs) -> Image.Image | list[Image.Image]:
-        """PIL images for ``prompt``: one image for a string, a list for a list of prompts.
-
-        ``negative_prompt``, ``seed`` (0), ``num_inference_steps`` (8, Turbo; 50 for the base model),
-        ``height``/``width`` (1024, multiples of 16), ``cfg_scale`` (1.0: no guidance, Turbo; 4 for the base
-        model, two DiT passes per step), ``cfg_normalization`` (0: off), ``cfg_truncation`` (1.0: guidance at every
-        step), ``input_image`` with ``denoising_strength`` < 1 (image-to-image), ``noise`` (initial latents
-        (B, 16, H/8, W/8) instead of the seeded ones), ``progress``.
-        """
-        with torch.no_grad():
-            images = to_pil(self.decode(params, self.denoise(params, prompt, **kwargs)))
-        return images[0] if isinstance(prompt, str) else images
-
-    def encode_image(self, params, image: Image.Image, height: int, width: int, batch: int) -> torch.Tensor:
-        """An input image resized and center-cropped to height×width, as normalized latents on the DiT's device."""
-        pixels = image_to_tensor(resize_and_crop(to_rgb(image), height, width))[None].repeat(batch, 1, 1, 1)
-        latents = self.vae.encode(params["vae"], pixels.to(device_of(params["vae"]), dtype_of(params["vae"])))
-        return latents.to(device_of(params["dit"]), dtype_of(params["dit"]))
-
-    def __call__(self, prompt, **kwargs):
-        return self.generate(self.params, prompt, **kwargs)
 
 
 def load_pipeline(
