@@ -237,11 +237,13 @@ def registered() -> tuple[Family, ...]:
 
 
 def family_of(paths: Iterable[str]) -> Family | None:
-    """The registered family whose DiT has these weight paths ("/"-joined, ours), or ``None``.
+    """The registered family whose DiT has these weight paths ("/"-joined, ours), or ``None``; where the signatures of
+    several fit (one family's DiT names may include another's), the one whose signature has the most paths.
 
     >>> from dsf.models import flux
     >>> family_of(["proj/weight"]) is None
     True
     """
     paths = list(paths)
-    return next((family for family in registered() if family.owns(paths)), None)
+    owners = [family for family in registered() if family.owns(paths)]
+    return max(owners, key=lambda family: len(family.signature), default=None)

@@ -1,0 +1,162 @@
+"""recipes/flux2_lora.py end to end on tiny FLUX.2 repos laid out like the hub ones: text-to-image and editing
+(reference images), split training, fp8 and block offload, the LoRA it writes loaded by diffusers' pipeline with the
+same output, and its BFL-named (ComfyUI) file read back to the same LoRA."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dsf
+from dsf.models.flux2.pipeline import load_pipeline
+from dsf.training.data import write_image_folder
+from dsf.transforms import load_lora
+from tiny_flux2 import write_tiny_flux2_pipeline
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+from diffusers import Flux2KleinPipeline  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE, LENGTH, ROWS = 32, 64, 2
+
+
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("flux2_lora", ROOT / "recipes" / "flux2_lora.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+flux2_lora = load_recipe()
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("FLUX.2-klein-base-tiny")
+    write_tiny_flux2_pipeline(root, "klein-base")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Images, prompts, and an ``edit_image`` column naming another image of the folder as the reference."""
+    folder = tmp_path_factory.mktemp("data")
+    gen = np.random.default_rng(0)
+    images = [gen.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for _ in range(ROWS)]
+    rows = [{"prompt": f"pattern {i}", "edit_image": f"images/{(i + 1) % ROWS:05d}.png"} for i in range(ROWS)]
+    return write_image_folder(folder, images, rows)
+
+
+def run(repo, data: Path, output: Path, *flags: str):
+    argv = ["--model_path", str(repo), "--dataset_base_path", str(data.parent), "--dataset_metadata_path", str(data),
+            "--height", str(SIZE), "--width", str(SIZE), "--max_sequence_length", str(LENGTH), "--lora_rank", "4",
+            "--max_steps", "2", "--learning_rate", "1e-2", "--device", "cpu", "--output_path", str(output), *flags]
+    return flux2_lora.main(argv)
+
+
+def test_sft_writes_a_lora_that_diffusers_loads_with_the_same_output(repo, data, tmp_path):
+    run(repo, data, tmp_path / "out", "--lora_layout", "diffusers")
+    lora_file = tmp_path / "out" / "step-2.safetensors"
+    assert any(k.startswith("transformer.transformer_blocks.0.attn.to_q.lora_A") for k in load_file(lora_file))
+    pipe = load_pipeline(repo, max_sequence_length=LENGTH)
+    noise = pipe.noise(3, 1, SIZE, SIZE, pipe.params)
+    options = dict(height=SIZE, width=SIZE, num_inference_steps=2, guidance_scale=3.0)
+    params = {**pipe.params, "dit": load_lora(pipe.params["dit"], lora_file)}
+    with torch.no_grad():
+        ours = pipe.denoise(params, "pattern 0", noise=noise, progress=False, **options)
+        plain = pipe.denoise(pipe.params, "pattern 0", noise=noise, progress=False, **options)
+    reference = Flux2KleinPipeline.from_pretrained(repo)
+    reference.load_lora_weights(str(lora_file))
+    with torch.no_grad():
+        raw = reference(prompt="pattern 0", latents=noise, max_sequence_length=LENGTH, output_type="latent", **options).images
+    bn = reference.vae.bn
+    theirs = (reference._patchify_latents(raw) - bn.running_mean.view(1, -1, 1, 1)) / torch.sqrt(
+        bn.running_var.view(1, -1, 1, 1) + reference.vae.config.batch_norm_eps)
+    error = float((ours - theirs).abs().max() / theirs.abs().max())
+    assert error <= 1e-4, error
+    assert float((plain - theirs).abs().max() / theirs.abs().max()) > 100 * max(error, 1e-7)  # the LoRA is applied
+
+
+def test_edit_training_with_reference_images_and_its_bfl_named_file(repo, data, tmp_path):
+    """Editing trains with the reference latents in the DiT's input; the ComfyUI (BFL-named) file reads back exactly."""
+    trained = run(repo, data, tmp_path / "edit", "--reference_columns", "edit_image", "--lora_layout", "comfyui")
+    plain = run(repo, data, tmp_path / "t2i", "--lora_layout", "comfyui")
+    file = load_file(tmp_path / "edit" / "step-2.safetensors")
+    assert "diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight" in file
+    assert "diffusion_model.single_blocks.0.linear1.lora_up.weight" in file
+    pipe = load_pipeline(repo, max_sequence_length=LENGTH)
+    back = dsf.weight.dense_tree(dsf.transforms.merge_lora(load_lora(pipe.params["dit"], tmp_path / "edit" / "step-2.safetensors")))
+    merged = dsf.weight.dense_tree(dsf.transforms.merge_lora(trained["dit"]))
+    flat_back, flat = dsf.tree.flatten_dict(back), dsf.tree.flatten_dict(merged)
+    assert all(torch.allclose(flat_back[k], flat[k], rtol=1e-5, atol=1e-6) for k in flat)
+    edited, text_only = (dsf.tree.flatten_dict(dsf.weight.dense_tree(dsf.transforms.merge_lora(t["dit"]))) for t in (trained, plain))
+    assert any(not torch.allclose(edited[k], text_only[k]) for k in edited)  # the reference images changed what was learned
+
+
+def test_split_training_equals_training_in_one_go_under_fp8_and_offload(repo, data, tmp_path):
+    memory = ("--fp8_models", "text", "--offload_models", "dit,text", "--use_gradient_checkpointing")
+    cache = run(repo, data, tmp_path / "cache", "--task", "sft:data_process", *memory)
+    split = flux2_lora.main(["--model_path", str(repo), "--dataset_base_path", str(cache), "--task", "sft:train",
+                             "--lora_rank", "4", "--max_steps", "2", "--learning_rate", "1e-2", "--device", "cpu",
+                             "--output_path", str(tmp_path / "split"), *memory])
+    whole = run(repo, data, tmp_path / "whole", *memory)
+    a, b = (load_file(tmp_path / name / "step-2.safetensors") for name in ("split", "whole"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+    assert split is not None and whole is not None
+
+
+def test_full_fine_tuning_writes_a_dit_that_loads_and_a_preset_lora_is_merged_first(repo, data, tmp_path):
+    from dsf.models import flux2
+    from dsf.transforms import lora, save_lora
+
+    pipe = load_pipeline(repo, max_sequence_length=LENGTH)
+    run(repo, data, tmp_path / "full", "--trainable_models", "dit", "--max_steps", "1")
+    dit, params = flux2.load_dit(tmp_path / "full" / "step-1.safetensors", config={"axes_dims_rope": [4, 4, 4, 4]})
+    assert dit.config == pipe.dit.config
+    before, after = dsf.tree.flatten_dict(pipe.params["dit"]), dsf.tree.flatten_dict(params)
+    assert after.keys() == before.keys() and any(not torch.equal(after[k], before[k]) for k in before)
+
+    preset = lora(rank=2, targets="img_in").init(pipe.params["dit"], dsf.random.key(9))
+    preset = dsf.tree.map_with_path(lambda p, x: torch.randn_like(x) if p.endswith("/up") else x, preset)
+    save_lora(preset, tmp_path / "preset.safetensors", "comfyui")
+    with_preset = run(repo, data, tmp_path / "preset", "--preset_lora_path", str(tmp_path / "preset.safetensors"),
+                      "--max_steps", "1")
+    base = dsf.tree.flatten_dict(dsf.weight.dense_tree(with_preset["dit"]))["x_embedder.weight"]
+    merged = dsf.tree.flatten_dict(dsf.weight.dense_tree(dsf.transforms.merge_lora(preset)))["x_embedder.weight"]
+    assert torch.allclose(base, merged, atol=1e-6)  # the base it trained on is the preset merged (x_embedder: not trained)
+    assert not torch.allclose(base, before["x_embedder.weight"], atol=1e-3)
+
+
+def test_direct_distill_matches_the_student_sampler(repo, tmp_path):
+    import csv
+
+    columns = [{"seed": 11, "num_inference_steps": 2, "cfg_scale": 1}, {"seed": 12, "num_inference_steps": 3, "cfg_scale": 2}]
+    gen = np.random.default_rng(1)
+    images = [gen.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for _ in columns]
+    metadata = write_image_folder(tmp_path / "teacher", images, [{"prompt": f"pattern {i}", **c} for i, c in enumerate(columns)])
+    argv = ["--model_path", str(repo), "--dataset_base_path", str(metadata.parent), "--dataset_metadata_path", str(metadata),
+            "--max_sequence_length", str(LENGTH), "--lora_rank", "4", "--max_steps", "2", "--batch_size", "2",
+            "--device", "cpu", "--task", "direct_distill", "--output_path", str(tmp_path / "out")]
+    flux2_lora.main(argv)
+    with open(tmp_path / "out" / "log.csv") as file:
+        first_loss, second_loss = (float(row["loss"]) for row in csv.DictReader(file))
+    assert first_loss != second_loss
+    pipe = load_pipeline(repo, max_sequence_length=LENGTH)
+    errors = []
+    with torch.no_grad():
+        for i, column in enumerate(columns):
+            image = torch.from_numpy(images[i]).permute(2, 0, 1).float()[None] / 127.5 - 1
+            target = pipe.vae.encode(pipe.vae_params, image)
+            student = pipe.denoise(pipe.params, f"pattern {i}", seed=column["seed"], height=SIZE, width=SIZE,
+                                   num_inference_steps=column["num_inference_steps"], guidance_scale=column["cfg_scale"],
+                                   progress=False)
+            errors.append((student - target).square().mean())
+    assert first_loss == pytest.approx(float(sum(errors) / 2), rel=1e-5)
+    with pytest.raises(ValueError, match="direct_distill trains at the teacher images' own size"):
+        flux2_lora.main([*argv, "--height", "48", "--width", "48"])
