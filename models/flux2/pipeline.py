@@ -26,12 +26,19 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-import dsf
 from dsf.diffusion.sampling import sample
 from dsf.diffusion.schedules import FLUX2, FlowSchedule
 from dsf.files.io import read_json
 from dsf.model_parts.input_checks import check_finite, prompt_lists
-from dsf.model_parts.pipelines import check_size, component_options, component_source, device_of, dtype_of, pipeline_root, to_pil
+from dsf.model_parts.pipelines import (
+    ImagePipeline,
+    check_size,
+    component_options,
+    component_source,
+    device_of,
+    dtype_of,
+    pipeline_root,
+)
 from dsf.models.flux2.keys import load_dit
 from dsf.models.flux2.model import Flux2DiT
 from dsf.models.flux2.text import MAX_TOKENS, Flux2TextEncoder, load_text_encoder
@@ -60,8 +67,9 @@ def reference_image_tensor(image: Image.Image, multiple: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class Flux2Pipeline:
-    """The three components with their loaded params, the σ schedule, and whether the model is step-distilled."""
+class Flux2Pipeline(ImagePipeline):
+    """The three components with their loaded params, the σ schedule, and whether the model is step-distilled; seeded
+    noise, decoding and PIL images are :class:`dsf.model_parts.pipelines.ImagePipeline`'s."""
 
     dit: Flux2DiT
     dit_params: dict = field(repr=False)
@@ -97,12 +105,9 @@ class Flux2Pipeline:
         return self.dit(params["dit"], latents, sigma.to(latents.dtype), text_embeds=text_embeds, guidance=guidance,
                         reference_latents=reference_latents)
 
-    def noise(self, seed: int, batch: int, height: int, width: int, params) -> torch.Tensor:
-        """Initial noise (B, 128, H/16, W/16), drawn in float32 on the CPU from ``seed`` (image i: ``fold_in(key, i)``)."""
-        shape = (self.vae.config.patch_channels, height // self.multiple, width // self.multiple)
-        key = dsf.random.key(seed)
-        draws = [dsf.random.normal(dsf.random.fold_in(key, i), shape) for i in range(batch)]
-        return torch.stack(draws).to(device_of(params["dit"]), dtype_of(params["dit"]))
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """One image's latents: (128, H/16, W/16)."""
+        return self.vae.config.patch_channels, height // self.multiple, width // self.multiple
 
     def encode_references(self, params, images: Sequence[Image.Image], batch: int) -> list[torch.Tensor]:
         """Each reference image as normalized latents (B, 128, h_k, w_k) on the DiT's device (the mode, no noise)."""
@@ -128,7 +133,15 @@ class Flux2Pipeline:
         noise: torch.Tensor | None = None,
         progress: bool = True,
     ) -> torch.Tensor:
-        """Final latents (B, 128, H/16, W/16) for ``prompt`` (a string or a list); see :meth:`generate`."""
+        """Final latents (B, 128, H/16, W/16) for ``prompt`` (a string or a list).
+
+        ``images`` (reference images to edit from or combine; the output takes the last one's size unless
+        ``height``/``width`` are given), ``negative_prompt`` (klein base), ``seed`` (0), ``num_inference_steps``
+        (dev and klein base 50, distilled klein 4), ``height``/``width`` (1024, multiples of 16),
+        ``guidance_scale`` (4.0: embedded for dev, classifier-free for klein base, unused by distilled klein),
+        ``noise`` (initial latents (B, 128, H/16, W/16) instead of the seeded ones), ``progress``. Differentiable
+        in ``params`` when gradients are on (direct distillation trains through it).
+        """
         prompts, negatives = prompt_lists(prompt, negative_prompt)
         check_finite(guidance_scale=guidance_scale)
         references = self.encode_references(params, images, len(prompts))
@@ -149,25 +162,6 @@ class Flux2Pipeline:
         return sample(self.velocity, params, noise, sigmas, cond, negative_cond=negative_cond, cfg_scale=cfg_scale,
                       progress=progress, desc="FLUX.2")
 
-    def decode(self, params, latents: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in about [-1, 1] from latents, on the VAE's device and dtype."""
-        return self.vae.decode(params["vae"], latents.to(device_of(params["vae"]), dtype_of(params["vae"])))
-
-    def generate(self, params, prompt: str | Sequence[str], **kwargs) -> Image.Image | list[Image.Image]:
-        """PIL images for ``prompt``: one image for a string, a list for a list of prompts.
-
-        ``images`` (reference images to edit from or combine; the output takes the last one's size unless
-        ``height``/``width`` are given), ``negative_prompt`` (klein base), ``seed`` (0), ``num_inference_steps``
-        (dev and klein base 50, distilled klein 4), ``height``/``width`` (1024, multiples of 16),
-        ``guidance_scale`` (4.0: embedded for dev, classifier-free for klein base, unused by distilled klein),
-        ``noise`` (initial latents (B, 128, H/16, W/16) instead of the seeded ones), ``progress``.
-        """
-        with torch.no_grad():
-            images = to_pil(self.decode(params, self.denoise(params, prompt, **kwargs)))
-        return images[0] if isinstance(prompt, str) else images
-
-    def __call__(self, prompt, **kwargs):
-        return self.generate(self.params, prompt, **kwargs)
 
 
 def load_pipeline(
