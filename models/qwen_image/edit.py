@@ -220,7 +220,9 @@ class QwenImageEditPipeline(QwenImagePipeline):
     def denoise(self, params, prompt, *, images: Sequence[Image.Image] = (), negative_prompt=NEGATIVE_PROMPT, seed: int = 0,
                 num_inference_steps: int = NUM_INFERENCE_STEPS, height: int | None = None, width: int | None = None,
                 cfg_scale: float = CFG_SCALE, noise: torch.Tensor | None = None, progress: bool = True) -> torch.Tensor:
-        """Final latents for ``prompt`` with the condition ``images`` (1 to 3 PIL images); see :meth:`generate`."""
+        """Final latents for ``prompt`` with the condition ``images`` (1 to 3 PIL images; the first Edit: 1); the
+        options are :meth:`QwenImagePipeline.denoise`'s but image-to-image, and the size defaults to the last image's
+        aspect at about ``vae_area`` pixels."""
         prompts, negatives = prompt_lists(prompt, negative_prompt)
         if not 1 <= len(images) <= self.max_images:
             raise ValueError(f"this Qwen-Image-Edit model takes 1 to {self.max_images} condition images, got "
@@ -239,9 +241,6 @@ class QwenImageEditPipeline(QwenImagePipeline):
         if cfg_scale != 1.0:
             guidance["negative"] = {**self.encode_edit_prompts(params, negatives, images), "reference_latents": references}
         return sample(self.velocity, params, noise, sigmas, guidance, progress=progress, desc="Qwen-Image-Edit")
-
-    def __call__(self, prompt, **kwargs):
-        return self.generate(self.params, prompt, **kwargs)
 
 
 def load_edit_pipeline(source=None, *, text_encoder=None, image_processor=None, dtype=None, device="cpu",

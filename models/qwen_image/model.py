@@ -176,15 +176,10 @@ def _heads(attn: dict, x: torch.Tensor, names: tuple[str, str, str, str, str], h
     return ops.rms_norm(q, attn[q_norm]["weight"], NORM_EPS), ops.rms_norm(k, attn[k_norm]["weight"], NORM_EPS), v
 
 
-def _rotated(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """``x`` (B, S, H, D) with each interleaved channel pair rotated as one complex number by ``freqs`` (S, 1, D/2)."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, S, H, D/2) complex
-    return torch.view_as_real(pairs * freqs).flatten(-2).to(x.dtype)  # (B, S, H, D)
-
-
-def _attend(q, k, v, freqs, mask) -> torch.Tensor:
-    """Joint attention over (B, S, H, D) heads, q and k rotated by ``freqs`` (S, 1, D/2), with the key mask."""
-    q, k = _rotated(q, freqs), _rotated(k, freqs)
+def _attend(q, k, v, rope, mask) -> torch.Tensor:
+    """Joint attention over (B, S, H, D) heads with the rotation ``rope`` = (cos, sin), each (S, D), and the key mask."""
+    cos, sin = (angles[:, None] for angles in rope)  # (S, 1, D): broadcast over heads
+    q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
     q, k, v = (rearrange(t, "b s h d -> b h s d") for t in (q, k, v))  # (B, H, S, D)
     return rearrange(ops.attention(q, k, v, mask=mask, layout="b h s d"), "b h s d -> b s (h d)")  # (B, S, H·D)
 
@@ -199,13 +194,13 @@ def _stream_residuals(out_proj: dict, mlp: dict, x, attn_out, gate, mlp_shift, m
     return x + mlp_gate * _feed_forward(mlp, _modulate(x, mlp_shift, mlp_scale))
 
 
-def _block(p: dict, carry, vec, vec_zero, freqs, mask, *, heads: int, target_len: int):
+def _block(p: dict, carry, vec, vec_zero, rope, mask, *, heads: int, target_len: int):
     img, txt = carry
     img_mod = _image_modulation(p["img_mod"]["1"], vec, vec_zero, target_len, img.shape[1])  # attention, then MLP
     txt_mod = _modulation(p["txt_mod"]["1"], vec, 6)
     img_q, img_k, img_v = _heads(p["attn"], _modulate(img, *img_mod[:2]), IMAGE_STREAM, heads)
     txt_q, txt_k, txt_v = _heads(p["attn"], _modulate(txt, *txt_mod[:2]), TEXT_STREAM, heads)
-    joint = _attend(torch.cat([txt_q, img_q], 1), torch.cat([txt_k, img_k], 1), torch.cat([txt_v, img_v], 1), freqs, mask)
+    joint = _attend(torch.cat([txt_q, img_q], 1), torch.cat([txt_k, img_k], 1), torch.cat([txt_v, img_v], 1), rope, mask)
     txt_attn, img_attn = joint[:, : txt.shape[1]].contiguous(), joint[:, txt.shape[1] :].contiguous()  # addmm, not bmm
     img = _stream_residuals(p["attn"]["to_out"][0], p["img_mlp"], img, img_attn, *img_mod[2:])
     txt = _stream_residuals(p["attn"]["to_add_out"], p["txt_mlp"], txt, txt_attn, *txt_mod[2:])
@@ -275,11 +270,10 @@ def apply(params: dict, latents, timestep, text_embeds, text_mask=None, referenc
     vec = _time_embedding(params["time_text_embed"], timestep, dtype)
     vec_zero = _time_embedding(params["time_text_embed"], timestep * 0, dtype) if config.zero_cond_t else None
     grids = [(x.shape[-2] // 2, x.shape[-1] // 2) for x in images]
-    cos, sin = ops.rope_frequencies(position_ids(txt.shape[1], grids, device=latents.device), config.axes_dims_rope, ROPE_THETA)
-    freqs = torch.complex(cos[:, None, ::2], sin[:, None, ::2])  # (S, 1, D/2): one rotation per channel pair
+    rope = ops.rope_frequencies(position_ids(txt.shape[1], grids, device=latents.device), config.axes_dims_rope, ROPE_THETA)
     mask = _joint_mask(text_mask, img.shape[1])
     target_len = grids[0][0] * grids[0][1]
-    img, txt = dsf.run_blocks(_block, params.get("transformer_blocks", []), (img, txt), vec, vec_zero, freqs, mask,
+    img, txt = dsf.run_blocks(_block, params.get("transformer_blocks", []), (img, txt), vec, vec_zero, rope, mask,
                               heads=config.num_heads, target_len=target_len)
     return unpatchify(_final_layer(params, img[:, :target_len], vec), height, width)
 

@@ -24,17 +24,23 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-import dsf
 from dsf.diffusion.sampling import sample, start_latents
 from dsf.diffusion.schedules import FlowSchedule, from_diffusers_config
 from dsf.files.io import read_json
 from dsf.model_parts.input_checks import check_finite, prompt_lists
-from dsf.model_parts.pipelines import check_size, component_options, component_source, device_of, dtype_of, pipeline_root, to_pil
+from dsf.model_parts.pipelines import (
+    ImagePipeline,
+    check_size,
+    component_options,
+    component_source,
+    device_of,
+    dtype_of,
+    pipeline_root,
+)
 from dsf.models.qwen_image.keys import load_dit
 from dsf.models.qwen_image.model import QwenImageDiT, patchify, unpatchify
 from dsf.models.qwen_image.text import MAX_SEQUENCE_LENGTH, QwenTextEncoder, load_text_encoder
 from dsf.models.qwen_image.vae import QwenImageVAE, load_vae
-from dsf.training.data import image_to_tensor, resize_and_crop, to_rgb
 
 # Qwen/Qwen-Image's scheduler/scheduler_config.json: μ linear in the image token count (0.5 at 256, 0.9 at 8192),
 # exponential shift, then the last σ stretched to 0.02
@@ -72,8 +78,9 @@ def rescaled_guidance(positive: torch.Tensor, negative: torch.Tensor, cfg_scale:
 
 
 @dataclass(frozen=True)
-class QwenImagePipeline:
-    """The three components with their loaded params, and the σ schedule."""
+class QwenImagePipeline(ImagePipeline):
+    """The three components with their loaded params, and the σ schedule (``generate``, ``decode``, ``noise``,
+    ``encode_image`` and ``__call__`` from :class:`dsf.model_parts.pipelines.ImagePipeline`)."""
 
     dit: QwenImageDiT
     dit_params: dict = field(repr=False)
@@ -106,13 +113,10 @@ class QwenImagePipeline:
             return velocity
         return rescaled_guidance(velocity, self.dit(params["dit"], latents, sigma, **negative), cfg_scale)
 
-    def noise(self, seed: int, batch: int, height: int, width: int, params) -> torch.Tensor:
-        """Initial noise (B, 16, H/8, W/8), drawn in float32 on the CPU from ``seed`` (image i: ``fold_in(key, i)``)."""
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """One image's latents: (16, H/8, W/8)."""
         factor = self.vae.config.spatial_factor
-        shape = (self.vae.config.z_dim, height // factor, width // factor)
-        key = dsf.random.key(seed)
-        draws = [dsf.random.normal(dsf.random.fold_in(key, i), shape) for i in range(batch)]
-        return torch.stack(draws).to(device_of(params["dit"]), dtype_of(params["dit"]))
+        return self.vae.config.z_dim, height // factor, width // factor
 
     def denoise(
         self,
@@ -130,9 +134,13 @@ class QwenImagePipeline:
         noise: torch.Tensor | None = None,
         progress: bool = True,
     ) -> torch.Tensor:
-        """Final latents (B, 16, H/8, W/8) for ``prompt`` (a string or a list); see :meth:`generate`.
+        """Final latents (B, 16, H/8, W/8) for ``prompt`` (a string or a list); differentiable in ``params`` when
+        gradients are on.
 
-        Differentiable in ``params`` when gradients are on.
+        ``negative_prompt`` (" "), ``seed`` (0), ``num_inference_steps`` (50), ``height``/``width`` (1328,
+        multiples of 16), ``cfg_scale`` (4.0; 1.0 runs the DiT once a step, without the negative prompt),
+        ``input_image`` with ``denoising_strength`` < 1 (image-to-image from the encoded image noised to the
+        schedule's first σ), ``noise`` (initial latents (B, 16, H/8, W/8) instead of the seeded ones), ``progress``.
         """
         prompts, negatives = prompt_lists(prompt, negative_prompt)
         check_finite(cfg_scale=cfg_scale, denoising_strength=denoising_strength)
@@ -147,31 +155,6 @@ class QwenImagePipeline:
         if cfg_scale != 1.0:
             guidance["negative"] = self.encode_prompts(params, negatives)
         return sample(self.velocity, params, latents, sigmas, guidance, progress=progress, desc="Qwen-Image")
-
-    def decode(self, params, latents: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] from latents, on the VAE's device and dtype."""
-        return self.vae.decode(params["vae"], latents.to(device_of(params["vae"]), dtype_of(params["vae"])))
-
-    def generate(self, params, prompt: str | Sequence[str], **kwargs) -> Image.Image | list[Image.Image]:
-        """PIL images for ``prompt``: one image for a string, a list for a list of prompts.
-
-        ``negative_prompt`` (" "), ``seed`` (0), ``num_inference_steps`` (50), ``height``/``width`` (1328,
-        multiples of 16), ``cfg_scale`` (4.0; 1.0 runs the DiT once a step, without the negative prompt),
-        ``input_image`` with ``denoising_strength`` < 1 (image-to-image from the encoded image noised to the
-        schedule's first σ), ``noise`` (initial latents (B, 16, H/8, W/8) instead of the seeded ones), ``progress``.
-        """
-        with torch.no_grad():
-            images = to_pil(self.decode(params, self.denoise(params, prompt, **kwargs)))
-        return images[0] if isinstance(prompt, str) else images
-
-    def encode_image(self, params, image: Image.Image, height: int, width: int, batch: int) -> torch.Tensor:
-        """An input image resized and center-cropped to height×width, as normalized latents on the DiT's device."""
-        pixels = image_to_tensor(resize_and_crop(to_rgb(image), height, width))[None].repeat(batch, 1, 1, 1)
-        latents = self.vae.encode(params["vae"], pixels.to(device_of(params["vae"]), dtype_of(params["vae"])))
-        return latents.to(device_of(params["dit"]), dtype_of(params["dit"]))
-
-    def __call__(self, prompt, **kwargs):
-        return self.generate(self.params, prompt, **kwargs)
 
 
 def load_pipeline(
