@@ -36,22 +36,26 @@ model samples every σ alone).
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
-from pathlib import Path
 
 import torch
 
 import dsf
-from dsf.training.cache import CachedDataset, encode_into_cache
 from dsf.files.hub import ModelSource, local_source
 from dsf.models.wan.pipeline import EXPERTS, holds_two_experts, load_pipeline
 from dsf.models.wan.training import LORA_TARGETS, SampleEncoder, VideoDataset, expert_timestep_boundaries, sft_loss
-from dsf.training.paradigm import DataFromParams, Paradigm, fit
-from dsf.cli.lora_paradigm import trained_lora
-from dsf.cli.training_flags import add_dataset_flags, add_training_flags, batch_stream, train_config, validation_options
-from dsf.transforms import checkpoint, fp8, lora_trainable, save_lora
-from dsf.transforms.lora import TRAINED
+from dsf.cli.lora_recipe import (
+    cache_encoded_samples,
+    check_preview_task,
+    check_training_flags,
+    chosen_paradigm,
+    compute_dtype,
+    train_run,
+    trained_file_writer,
+    training_dataset,
+)
+from dsf.cli.training_flags import add_dataset_flags, add_training_flags
+from dsf.transforms import save_lora
 from dsf.cli.flag_types import finite_float, positive_int
 
 FP8_COMPONENTS = ("dit", "t5", "clip")
@@ -93,14 +97,8 @@ def check_flags(args) -> None:
     """
     if args.model_path is None and args.model_id is None:
         raise ValueError("pass --model_path (a diffusers Wan pipeline folder) or --model_id (a hub repo)")
-    if args.task != "sft:train" and args.dataset_metadata_path is None:
-        raise ValueError(f"--task {args.task} reads a dataset folder: pass --dataset_metadata_path")
-    unknown = [c for c in args.fp8_models.split(",") if c and c not in FP8_COMPONENTS]
-    if unknown:
-        raise ValueError(f"--fp8_models takes components of {FP8_COMPONENTS}, got {unknown}")
-    if args.validation_prompts and args.task != "sft":
-        raise ValueError(f"--validation_prompts samples with the VAE and umT5, which --task {args.task} does not run; "
-                         "preview with --task sft")
+    check_training_flags(args, FP8_COMPONENTS)
+    check_preview_task(args, ("sft",), "the VAE and umT5")
 
 
 def preview_frames(pipe, args):
@@ -143,39 +141,13 @@ def timestep_boundaries(args, dit_source, config) -> dict[str, float]:
     return chosen | {name: value for name, value in given.items() if value is not None}
 
 
-def storage_and_block_transforms(args, compute_dtype) -> dsf.Transform:
-    """fp8 storage of the frozen components, gradient checkpointing.
-
-    >>> flags = ["--dataset_base_path", "d", "--dataset_metadata_path", "m.csv", "--use_gradient_checkpointing"]
-    >>> storage_and_block_transforms(parser().parse_args(flags), torch.float32).name
-    'chain(checkpoint(offload_activations=False))'
-    """
-    stack = []
-    fp8_models = [c for c in args.fp8_models.split(",") if c]
-    if fp8_models:
-        stack.append(fp8(where=rf"^({'|'.join(fp8_models)})/", compute_dtype=compute_dtype))
-    if args.use_gradient_checkpointing or args.use_gradient_checkpointing_offload:
-        stack.append(checkpoint(offload_activations=args.use_gradient_checkpointing_offload))
-    return dsf.chain(*stack)
-
-
-def lora_paradigm(args, compute_dtype) -> Paradigm:
-    """What the flags train, as one chain: the storage and block transforms, then the LoRA on the DiT.
-
-    >>> flags = ["--dataset_base_path", "d", "--dataset_metadata_path", "m.csv", "--use_gradient_checkpointing"]
-    >>> lora_paradigm(parser().parse_args(flags), torch.float32).transforms.name
-    "chain(checkpoint(offload_activations=False), lora(rank=32, alpha=None, name='lora'))"
-    """
-    return Paradigm("LoRA", dsf.chain(storage_and_block_transforms(args, compute_dtype), trained_lora(args)), lora_trainable)
-
-
 def main(argv: list[str]):
     """Run the task; returns the trained params (the cache folder for sft:data_process)."""
     args = parser().parse_args(argv)
     check_flags(args)
     source = args.model_path or (ModelSource(model_id=args.model_id) if args.model_id else None)
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    dtype = compute_dtype(args, device)
     init_key, data_key, fit_key = dsf.random.split(dsf.random.key(args.seed), 3)
 
     # 1. The pipeline: the DiT (one expert of an A14B model), the VAE, umT5 and (Wan2.1 I2V) CLIP;
@@ -190,48 +162,30 @@ def main(argv: list[str]):
     boundaries = timestep_boundaries(args, dit_source, pipe.dit_config)
 
     # 2. The data: videos and images with their prompts (frames resized and cropped), or the cache.
-    if args.task == "sft:train":
-        dataset = CachedDataset(args.dataset_base_path, repeat=args.dataset_repeat)
-    else:
-        dataset = VideoDataset(args.dataset_base_path, args.dataset_metadata_path, num_frames=args.num_frames,
-                               height=args.height, width=args.width,
-                               repeat=1 if args.task == "sft:data_process" else args.dataset_repeat)
+    dataset = training_dataset(args, lambda repeat: VideoDataset(
+        args.dataset_base_path, args.dataset_metadata_path, num_frames=args.num_frames, height=args.height,
+        width=args.width, repeat=repeat))
+    encoder = SampleEncoder(pipe, first_frame_conditioning=not args.without_first_frame)
 
     # 3. Split training, stage 1: encode every sample once (fp8 storage, checkpointing), cache, and stop.
     if args.task == "sft:data_process":
-        stack = storage_and_block_transforms(args, dtype)
-        encode = stack(SampleEncoder(pipe, first_frame_conditioning=not args.without_first_frame))
-        index = encode_into_cache(args.output_path, dataset, functools.partial(encode, stack.init(params, init_key)))
-        print(f"cached {len(dataset)} encoded samples: {index}")
-        return Path(args.output_path)
+        return cache_encoded_samples(args, encoder, params, dataset, dtype, init_key)
 
     # 4. The paradigm, one chain: fp8 storage of frozen components, gradient checkpointing, the LoRA
     #    (continued from --lora_checkpoint, or new).
-    paradigm = lora_paradigm(args, dtype)
-    encode = None if args.task == "sft:train" else paradigm.transforms(
-        SampleEncoder(pipe, first_frame_conditioning=not args.without_first_frame)
-    )
+    paradigm = chosen_paradigm(args, dtype)
+    encode = None if args.task == "sft:train" else paradigm.transforms(encoder)
 
-    # 5. The loss (flow matching within the expert's σ range), and the data stream (samples are
-    #    encoded as they are drawn by the initialized encoders, unless they come from the cache).
+    # 5. The loss: flow matching within the expert's σ range (samples are encoded as they are drawn by the
+    #    initialized encoders, unless they come from the cache).
     loss = sft_loss(pipe, **boundaries)
 
-    data = DataFromParams(lambda initialized: batch_stream(
-        dataset, args.batch_size, data_key, None if encode is None else functools.partial(encode, initialized)))
-
     # 6. Train: AdamW on the LoRA factors, saving the LoRA in --lora_layout, with previews of
-    #    --validation_prompts sampled through the same chain.
-    config = train_config(args, len(dataset))
-
-    def save(path, trained):
-        save_lora(trained["dit"], path, args.lora_layout, name=TRAINED)
-
-    previews = {}
-    if args.validation_prompts:  # preview_frames checks that the model samples without an image
-        previews = validation_options(args, config, paradigm.transforms(preview_frames(pipe, args)))
-    trained = fit(paradigm, loss, params, data, config, key=fit_key, save=save, **previews)
-    print(f"trained {config.max_steps} steps; the last file is {args.output_path}/step-{config.max_steps}.safetensors")
-    return trained
+    #    --validation_prompts sampled through the same chain (preview_frames checks that the model samples
+    #    without an image).
+    generate = preview_frames(pipe, args) if args.validation_prompts else None
+    return train_run(args, paradigm, loss, params, dataset, encode=encode, save=trained_file_writer(args, save_lora),
+                     keys=(data_key, fit_key), generate=generate)
 
 
 if __name__ == "__main__":
