@@ -36,6 +36,12 @@ def linear(x: torch.Tensor, weight, bias=None) -> torch.Tensor:
     weight, bias = materialize(weight), materialize(bias)
     if hasattr(weight, "linear"):
         return weight.linear(x, bias)
+    if weight.dtype != x.dtype and weight.element_size() == 1:
+        raise TypeError(
+            f"a linear weight {tuple(weight.shape)} is stored as {weight.dtype} (a checkpoint published in fp8) and "
+            f"the input is {x.dtype}: wrap the model with dsf.transforms.fp8() to compute with it (e.g. "
+            "fp8(compute_dtype=torch.bfloat16)), or cast the weights to the input's dtype"
+        )
     return F.linear(x, weight, bias)
 
 

@@ -138,3 +138,18 @@ def test_a_bf16_dequantize_rounds_once():
     for granularity in ("tensor", "channel"):
         data, scale = quantize(weight, granularity)
         assert torch.equal(dequantize(data, scale, torch.bfloat16), dequantize(data, scale, torch.float32).to(torch.bfloat16))
+
+
+def test_a_checkpoint_published_in_fp8_becomes_the_storage_as_it_is():
+    params = init_dit(CFG, dsf.random.key(0), dtype=torch.bfloat16)
+    published = dsf.tree.map_with_path(lambda _, x: x.to(FP8), params)  # every tensor float8, vectors included
+    dit, inputs = FluxDiT(CFG), flux_inputs()
+    with pytest.raises(TypeError, match=r"stored as torch.float8_e4m3fn .* wrap the model with dsf.transforms.fp8\(\)"):
+        dit(published, *inputs)
+    stored = fp8(compute_dtype=torch.bfloat16).init(published)
+    records = dict(dsf.tree.leaves_with_paths(stored, is_leaf=lambda x: isinstance(x, Weight)))
+    originals = dict(dsf.tree.leaves_with_paths(published))
+    assert records.keys() == originals.keys()
+    assert all(records[p].data is originals[p] and records[p].stages["decode"].scale.item() == 1.0 for p in records)
+    upcast = dsf.tree.map_with_path(lambda _, x: x.to(torch.bfloat16), published)  # the same numbers, upcast
+    assert torch.equal(dit(stored, *inputs), dit(upcast, *inputs))

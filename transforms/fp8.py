@@ -8,6 +8,10 @@ against bf16; nothing computes in fp8.
 A weight another transform already stores (its decode slot filled: an outsider's int8, a dtype
 cast) is refused at init, in every chain order (the guide in :mod:`dsf.weight`).
 
+A checkpoint published in fp8 (``float8_e4m3fn`` or ``e5m2`` tensors, which dsf loads as they are) becomes
+the storage as it is: ``fp8()`` gives each float8 tensor it selects (of any shape) a decode stage at scale 1,
+without re-quantizing or upcasting it. Without ``fp8()`` such weights cannot compute (``ops.linear`` says so).
+
 fp8 weights get no gradient. What trains is said once, by the paradigm's ``where=``
 (:class:`dsf.training.paradigm.Paradigm`): a paradigm whose ``where`` selects an fp8 weight fails
 at init, whatever the chain order; ``dsf.value_and_grad`` refusing float8 leaves is the second line. LoRA over an fp8 base trains: its factors are separate
@@ -35,6 +39,7 @@ from dsf.tree import Where, as_predicate
 from dsf.weight import Stage, Weight, as_weight, check_slot_free, is_float_weight, map_weights, stage
 
 FP8 = torch.float8_e4m3fn
+FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 FP8_MAX = torch.finfo(FP8).max  # 448
 GRANULARITIES = ("tensor", "channel")
 
@@ -100,7 +105,7 @@ def fp8(where: Where = None, granularity: str = "tensor", compute_dtype: torch.d
     keep = as_predicate(where)
 
     def selected(path: str, param) -> bool:
-        return keep(path, param) and is_float_weight(param) and len(as_weight(param).shape) >= 2
+        return keep(path, param) and is_float_weight(param) and (len(as_weight(param).shape) >= 2 or _in_float8(param))
 
     def init(params, key=None):
         return map_weights(lambda path, param: _stored_in_fp8(path, param, granularity, compute_dtype), params, selected)
@@ -118,9 +123,15 @@ def _stored_in_fp8(path: str, param, granularity: str, compute_dtype: torch.dtyp
             f"fp8 cannot quantize {path!r}: it is still on disk ({record.data!r}); load the weights into memory "
             "(dsf.files.io.load_state_dict) to store them in fp8, or stream them from disk in their stored dtype"
         )
+    if _in_float8(record):  # from a checkpoint published in fp8: its numbers are the storage, read at scale 1
+        return record.with_stage(Dequantize(_like(torch.ones(()), record.data), compute_dtype))
     data, scale = quantize(record.data, granularity)
     stored = Weight(_like(data, record.data), record.stages)
     return stored.with_stage(Dequantize(_like(scale, record.data), compute_dtype))
+
+
+def _in_float8(param) -> bool:
+    return as_weight(param).data.dtype in FLOAT8_DTYPES
 
 
 def _like(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
