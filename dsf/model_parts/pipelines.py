@@ -18,6 +18,7 @@ from PIL import Image
 
 import dsf
 from dsf.files.hub import local_source
+from dsf.files.io import read_json
 from dsf.training.data import image_to_tensor, resize_and_crop, to_rgb
 from dsf.weight import compute_device, compute_dtype
 
@@ -85,6 +86,16 @@ def component_source(given, root: Path | None, name: str, family: str):
     if root is None:
         raise ValueError(f"no source for the {name}: pass source= (a {family} pipeline folder) or {name}=")
     return root
+
+
+def scheduler_config(root: Path | None, default: dict) -> dict:
+    """A pipeline folder's ``scheduler/scheduler_config.json``, or ``default`` (the family's) when it has none.
+
+    >>> scheduler_config(None, {"shift": 3.0})
+    {'shift': 3.0}
+    """
+    found = None if root is None else root / "scheduler" / "scheduler_config.json"
+    return read_json(found) if found is not None and found.is_file() else default
 
 
 def component_options(dtype, device, component: str) -> dict:

@@ -22,7 +22,6 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from dsf.files.io import read_json
 from dsf.models.flux.keys import load_dit
 from dsf.models.flux.model import FluxDiT
 from dsf.models.flux.text import TextEncoder, load_clip, load_t5
@@ -31,7 +30,7 @@ from dsf.model_parts.flux_vae_keys import load_vae
 from dsf.model_parts.input_checks import check_finite, prompt_lists
 from dsf.diffusion.sampling import sample, start_latents
 from dsf.model_parts.pipelines import (
-    ImagePipeline, check_size, component_options, component_source, device_of, dtype_of, pipeline_root,
+    ImagePipeline, check_size, component_options, component_source, device_of, dtype_of, pipeline_root, scheduler_config,
 )
 from dsf.diffusion.schedules import FlowSchedule, from_diffusers_config
 
@@ -171,7 +170,6 @@ def load_pipeline(
     vae_model, vae_params = load_vae(sources["vae"], vae_config, **options("vae"))
     clip = load_clip(sources["clip"], tokenizer, **options("clip"))
     t5 = load_t5(sources["t5"], tokenizer_2, max_length=max_sequence_length, **options("t5"))
-    schedule_config = root / "scheduler" / "scheduler_config.json" if root is not None else None
-    scheduler = read_json(schedule_config) if schedule_config is not None and schedule_config.is_file() else DEV_SCHEDULER_CONFIG
+    scheduler = scheduler_config(root, DEV_SCHEDULER_CONFIG)
     return FluxPipeline(dit_model, dit_params, vae_model, vae_params, clip, t5, schedule=pipeline_schedule(scheduler),
                         max_sequence_length=max_sequence_length)

@@ -26,7 +26,6 @@ from PIL import Image
 
 from dsf.diffusion.sampling import sample, start_latents
 from dsf.diffusion.schedules import FlowSchedule, from_diffusers_config
-from dsf.files.io import read_json
 from dsf.model_parts.input_checks import check_finite, prompt_lists
 from dsf.model_parts.pipelines import (
     ImagePipeline,
@@ -36,6 +35,7 @@ from dsf.model_parts.pipelines import (
     device_of,
     dtype_of,
     pipeline_root,
+    scheduler_config,
 )
 from dsf.models.qwen_image.keys import load_dit
 from dsf.models.qwen_image.model import QwenImageDiT, patchify, unpatchify
@@ -192,6 +192,5 @@ def load_pipeline(
     vae_model, vae_params = load_vae(sources["vae"], vae_config, **options("vae"))
     encoder = load_text_encoder(sources["text_encoder"], tokenizer, config=text_encoder_config,
                                 max_sequence_length=max_sequence_length, **options("text_encoder"))
-    schedule_config = root / "scheduler" / "scheduler_config.json" if root is not None else None
-    scheduler = read_json(schedule_config) if schedule_config is not None and schedule_config.is_file() else SCHEDULER_CONFIG
+    scheduler = scheduler_config(root, SCHEDULER_CONFIG)
     return QwenImagePipeline(dit_model, dit_params, vae_model, vae_params, encoder, schedule=pipeline_schedule(scheduler))

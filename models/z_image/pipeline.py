@@ -30,12 +30,11 @@ from PIL import Image
 
 from dsf.diffusion.sampling import sample, start_latents
 from dsf.diffusion.schedules import FlowSchedule, from_diffusers_config
-from dsf.files.io import read_json
 from dsf.model_parts.flux_vae import FluxVAE
 from dsf.model_parts.flux_vae_keys import load_vae
 from dsf.model_parts.input_checks import check_finite, prompt_lists
 from dsf.model_parts.pipelines import (
-    ImagePipeline, check_size, component_options, component_source, device_of, dtype_of, pipeline_root,
+    ImagePipeline, check_size, component_options, component_source, device_of, dtype_of, pipeline_root, scheduler_config,
 )
 from dsf.models.z_image.keys import load_dit
 from dsf.models.z_image.model import ZImageDiT
@@ -210,7 +209,6 @@ def load_pipeline(
     vae_model, vae_params = load_vae(sources["vae"], vae_config, **options("vae"))
     encoder = load_text_encoder(sources["text_encoder"], tokenizer, config=text_encoder_config,
                                 max_length=max_sequence_length, **options("text_encoder"))
-    schedule_config = root / "scheduler" / "scheduler_config.json" if root is not None else None
-    scheduler = read_json(schedule_config) if schedule_config is not None and schedule_config.is_file() else TURBO_SCHEDULER_CONFIG
+    scheduler = scheduler_config(root, TURBO_SCHEDULER_CONFIG)
     return ZImagePipeline(dit_model, dit_params, vae_model, vae_params, encoder, schedule=pipeline_schedule(scheduler),
                           max_sequence_length=max_sequence_length)
