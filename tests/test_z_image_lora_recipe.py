@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 from safetensors.torch import load_file
 
 import dsf
@@ -300,3 +301,19 @@ def test_two_sharded_ranks_train_as_one_process_accumulating_two(hub, digits, tm
     expected = dsf.tree.select(reference, None)
     assert sorted(whole[0]["params"]) == sorted(expected)
     assert all(torch.equal(whole[0]["params"][p], whole[1]["params"][p]) for p in expected)
+
+
+# ----------------------------------------------------------------------------- previews
+
+
+def test_validation_previews_sample_through_the_training_chain(hub, digits, sft_run, tmp_path, monkeypatch):
+    run(hub, digits, tmp_path, "--lora_layout", "diffusers", "--validation_prompts", "a digit one", "a digit two",
+        "--validation_steps", "2", "--validation_num_inference_steps", "2", monkeypatch=monkeypatch)
+    folder = tmp_path / "validation"
+    assert sorted(str(path.relative_to(folder)) for path in folder.rglob("*.png")) == [
+        "step-2/0.png", "step-2/1.png", "step-3/0.png", "step-3/1.png"]  # every 2 steps, and at the last
+    assert Image.open(folder / "step-2" / "0.png").size == (SIZE, SIZE)
+    assert [row["loss"] for row in log_rows(tmp_path)] == [row["loss"] for row in log_rows(sft_run[0])]
+    with pytest.raises(ValueError, match="samples with the VAE and Qwen3, which --task sft:train does not run"):
+        run(hub, digits, tmp_path / "refused", "--task", "sft:train", "--validation_prompts", "a digit one",
+            monkeypatch=monkeypatch)
