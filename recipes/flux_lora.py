@@ -50,13 +50,13 @@ import sys
 
 import dsf
 from dsf.training.checkpoint import save_safetensors
+from dsf.training.data import check_native_resolution
 from dsf.models import flux
 from dsf.models.flux import load_clip, load_dit, load_t5, load_vae
 from dsf.models.flux.pipeline import FluxPipeline
 from dsf.models.flux.training import (
     LORA_TARGETS,
     SampleEncoder,
-    check_native_resolution,
     direct_distill_loss,
     recognize_tokenizers,
     sft_loss,

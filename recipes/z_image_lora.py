@@ -81,10 +81,10 @@ from dsf.files.hub import ModelSource, resolve
 from dsf.files.model_files import describe
 from dsf.model_parts.lora_files import LAYOUTS
 from dsf.models import z_image
-from dsf.models.flux.training import check_native_resolution
 from dsf.models.z_image.pipeline import load_pipeline
 from dsf.models.z_image.training import LORA_TARGETS, SampleEncoder, sft_loss
 from dsf.training.checkpoint import save_safetensors
+from dsf.training.data import check_native_resolution
 from dsf.transforms import load_lora, merge_lora, save_lora
 
 TASKS = ("sft", "sft:data_process", "sft:train", "direct_distill")

@@ -623,3 +623,29 @@ def _write_atomically(path: Path, write: Callable[[Any], Any]) -> None:
     except BaseException:
         os.unlink(temporary_name)
         raise
+
+
+def check_native_resolution(
+    image_paths: Sequence[str | os.PathLike], image_size: tuple[int, int] | None, max_pixels: int | None, division: int = 16
+) -> None:
+    """Refuse data that the dataset would resize: direct distillation compares latents at the teacher image's size.
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "teacher.png"
+    >>> Image.new("RGB", (48, 32)).save(path)
+    >>> check_native_resolution([path], (32, 48), None)
+    >>> check_native_resolution([path], (32, 32), None)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: direct distillation trains at the teacher images' own size, but .../teacher.png (32x48) would become 32x32; ...
+    """
+    for path in image_paths:
+        with Image.open(path) as image:
+            native = (image.height, image.width)
+        trained = image_size or size_within_max_pixels(*native, max_pixels, division, division)
+        if tuple(trained) != native:
+            raise ValueError(
+                f"direct distillation trains at the teacher images' own size, but {path} ({native[0]}x{native[1]}) would "
+                f"become {trained[0]}x{trained[1]}; pass --height {native[0]} --width {native[1]}, or leave them out with "
+                f"--max_pixels of at least {native[0] * native[1]} (sides multiples of {division})"
+            )

@@ -30,9 +30,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from PIL import Image
 
-from dsf.training.data import size_within_max_pixels
 from dsf.diffusion.losses import flow_matching_loss
 from dsf.model_parts.family import Component
 from dsf.models.flux.keys import DIT
@@ -158,32 +156,6 @@ class SampleEncoder:
             pooled_embeds = self.clip.encode(params["clip"], prompt)
         columns = {key: value for key, value in item.items() if key != IMAGE_KEY}
         return {**columns, "latents": latents[0], "text_embeds": text_embeds[0], "pooled_embeds": pooled_embeds[0]}
-
-
-def check_native_resolution(
-    image_paths: Sequence[str | os.PathLike], image_size: tuple[int, int] | None, max_pixels: int | None, division: int = 16
-) -> None:
-    """Refuse data that the dataset would resize: direct distillation compares latents at the teacher image's size.
-
-    >>> import tempfile
-    >>> path = Path(tempfile.mkdtemp()) / "teacher.png"
-    >>> Image.new("RGB", (48, 32)).save(path)
-    >>> check_native_resolution([path], (32, 48), None)
-    >>> check_native_resolution([path], (32, 32), None)  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    ValueError: direct distillation trains at the teacher images' own size, but .../teacher.png (32x48) would become 32x32; ...
-    """
-    for path in image_paths:
-        with Image.open(path) as image:
-            native = (image.height, image.width)
-        trained = image_size or size_within_max_pixels(*native, max_pixels, division, division)
-        if tuple(trained) != native:
-            raise ValueError(
-                f"direct distillation trains at the teacher images' own size, but {path} ({native[0]}x{native[1]}) would "
-                f"become {trained[0]}x{trained[1]}; pass --height {native[0]} --width {native[1]}, or leave them out with "
-                f"--max_pixels of at least {native[0] * native[1]} (sides multiples of {division})"
-            )
 
 
 # ----------------------------------------------------------------------------- losses
