@@ -9,8 +9,11 @@ DiffSynth-Studio's training flags.
 The metadata (csv, json or jsonl) has an ``image`` column (paths inside --dataset_base_path) and a ``prompt``
 column; for editing, --reference_columns names the columns of the reference images (e.g. ``edit_image``), which
 the DiT attends as extra tokens as it does at inference. The model comes from a diffusers folder (--model_path,
---model_id) or single files (--dit: BFL ``flux2-*.safetensors``, diffusers or ComfyUI; --vae: ``ae.safetensors``;
---text_encoder with --tokenizer).
+--model_id), from model files recognized by their keys, whatever their names (--model_paths, a JSON list, a list
+inside it being one model in shards; --model_id_with_origin_paths, model_id:pattern entries downloaded from the hub;
+the tokenizer from --tokenizer or else the first repo's ``tokenizer/``), or single files (--dit: BFL
+``flux2-*.safetensors``, diffusers or ComfyUI; --vae: ``ae.safetensors``; --text_encoder with --tokenizer), which
+win over the others.
 
 What trains: a LoRA of --lora_rank on the DiT (--lora_target_modules: BFL or diffusers module names; the default
 is every attention and MLP projection; --lora_checkpoint continues a LoRA file), or with --trainable_models dit the
@@ -32,37 +35,52 @@ encodes the data once without the DiT and trains without the VAE and text encode
 Written under --output_path: ``step-N.safetensors`` every --save_steps steps (default: once per epoch) and at the
 end (the LoRA in --lora_layout: ``diffusers`` for diffusers and DiffSynth-Studio, ``comfyui``/``kohya`` in BFL names
 for ComfyUI; or the whole DiT in the diffusers layout), ``log.csv``, and the resumable state in ``checkpoints/`` that --resume continues from.
+
+Several GPUs: the same command under ``torchrun --nproc_per_node N recipes/flux2_lora.py ...``. Each process trains on
+its share of the batches (N processes with --gradient_accumulation_steps a make the updates of one with N·a, and an
+epoch takes 1/N of the steps); ``--shard`` also splits the DiT's weights (and, with --trainable_models dit, its
+optimizer state) over the processes (the text encoder and the VAE stay whole; it does not combine with
+--offload_models dit). The processes download the model files in turn; process 0 prints and writes the files;
+sft:data_process encodes in process 0 alone.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
-from pathlib import Path
-
-import torch
 
 import dsf
 from dsf.cli.flag_types import finite_float, positive_int
-from dsf.cli.lora_paradigm import trained_lora
-from dsf.cli.training_flags import add_dataset_flags, add_training_flags, batch_stream, train_config
+from dsf.cli.lora_recipe import (
+    MODEL_FLAGS,
+    add_model_file_flags,
+    add_process_flags,
+    cache_encoded_samples,
+    check_training_flags,
+    chosen_paradigm,
+    dit_load_device,
+    hub_folders,
+    join_processes,
+    recognized_model_files,
+    train_run,
+    trained_file_writer,
+    training_dataset,
+)
+from dsf.cli.training_flags import add_dataset_flags, add_training_flags
 from dsf.files.hub import ModelSource
 from dsf.model_parts.lora_files import LAYOUTS
+from dsf.models import flux2
 from dsf.models.flux2.pipeline import load_pipeline
 from dsf.models.flux2.text import MAX_TOKENS
 from dsf.models.flux2.training import LORA_TARGETS, SampleEncoder, direct_distill_loss, sft_loss
-from dsf.training.cache import CachedDataset, encode_into_cache
-from dsf.training.data import FolderDataset
-from dsf.training.paradigm import DataFromParams, Paradigm, fit
 from dsf.training.checkpoint import save_safetensors
-from dsf.transforms import checkpoint, fp8, load_lora, lora_trainable, merge_lora, offload, save_lora
-from dsf.transforms.lora import TRAINED
-from dsf.weight import dense_tree
+from dsf.training.data import FolderDataset
+from dsf.transforms import load_lora, merge_lora, save_lora
 
 FROZEN_COMPONENTS = ("dit", "text")  # what --fp8_models and --offload_models may name
 TASKS = ("sft", "sft:data_process", "sft:train", "direct_distill")
 NOT_RUN = {"sft": (), "sft:data_process": ("dit",), "sft:train": ("vae", "text"), "direct_distill": ()}  # kept on meta
+COMPONENT_FLAGS = {"dit": "dit", "vae": "vae", "text": "text_encoder"}  # component: the flag of its own file
 
 
 def parser() -> argparse.ArgumentParser:
@@ -74,17 +92,17 @@ def parser() -> argparse.ArgumentParser:
     models = p.add_argument_group("models")
     models.add_argument("--model_path", help="a diffusers FLUX.2 pipeline folder")
     models.add_argument("--model_id", help="a hub repo, e.g. black-forest-labs/FLUX.2-klein-base-4B")
+    add_model_file_flags(models)
     models.add_argument("--dit", help="a DiT file or folder instead of the pipeline's (BFL, diffusers or ComfyUI layout)")
     models.add_argument("--vae", help="a VAE file or folder instead of the pipeline's (BFL ae.safetensors or diffusers)")
     models.add_argument("--text_encoder", help="a text-encoder file or folder instead of the pipeline's")
-    models.add_argument("--tokenizer", help="the tokenizer folder, with --text_encoder")
+    models.add_argument("--tokenizer", help="the tokenizer folder, with --text_encoder or --model_paths")
     models.add_argument("--fp8_models", default="", help=f"comma list of frozen components stored in fp8: {FROZEN_COMPONENTS}")
     models.add_argument("--offload_models", default="", help=f"comma list of components streamed from the CPU block by block: "
                                                              f"{FROZEN_COMPONENTS}")
     models.add_argument("--vram_limit", type=finite_float, default=0.0, help="GiB of offloaded blocks kept resident")
-    models.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on CUDA, float32 on the CPU")
-    models.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     groups = add_training_flags(p, output_path="outputs/flux2_lora", lora_targets=LORA_TARGETS, lora_layouts=LAYOUTS)
+    add_process_flags(models, groups["training"])
     groups["training"].add_argument("--task", default="sft", choices=TASKS)
     groups["training"].add_argument("--trainable_models", choices=("dit",), help="dit: full fine-tuning of the DiT instead of a LoRA")
     groups["LoRA"].add_argument("--preset_lora_path", help="a LoRA merged into the base before training (differential LoRA)")
@@ -106,121 +124,106 @@ def check_flags(args) -> None:
     >>> check_flags(parser().parse_args(["--dataset_base_path", "d", "--dataset_metadata_path", "m.csv"]))
     Traceback (most recent call last):
     ...
-    ValueError: pass --model_path (a diffusers FLUX.2 pipeline folder), --model_id (a hub repo), or --dit, --vae and --text_encoder
+    ValueError: pass --model_path (a diffusers FLUX.2 pipeline folder), --model_id (a hub repo), --model_paths/--model_id_with_origin_paths (model files), or --dit, --vae and --text_encoder
     """
-    if args.model_path is None and args.model_id is None and None in (args.dit, args.vae, args.text_encoder):
+    model_files = args.model_paths or args.model_id_with_origin_paths
+    if args.model_path is None and args.model_id is None and not model_files and None in (args.dit, args.vae, args.text_encoder):
         raise ValueError("pass --model_path (a diffusers FLUX.2 pipeline folder), --model_id (a hub repo), "
-                         "or --dit, --vae and --text_encoder")
-    if args.task != "sft:train" and args.dataset_metadata_path is None:
-        raise ValueError(f"--task {args.task} reads a dataset folder: pass --dataset_metadata_path")
-    if (args.height is None) != (args.width is None):
-        raise ValueError(f"pass both --height and --width or neither (got {args.height}, {args.width})")
+                         f"{MODEL_FLAGS} (model files), or --dit, --vae and --text_encoder")
+    if args.model_paths and not (args.tokenizer or args.model_path or args.model_id or args.model_id_with_origin_paths):
+        raise ValueError("--model_paths gives no tokenizer: pass --tokenizer (the tokenizer/ folder of the FLUX.2 repo)")
+    check_training_flags(args, FROZEN_COMPONENTS)
     if args.task == "direct_distill" and (args.height or args.reference_columns):
         raise ValueError("direct_distill trains at the teacher images' own size, without reference images: "
                          "drop --height/--width and --reference_columns (teacher images within --max_pixels, sides multiples of 16)")
-    _components("--fp8_models", args.fp8_models)
-    _components("--offload_models", args.offload_models)
-    if args.trainable_models and args.lora_checkpoint:
-        raise ValueError("--lora_checkpoint continues a LoRA, but --trainable_models dit trains the whole DiT; drop one")
+    if "dit" in _components("--offload_models", args.offload_models) and args.shard:
+        raise ValueError("--shard splits the DiT over the processes and --offload_models dit streams it from the CPU: "
+                         "drop one of them")
+    if args.validation_prompts:
+        raise ValueError("--validation_prompts: FLUX.2 training has no previews (its pipeline samples latents); drop the flag")
 
 
-def memory_transforms(args, compute_dtype) -> dsf.Transform:
-    """fp8 storage and block offload of the frozen components, gradient checkpointing.
+def for_task(args) -> argparse.Namespace:
+    """The flags with --fp8_models and --offload_models less the components the task never runs (kept on meta).
 
+    >>> flags = ["--dataset_base_path", "d", "--task", "sft:train", "--fp8_models", "dit,text", "--offload_models", "text"]
+    >>> chosen = for_task(parser().parse_args(flags))
+    >>> chosen.fp8_models, chosen.offload_models
+    ('dit', '')
+
+    What a run keeps of them, in the paradigm's chain (here full fine-tuning, so nothing follows):
+
+    >>> import torch
     >>> flags = ["--dataset_base_path", "d", "--fp8_models", "dit,text", "--offload_models", "text", "--device", "cpu",
-    ...          "--use_gradient_checkpointing"]
-    >>> memory_transforms(parser().parse_args(flags), torch.float32).name
+    ...          "--use_gradient_checkpointing", "--trainable_models", "dit"]
+    >>> chosen_paradigm(for_task(parser().parse_args(flags)), torch.float32).transforms.name
     'chain(fp8(granularity=tensor, compute_dtype=float32), offload(device=cpu, level=block, vram_limit=0.0), checkpoint(offload_activations=False))'
     """
-    stack = []
-    fp8_models = _components("--fp8_models", args.fp8_models, args.task)
-    offloaded = _components("--offload_models", args.offload_models, args.task)
-    if fp8_models:
-        stack.append(fp8(where=rf"^({'|'.join(fp8_models)})/", compute_dtype=compute_dtype))
-    if offloaded:
-        stack.append(offload(device=args.device, level="block", vram_limit=args.vram_limit, where=rf"^({'|'.join(offloaded)})/"))
-    if args.use_gradient_checkpointing or args.use_gradient_checkpointing_offload:
-        stack.append(checkpoint(offload_activations=args.use_gradient_checkpointing_offload))
-    return dsf.chain(*stack)
+    return argparse.Namespace(**{**vars(args), **{
+        name: ",".join(_components(f"--{name}", getattr(args, name), args.task)) for name in ("fp8_models", "offload_models")
+    }})
 
 
-def chosen_paradigm(args, compute_dtype) -> Paradigm:
-    """What the flags train, as one chain: the memory transforms, then (LoRA) the adapter.
-
-    >>> flags = ["--dataset_base_path", "d", "--fp8_models", "text", "--lora_rank", "4"]
-    >>> chosen_paradigm(parser().parse_args(flags), torch.float32).transforms.name
-    "chain(fp8(granularity=tensor, compute_dtype=float32), lora(rank=4, alpha=None, name='lora'))"
-    >>> chosen_paradigm(parser().parse_args([*flags, "--trainable_models", "dit"]), torch.float32).name
-    'full fine-tuning'
-    """
-    stack = memory_transforms(args, compute_dtype)
-    if args.trainable_models:
-        return Paradigm("full fine-tuning", stack, r"^dit/")
-    return Paradigm("LoRA", dsf.chain(stack, trained_lora(args)), lora_trainable)
+def component_sources(args) -> dict:
+    """``{dit, vae, text_encoder, tokenizer}`` for :func:`load_pipeline`: --dit, --vae, --text_encoder and
+    --tokenizer, else the model files of --model_paths/--model_id_with_origin_paths recognized by their keys
+    (all three needed without --model_path/--model_id) and the first repo's ``tokenizer/``."""
+    chosen = {flag: getattr(args, flag) for flag in COMPONENT_FLAGS.values()}
+    tokenizer = args.tokenizer
+    if args.model_paths or args.model_id_with_origin_paths:
+        without_pipeline = args.model_path is None and args.model_id is None
+        needed = [c for c, flag in COMPONENT_FLAGS.items() if chosen[flag] is None and without_pipeline]
+        files = recognized_model_files(args, flux2.FAMILY, needed)
+        chosen = {flag: chosen[flag] or files.get(c) for c, flag in COMPONENT_FLAGS.items()}
+        tokenizer = tokenizer or hub_folders(args, "tokenizer/")
+    return {**chosen, "tokenizer": tokenizer}
 
 
 def main(argv: list[str]):
     """Run the task; returns the trained params (the cache folder for sft:data_process)."""
     args = parser().parse_args(argv)
     check_flags(args)
+    args = for_task(args)
+    world, device, dtype = join_processes(args)  # under torchrun, or one process
     source = args.model_path or (ModelSource(model_id=args.model_id) if args.model_id else None)
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    offloaded = _components("--offload_models", args.offload_models, args.task)
+    offloaded = [c for c in args.offload_models.split(",") if c]
     init_key, data_key, fit_key = dsf.random.split(dsf.random.key(args.seed), 3)
 
     # 1. The pipeline: DiT, VAE, text encoder; what the task never runs is built on the meta device from its headers,
-    #    what is offloaded is loaded on the CPU.
-    devices = {name: "meta" if name in NOT_RUN[args.task] else "cpu" if name in offloaded else device
-               for name in ("dit", "vae", "text")}
-    pipe = load_pipeline(source, dit=args.dit, vae=args.vae, text_encoder=args.text_encoder, tokenizer=args.tokenizer,
-                         dtype=dtype, device=devices, max_sequence_length=args.max_sequence_length)
+    #    what is offloaded is loaded on the CPU, and a DiT split by --shard too (its shards then go to each GPU).
+    placed = {"dit": dit_load_device(args, world, device), "vae": device, "text": device}
+    devices = {name: "meta" if name in NOT_RUN[args.task] else "cpu" if name in offloaded else placed[name]
+               for name in placed}
+    pipe = load_pipeline(source, **component_sources(args), dtype=dtype, device=devices,
+                         max_sequence_length=args.max_sequence_length)
     params = pipe.params
     references = [c for c in args.reference_columns.split(",") if c]
     encoder = SampleEncoder(pipe.vae, pipe.text, args.max_sequence_length, tuple(references))
 
     # 2. The data: images (and reference images) with their prompts, or the encoded samples of a data-processing run.
     image_size = (args.height, args.width) if args.height else None
-    if args.task == "sft:train":
-        dataset = CachedDataset(args.dataset_base_path, repeat=args.dataset_repeat)
-    else:
-        dataset = FolderDataset(args.dataset_base_path, args.dataset_metadata_path,
-                                repeat=1 if args.task == "sft:data_process" else args.dataset_repeat,
-                                data_file_keys=["image", *references], image_size=image_size,
-                                max_pixels=None if image_size else args.max_pixels)
+    dataset = training_dataset(args, lambda repeat: FolderDataset(
+        args.dataset_base_path, args.dataset_metadata_path, repeat=repeat, data_file_keys=["image", *references],
+        image_size=image_size, max_pixels=None if image_size else args.max_pixels))
 
-    # 3. Split training, stage 1: encode every sample once, cache, and stop.
+    # 3. Split training, stage 1: encode every sample once (fp8 storage, offload, checkpointing), cache, and stop.
     if args.task == "sft:data_process":
-        stack = memory_transforms(args, dtype)
-        index = encode_into_cache(args.output_path, dataset, functools.partial(stack(encoder), stack.init(params, init_key)))
-        print(f"cached {len(dataset)} encoded samples: {index}")
-        return Path(args.output_path)
+        return cache_encoded_samples(args, encoder, params, dataset, dtype, init_key)
 
     # 4. The paradigm, one chain: a preset LoRA merged into the base first, then fp8 storage, block offload, gradient
-    #    checkpointing, the LoRA on the DiT (or the whole DiT).
+    #    checkpointing, shards, the LoRA on the DiT (or the whole DiT).
     if args.preset_lora_path:
         params["dit"] = merge_lora(load_lora(params["dit"], args.preset_lora_path))
     paradigm = chosen_paradigm(args, dtype)
     encode = None if args.task == "sft:train" else paradigm.transforms(encoder)
 
-    # 5. The loss (flow matching on FLUX.2's training schedule, or the student's samples against the teacher's),
-    #    and the data stream.
+    # 5. The loss: flow matching on FLUX.2's training schedule, or the student's samples against the teacher's.
     loss = direct_distill_loss(pipe) if args.task == "direct_distill" else sft_loss(pipe.dit)
-    data = DataFromParams(lambda initialized: batch_stream(
-        dataset, args.batch_size, data_key, None if encode is None else functools.partial(encode, initialized)))
 
-    # 6. Train: AdamW on the LoRA factors, saving the LoRA in --lora_layout.
-    config = train_config(args, len(dataset))
-
-    def save(path, trained):
-        if args.trainable_models:
-            save_safetensors(path, dsf.tree.flatten_dict(dense_tree(trained["dit"])))
-        else:
-            save_lora(trained["dit"], path, args.lora_layout, name=TRAINED)
-
-    trained = fit(paradigm, loss, params, data, config, key=fit_key, save=save)
-    print(f"trained {config.max_steps} steps; the last file is {args.output_path}/step-{config.max_steps}.safetensors")
-    return trained
+    # 6. Train: AdamW on the LoRA factors (or the DiT), saving the LoRA in --lora_layout (or the DiT).
+    save = trained_file_writer(args, save_lora, save_safetensors)
+    return train_run(args, paradigm, loss, params, dataset, encode=encode, save=save, keys=(data_key, fit_key),
+                     processes=world.size)
 
 
 if __name__ == "__main__":

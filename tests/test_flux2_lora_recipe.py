@@ -160,3 +160,109 @@ def test_direct_distill_matches_the_student_sampler(repo, tmp_path):
     assert first_loss == pytest.approx(float(sum(errors) / 2), rel=1e-5)
     with pytest.raises(ValueError, match="direct_distill trains at the teacher images' own size"):
         flux2_lora.main([*argv, "--height", "48", "--width", "48"])
+
+
+def diffusers_files(repo: Path, folder: str):
+    """The safetensors of one component folder of the tiny repo: a file, or a list of shards (one model)."""
+    files = sorted(str(p) for p in (repo / folder).glob("*.safetensors"))
+    return files[0] if len(files) == 1 else files
+
+
+def test_model_paths_are_recognized_by_their_keys_and_train_as_the_pipeline_folder_does(repo, data, tmp_path):
+    import json
+
+    listed = [diffusers_files(repo, folder) for folder in ("vae", "text_encoder", "transformer")]  # any order
+    files = ("--model_paths", json.dumps(listed), "--tokenizer", str(repo / "tokenizer"))
+    argv = [*files, "--dataset_base_path", str(data.parent), "--dataset_metadata_path", str(data), "--height", str(SIZE),
+            "--width", str(SIZE), "--max_sequence_length", str(LENGTH), "--lora_rank", "4", "--max_steps", "2",
+            "--learning_rate", "1e-2", "--device", "cpu", "--lora_layout", "diffusers"]
+    flux2_lora.main([*argv, "--output_path", str(tmp_path / "files")])
+    run(repo, data, tmp_path / "folder", "--lora_layout", "diffusers")
+    a, b = (load_file(tmp_path / name / "step-2.safetensors") for name in ("files", "folder"))
+    assert sorted(a) == sorted(b) and len(a) > 0 and all(torch.equal(a[k], b[k]) for k in a)
+    without_text = json.dumps(listed[::2])
+    with pytest.raises(ValueError, match="no text encoder among --model_paths/--model_id_with_origin_paths"):
+        flux2_lora.main([*argv, "--model_paths", without_text, "--output_path", str(tmp_path / "none")])
+    with pytest.raises(ValueError, match="pass --tokenizer"):
+        flux2_lora.main([*argv[4:], "--model_paths", json.dumps(listed), "--output_path", str(tmp_path / "none")])
+
+
+SHARDED_RUNS = {  # name: flags of a run on 2 gloo ranks with --shard, and of its one-process reference
+    "lora": ("--lora_layout", "diffusers"),
+    "full fine-tuning": ("--trainable_models", "dit", "--learning_rate", "1e-3"),
+}
+
+
+def sharded_rank(rank: int, port: int, folder: str, runs: dict) -> None:
+    """One of 2 gloo ranks (the variables torchrun sets): the recipe's ``main`` on each argv of ``runs``; what it
+    returned, as plain tensors, goes to ``folder/rank{rank}.pt``."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    from dsf.training import distributed
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    distributed.init(backend="gloo", timeout=datetime.timedelta(seconds=300))
+    try:
+        returned = {}
+        for name, argv in runs.items():
+            trained = flux2_lora.main(argv)
+            returned[name] = {p: t.detach().clone() for p, t in dsf.tree.select(trained, None).items()}
+        torch.save(returned, os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_with_shard_train_as_one_process_accumulating_two(repo, data, tmp_path):
+    """2 ranks with --shard (the DiT split over them), each taking 1 batch a step, make the updates of one process
+    with --gradient_accumulation_steps 2: the same files; every rank gets the trained params back whole."""
+    import os
+    import socket
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    from updates import assert_same_updates
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is unavailable")
+
+    def argv(name, output, *flags):  # the 2 rows twice, in batches of 1: 2 steps of 2 batches
+        return ["--model_path", str(repo), "--dataset_base_path", str(data.parent), "--dataset_metadata_path", str(data),
+                "--height", str(SIZE), "--width", str(SIZE), "--max_sequence_length", str(LENGTH), "--lora_rank", "4",
+                "--dataset_repeat", "2", "--batch_size", "1", "--learning_rate", "1e-2", "--device", "cpu",
+                "--output_path", str(output / name), *SHARDED_RUNS[name], *flags]
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    runs = {name: argv(name, tmp_path / "two", "--shard") for name in SHARDED_RUNS}
+    mp.spawn(sharded_rank, args=(port, str(tmp_path), runs), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    one = {name: flux2_lora.main(argv(name, tmp_path / "one", "--gradient_accumulation_steps", "2")) for name in SHARDED_RUNS}
+
+    initial = dsf.tree.flatten_dict(load_pipeline(repo, max_sequence_length=LENGTH).params["dit"])
+    for name in SHARDED_RUNS:
+        two_file, one_file = (load_file(tmp_path / side / name / "step-2.safetensors") for side in ("two", "one"))
+        if name == "lora":  # the same arithmetic as the one process: bit-equal
+            assert sorted(two_file) == sorted(one_file) and all(torch.equal(two_file[k], one_file[k]) for k in one_file)
+        else:  # gradients averaged by reduce-scatter, whose last bits AdamW may blow up in a few elements
+            assert_same_updates(two_file, one_file, initial)
+        reference = dsf.tree.select(one[name], None)
+        assert sorted(ranks[0][name]) == sorted(reference)
+        assert all(torch.equal(ranks[0][name][p], ranks[1][name][p]) for p in reference)  # whole, the same on both
+    assert sorted(os.listdir(tmp_path / "two" / "full fine-tuning" / "checkpoints")) == ["rank-0-of-2", "rank-1-of-2"]
+
+
+@pytest.mark.parametrize("flags, error", [
+    (("--shard", "--offload_models", "dit"), "--shard splits the DiT over the processes and --offload_models dit"),
+    (("--validation_prompts", "a cat"), "FLUX.2 training has no previews"),
+    (("--offload_models", "vae"), r"--offload_models takes components of \('dit', 'text'\), got \['vae'\]"),
+])
+def test_flags_that_cannot_work_together_are_refused(repo, flags, error):
+    args = flux2_lora.parser().parse_args(["--model_path", str(repo), "--dataset_base_path", "d",
+                                           "--dataset_metadata_path", "m.csv", *flags])
+    with pytest.raises(ValueError, match=error):
+        flux2_lora.check_flags(args)
