@@ -122,3 +122,15 @@ def test_cached_tensors_start_where_torch_allocates_them(tmp_path):
     dataset = CachedDataset(tmp_path / "cache")
     offsets = [dataset[i][key].data_ptr() % ALLOCATOR_ALIGNMENT for i in range(len(dataset)) for key in ("latents", "text_embeds")]
     assert offsets == [0] * 2 * len(dataset)
+
+
+def test_lists_of_tensors_round_trip_in_order(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    samples = [{"latents": torch.randn(2, generator=generator),
+                "references": [torch.randn(3, 2, generator=generator) for _ in range(count)]} for count in (1, 3)]
+    write_cache(tmp_path / "cache", samples)
+    dataset = CachedDataset(tmp_path / "cache")
+    for sample, read in zip(samples, (dataset[0], dataset[1])):
+        assert torch.equal(read["latents"], sample["latents"])
+        assert len(read["references"]) == len(sample["references"])
+        assert all(torch.equal(a, b) for a, b in zip(read["references"], sample["references"]))

@@ -3,12 +3,13 @@
 Split training runs the gradient-free steps of a pipeline (text encoding, VAE encoding) once per
 sample, stores what they produce with :func:`write_cache`, and trains from a :class:`CachedDataset`
 without loading the encoders. A sample is a dict: its tensors go to the shards (exactly, in their
-dtype), its other values (strings, numbers, booleans, ``None``) to the index.
+dtype), and so do lists of tensors (an Edit model's condition images), its other values (strings, numbers,
+booleans, ``None``) to the index.
 
 Folder layout::
 
     index.json                 {"format": "dsf-cache", "version": 1, "shards": [...], "samples": [...]}
-    shard-00000.safetensors    tensors named "<sample index>/<key>"
+    shard-00000.safetensors    tensors named "<sample index>/<key>" (a list's: "<sample index>/<key>/<position>")
 
 The folder is written whole under a temporary name beside it and renamed into place, so a reader
 never sees a half-written cache.
@@ -108,11 +109,11 @@ def _write_cache_files(folder: Path, samples: Iterable[Mapping[str, Any]], shard
             pending, pending_bytes = {}, 0
 
     for index, sample in enumerate(samples):
-        tensors, fields = _split_sample(index, sample)
+        tensors, fields, lists = _split_sample(index, sample)
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         if pending and pending_bytes + size > shard_size:
             flush()
-        entries.append({"shard": len(shards), "tensors": list(tensors), "fields": fields})
+        entries.append({"shard": len(shards), "tensors": list(tensors), "fields": fields, "lists": lists})
         pending.update({f"{index}/{key}": tensor for key, tensor in tensors.items()})
         pending_bytes += size
     flush()
@@ -122,24 +123,28 @@ def _write_cache_files(folder: Path, samples: Iterable[Mapping[str, Any]], shard
     (folder / INDEX_NAME).write_text(json.dumps(index))
 
 
-def _split_sample(index: int, sample: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``(tensors on the CPU, other fields)`` of one sample, refusing values the index cannot hold."""
+def _split_sample(index: int, sample: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, int]]:
+    """``(tensors on the CPU, other fields, {key: length} of the lists of tensors)`` of one sample, refusing values
+    the index cannot hold; a list's tensors are named ``<key>/<position>``."""
     if not isinstance(sample, Mapping):
         raise TypeError(f"sample {index} is a {type(sample).__name__}; a cached sample is a dict of named values")
-    tensors, fields = {}, {}
+    tensors, fields, lists = {}, {}, {}
     for key, value in sample.items():
         if not isinstance(key, str) or not key or "/" in key:
             raise ValueError(f"sample {index} has the key {key!r}; keys are non-empty strings without '/'")
         if isinstance(value, torch.Tensor):
             tensors[key] = value.detach().to("cpu").contiguous()
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+            tensors |= {f"{key}/{position}": v.detach().to("cpu").contiguous() for position, v in enumerate(value)}
+            lists[key] = len(value)
         elif isinstance(value, FIELD_TYPES):
             fields[key] = value
         else:
             raise TypeError(
-                f"sample {index}, key {key!r} is a {type(value).__name__}; a cache stores tensors, strings, numbers, "
-                "booleans and None (convert it, e.g. with torch.as_tensor or str)"
+                f"sample {index}, key {key!r} is a {type(value).__name__}; a cache stores tensors, non-empty lists of "
+                "tensors, strings, numbers, booleans and None (convert it, e.g. with torch.as_tensor or str)"
             )
-    return tensors, fields
+    return tensors, fields, lists
 
 
 class CachedDataset:
@@ -185,7 +190,9 @@ class CachedDataset:
         entry = self.samples[sample_index]
         shard = self._shard(entry["shard"])
         tensors = {key: aligned(shard.get_tensor(f"{sample_index}/{key}")) for key in entry["tensors"]}
-        return {**entry["fields"], **tensors}
+        lists = {key: [tensors.pop(f"{key}/{position}") for position in range(length)]
+                 for key, length in entry.get("lists", {}).items()}
+        return {**entry["fields"], **tensors, **lists}
 
     def _shard_path(self, name: Any, index_path: Path) -> Path:
         path = resolve_data_path(self.folder, name, f"cache index {index_path}, shard {name!r}")
