@@ -34,7 +34,9 @@ encodes the data once without the DiT and trains without the VAE and text encode
 
 Written under --output_path: ``step-N.safetensors`` every --save_steps steps (default: once per epoch) and at the
 end (the LoRA in --lora_layout: ``diffusers`` for diffusers and DiffSynth-Studio, ``comfyui``/``kohya`` in BFL names
-for ComfyUI; or the whole DiT in the diffusers layout), ``log.csv``, and the resumable state in ``checkpoints/`` that --resume continues from.
+for ComfyUI; or the whole DiT in the diffusers layout), ``log.csv``, and the resumable state in ``checkpoints/`` that --resume continues from. --validation_prompts (sft and
+direct_distill) adds previews every --validation_steps steps: ``validation/step-N/<index>.png``, sampled at --seed in
+--height × --width (1024 × 1024 without them) with --validation_num_inference_steps, through the paradigm's chain.
 
 Several GPUs: the same command under ``torchrun --nproc_per_node N recipes/flux2_lora.py ...``. Each process trains on
 its share of the batches (N processes with --gradient_accumulation_steps a make the updates of one with N·a, and an
@@ -56,11 +58,13 @@ from dsf.cli.lora_recipe import (
     add_model_file_flags,
     add_process_flags,
     cache_encoded_samples,
+    check_preview_task,
     check_training_flags,
     chosen_paradigm,
     dit_load_device,
     hub_folders,
     join_processes,
+    preview_images,
     recognized_model_files,
     train_run,
     trained_file_writer,
@@ -139,8 +143,7 @@ def check_flags(args) -> None:
     if "dit" in _components("--offload_models", args.offload_models) and args.shard:
         raise ValueError("--shard splits the DiT over the processes and --offload_models dit streams it from the CPU: "
                          "drop one of them")
-    if args.validation_prompts:
-        raise ValueError("--validation_prompts: FLUX.2 training has no previews (its pipeline samples latents); drop the flag")
+    check_preview_task(args, ("sft", "direct_distill"), "the VAE and the text encoder")
 
 
 def for_task(args) -> argparse.Namespace:
@@ -220,10 +223,12 @@ def main(argv: list[str]):
     # 5. The loss: flow matching on FLUX.2's training schedule, or the student's samples against the teacher's.
     loss = direct_distill_loss(pipe) if args.task == "direct_distill" else sft_loss(pipe.dit)
 
-    # 6. Train: AdamW on the LoRA factors (or the DiT), saving the LoRA in --lora_layout (or the DiT).
+    # 6. Train: AdamW on the LoRA factors (or the DiT), saving the LoRA in --lora_layout (or the DiT), with
     save = trained_file_writer(args, save_lora, save_safetensors)
+    #    previews of --validation_prompts sampled through the same chain.
+    previews = None if args.task == "sft:train" else preview_images(pipe, args)
     return train_run(args, paradigm, loss, params, dataset, encode=encode, save=save, keys=(data_key, fit_key),
-                     processes=world.size)
+                     generate=previews, processes=world.size)
 
 
 if __name__ == "__main__":

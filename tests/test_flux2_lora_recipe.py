@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import dsf
@@ -258,7 +259,7 @@ def test_two_ranks_with_shard_train_as_one_process_accumulating_two(repo, data, 
 
 @pytest.mark.parametrize("flags, error", [
     (("--shard", "--offload_models", "dit"), "--shard splits the DiT over the processes and --offload_models dit"),
-    (("--validation_prompts", "a cat"), "FLUX.2 training has no previews"),
+    (("--validation_prompts", "a cat", "--task", "sft:train"), "samples with the VAE and the text encoder, which --task sft:train"),
     (("--offload_models", "vae"), r"--offload_models takes components of \('dit', 'text'\), got \['vae'\]"),
 ])
 def test_flags_that_cannot_work_together_are_refused(repo, flags, error):
@@ -266,3 +267,15 @@ def test_flags_that_cannot_work_together_are_refused(repo, flags, error):
                                            "--dataset_metadata_path", "m.csv", *flags])
     with pytest.raises(ValueError, match=error):
         flux2_lora.check_flags(args)
+
+
+def test_validation_previews_sample_through_the_training_chain(repo, data, tmp_path):
+    run(repo, data, tmp_path / "plain", "--lora_layout", "diffusers")
+    run(repo, data, tmp_path / "previewed", "--lora_layout", "diffusers", "--validation_prompts", "pattern 0", "pattern 1",
+        "--validation_steps", "1", "--validation_num_inference_steps", "2")
+    folder = tmp_path / "previewed" / "validation"
+    assert sorted(str(path.relative_to(folder)) for path in folder.rglob("*.png")) == [
+        "step-1/0.png", "step-1/1.png", "step-2/0.png", "step-2/1.png"]
+    assert Image.open(folder / "step-2" / "0.png").size == (SIZE, SIZE)
+    trained = [load_file(tmp_path / name / "step-2.safetensors") for name in ("plain", "previewed")]
+    assert all(torch.equal(trained[0][key], trained[1][key]) for key in trained[0])  # previews cost no randomness
