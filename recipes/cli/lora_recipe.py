@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from dsf.cli.lora_paradigm import trained_lora
 from dsf.cli.training_flags import batch_stream, train_config, validation_options
-from dsf.transforms import checkpoint, fp8, lora_trainable
+from dsf.transforms import checkpoint, fp8, lora_trainable, offload
 from dsf.transforms.lora import TRAINED
 from dsf.transforms.shard import shard, unshard
 
@@ -218,8 +218,8 @@ def dit_load_device(args, world, device) -> torch.device:
 
 
 def storage_and_block_transforms(args, compute_dtype) -> dsf.Transform:
-    """fp8 storage of the frozen components (--fp8_models), gradient checkpointing, the DiT's shards (--shard,
-    where the recipe has it).
+    """fp8 storage of the frozen components (--fp8_models), the DiT's blocks offloaded (--offload_blocks), gradient
+    checkpointing, the DiT's shards (--shard); the flags a recipe lacks add nothing.
 
     >>> args = argparse.Namespace(fp8_models="t5", use_gradient_checkpointing=True, use_gradient_checkpointing_offload=False)
     >>> storage_and_block_transforms(args, torch.float32).name
@@ -229,6 +229,8 @@ def storage_and_block_transforms(args, compute_dtype) -> dsf.Transform:
     fp8_models = [c for c in args.fp8_models.split(",") if c]
     if fp8_models:
         stack.append(fp8(where=rf"^({'|'.join(fp8_models)})/", compute_dtype=compute_dtype))
+    if getattr(args, "offload_blocks", False):  # where the recipe has it: the frozen DiT's blocks stream from the CPU
+        stack.append(offload(device=args.device, level="block", where=r"^dit/"))
     if args.use_gradient_checkpointing or args.use_gradient_checkpointing_offload:
         stack.append(checkpoint(offload_activations=args.use_gradient_checkpointing_offload))
     if getattr(args, "shard", False):  # after fp8, whose bytes it splits; a single process has nothing to split
