@@ -1,27 +1,40 @@
 """recipes/qwen_image_lora.py end to end on a tiny Qwen-Image saved like the hub repo: LoRA training, the LoRA in
 diffusers' QwenImagePipeline giving our pipeline's image, resumed and split runs bit-equal to the plain one, full
-fine-tuning, fp8 base with block offload."""
+fine-tuning, fp8 base with block offload, model files recognized by their keys (--model_paths), and 2 gloo ranks
+with --shard training as one process does."""
 
 from __future__ import annotations
 
 import csv
+import datetime
 import importlib.util
+import json
+import os
+import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file
+
+import dsf
+import dsf.training.paradigm
 
 from dsf.model_parts.lora_files import read_lora
 from dsf.models.qwen_image.pipeline import load_pipeline
 from dsf.transforms import load_lora
+from dsf.training import distributed
 from dsf.transforms.lora import linear_weight_shapes
 
 pytest.importorskip("diffusers")
 from diffusers import QwenImagePipeline  # noqa: E402
 from tiny_qwen_image import write_tiny_qwen_image_pipeline  # noqa: E402
+from updates import assert_same_updates  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, TOKENS = 32, 16
@@ -187,3 +200,135 @@ def test_t2i_recipe_applies_a_trained_lora_file(repo, trained, tmp_path):
     plain = pipe.generate(pipe.params, "a red dog", seed=2, height=SIZE, width=SIZE, num_inference_steps=2, progress=False)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "dog.png")), np.asarray(expected))
     assert not np.array_equal(np.asarray(expected), np.asarray(plain))
+
+
+def model_file_flags(repo: Path) -> list[str]:
+    """The tiny repo's three weight files as --model_paths (not in the recipe's order), with its tokenizer."""
+    files = [repo / "vae" / "diffusion_pytorch_model.safetensors", repo / "text_encoder" / "model.safetensors",
+             repo / "transformer" / "diffusion_pytorch_model.safetensors"]
+    return ["--model_paths", json.dumps([str(path) for path in files]), "--tokenizer", str(repo / "tokenizer")]
+
+
+def model_files_run(repo: Path, metadata: Path, output: Path, *flags: str):
+    return qwen_image_lora.main([
+        "--dataset_base_path", str(metadata.parent), "--dataset_metadata_path", str(metadata), *model_file_flags(repo),
+        "--height", str(SIZE), "--width", str(SIZE), "--max_sequence_length", str(TOKENS), "--learning_rate", "1e-2",
+        "--lora_rank", "4", "--device", "cpu", "--output_path", str(output), *flags,
+    ])
+
+
+def test_model_paths_recognizes_the_repos_files_by_their_keys(repo, dataset, trained, tmp_path):
+    model_files_run(repo, dataset, tmp_path, "--max_steps", "2", "--lora_layout", "diffusers")
+    assert_same_lora(repo, tmp_path / "step-2.safetensors", trained / "step-2.safetensors")
+
+
+def test_model_paths_without_a_component_names_it(repo, dataset, tmp_path):
+    flags = model_file_flags(repo)
+    flags[1] = json.dumps(json.loads(flags[1])[:2])  # the VAE and the text encoder, no DiT
+    with pytest.raises(ValueError, match="no DiT among --model_paths/--model_id_with_origin_paths"):
+        qwen_image_lora.main(["--dataset_base_path", str(dataset.parent), "--dataset_metadata_path", str(dataset),
+                              *flags, "--device", "cpu", "--output_path", str(tmp_path)])
+
+
+def test_previews_are_sampled_with_the_trained_lora_and_leave_the_training_alone(repo, dataset, trained, tmp_path):
+    lora_run(repo, dataset, tmp_path, "--max_steps", "2", "--lora_layout", "diffusers", "--validation_prompts", "a red dog",
+             "--validation_steps", "2", "--validation_num_inference_steps", "2")
+    assert sorted(str(p.relative_to(tmp_path / "validation")) for p in (tmp_path / "validation").rglob("*.png")) == [
+        "step-2/0.png"]
+    assert_same_lora(repo, tmp_path / "step-2.safetensors", trained / "step-2.safetensors")
+    pipe = load_pipeline(repo, max_sequence_length=TOKENS)
+    params = {**pipe.params, "dit": load_lora(pipe.dit_params, trained / "step-2.safetensors")}
+    expected = pipe.generate(params, ["a red dog"], seed=0, num_inference_steps=2, height=SIZE, width=SIZE, progress=False)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "validation" / "step-2" / "0.png")), np.asarray(expected[0]))
+    with pytest.raises(ValueError, match="--task sft:train does not train with"):
+        lora_run(repo, dataset, tmp_path / "cached", "--task", "sft:train", "--validation_prompts", "a red dog")
+
+
+# ----------------------------------------------------------------------------- 2 gloo ranks
+
+SHARDED_RUNS = {  # name: (the flags of the 2 ranks, the flags of the one-process reference)
+    "lora": (("--shard",), ("--gradient_accumulation_steps", "2")),
+    "full fine-tuning": (("--trainable_models", "dit", "--learning_rate", "1e-3", "--shard"),
+                         ("--trainable_models", "dit", "--learning_rate", "1e-3", "--gradient_accumulation_steps", "2")),
+}
+
+
+def sharded_argv(repo: Path, metadata: Path, output: Path, *flags: str) -> list[str]:
+    """The 2 images twice in batches of 1: 2 steps of 2 batches (2 ranks each accumulating 1, or 1 accumulating 2)."""
+    return ["--dataset_base_path", str(metadata.parent), "--dataset_metadata_path", str(metadata), *model_file_flags(repo),
+            "--height", str(SIZE), "--width", str(SIZE), "--max_sequence_length", str(TOKENS), "--learning_rate", "1e-2",
+            "--lora_rank", "4", "--num_epochs", "1", "--dataset_repeat", "2", "--batch_size", "1", "--lora_layout",
+            "diffusers", "--device", "cpu", "--output_path", str(output), *flags]
+
+
+def _rank_main(rank: int, port: int, folder: str, runs: dict) -> None:
+    """One of 2 gloo ranks, as torchrun starts it: runs the recipe on each argv of ``runs`` and saves, per run, the
+    components that trained sharded, whether the params it got back hold shards, and the trained DiT."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    distributed.init(backend="gloo", timeout=datetime.timedelta(seconds=120))
+    train = dsf.training.paradigm.train
+    try:
+        seen = {}
+        for name, argv in runs.items():
+            trained_sharded = []
+
+            def recording_train(loss, params, *args, **kwargs):
+                leaves = dsf.tree.select(params, None)
+                trained_sharded.append(sorted({p.split("/")[0] for p, leaf in leaves.items() if distributed.is_sharded(leaf)}))
+                return train(loss, params, *args, **kwargs)
+
+            dsf.training.paradigm.train = recording_train
+            returned = qwen_image_lora.main(argv)
+            seen[name] = {"trained sharded": trained_sharded, "returned sharded": distributed.holds_shards(returned),
+                          "dit": {k: v.detach().clone() for k, v in dsf.tree.select(returned["dit"], None).items()}}
+        torch.save(seen, os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dsf.training.paradigm.train = train
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(repo, dataset, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("two ranks")
+    runs = {name: sharded_argv(repo, dataset, folder / name, *flags) for name, (flags, _) in SHARDED_RUNS.items()}
+    threads = torch.get_num_threads()
+    try:
+        mp.spawn(_rank_main, args=(free_port(), str(folder), runs), nprocs=2)
+    finally:
+        torch.set_num_threads(threads)
+    return {"outputs": folder, "seen": [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]}
+
+
+def initial_tensors(repo: Path, metadata: Path, output: Path, *flags: str) -> dict[str, torch.Tensor]:
+    """What the run of ``flags`` starts from, under its step file's keys: the file of a step at learning rate 0."""
+    qwen_image_lora.main(sharded_argv(repo, metadata, output, *flags, "--learning_rate", "0", "--max_steps", "1"))
+    return load_file(output / "step-1.safetensors")
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is unavailable")
+@pytest.mark.parametrize("name", list(SHARDED_RUNS))
+def test_two_ranks_with_shard_train_as_one_process(repo, dataset, two_ranks, tmp_path, name):
+    _, flags = SHARDED_RUNS[name]
+    qwen_image_lora.main(sharded_argv(repo, dataset, tmp_path, *flags))
+    two = two_ranks["outputs"] / name
+    assert [row["step"] for row in log_rows(two)] == [row["step"] for row in log_rows(tmp_path)] == ["1", "2"]
+    trained, reference = load_file(two / "step-2.safetensors"), load_file(tmp_path / "step-2.safetensors")
+    initial = initial_tensors(repo, dataset, tmp_path / "initial", *flags)
+    moved = [key for key in reference if not torch.equal(reference[key], initial[key])]
+    assert sorted(trained) == sorted(reference) and len(moved) > len(reference) / 2
+    assert all(torch.equal(trained[key], initial[key]) for key in reference if key not in moved)
+    # a mean of gradients by another summation order (and, sharded, by reduce-scatter): the same updates, not the
+    # same last bits
+    assert_same_updates({k: trained[k] for k in moved}, {k: reference[k] for k in moved}, initial)
+    rank0, rank1 = (seen[name] for seen in two_ranks["seen"])
+    assert rank0["trained sharded"] == rank1["trained sharded"] == [["dit"]]  # --shard split the DiT alone
+    assert not rank0["returned sharded"] and not rank1["returned sharded"]  # every rank gets the trained DiT back whole
+    assert sorted(rank0["dit"]) == sorted(rank1["dit"])
+    assert all(torch.equal(rank0["dit"][k], rank1["dit"][k]) for k in rank0["dit"])

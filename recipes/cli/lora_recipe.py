@@ -219,8 +219,8 @@ def dit_load_device(args, world, device) -> torch.device:
 
 def storage_and_block_transforms(args, compute_dtype) -> dsf.Transform:
     """fp8 storage of the frozen components (--fp8_models), their block offload (--offload_models, keeping
-    --vram_limit GiB resident), gradient checkpointing, the DiT's shards (--shard); offload and shards where the
-    recipe has them.
+    --vram_limit GiB resident; --offload_blocks: the DiT's), gradient checkpointing, the DiT's shards (--shard);
+    the flags a recipe lacks add nothing.
 
     >>> args = argparse.Namespace(fp8_models="t5", use_gradient_checkpointing=True, use_gradient_checkpointing_offload=False)
     >>> storage_and_block_transforms(args, torch.float32).name
@@ -230,9 +230,11 @@ def storage_and_block_transforms(args, compute_dtype) -> dsf.Transform:
     fp8_models = [c for c in args.fp8_models.split(",") if c]
     if fp8_models:
         stack.append(fp8(where=rf"^({'|'.join(fp8_models)})/", compute_dtype=compute_dtype))
-    offloaded = [c for c in getattr(args, "offload_models", "").split(",") if c]  # where the recipe has it
+    offloaded = [c for c in getattr(args, "offload_models", "").split(",") if c]  # where the recipe has them
+    offloaded += ["dit"] if getattr(args, "offload_blocks", False) else []
     if offloaded:
-        stack.append(offload(device=args.device, level="block", vram_limit=args.vram_limit, where=rf"^({'|'.join(offloaded)})/"))
+        stack.append(offload(device=args.device, level="block", vram_limit=getattr(args, "vram_limit", 0.0),
+                             where=rf"^({'|'.join(offloaded)})/"))
     if args.use_gradient_checkpointing or args.use_gradient_checkpointing_offload:
         stack.append(checkpoint(offload_activations=args.use_gradient_checkpointing_offload))
     if getattr(args, "shard", False):  # after fp8, whose bytes it splits; a single process has nothing to split
