@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from PIL import Image
 
 from dsf.models.qwen_image import edit
 from dsf.models.qwen_image.text import QWEN25_VL_7B_CONFIG, load_text_encoder
-from dsf.models.qwen_image.tiny import TEXT_TINY, VISION_TINY, tiny_tokenizer
+from dsf.models.qwen_image.tiny import TEXT_TINY, VISION_TINY, tiny_edit_pipeline, tiny_tokenizer
+from dsf.models.qwen_image.training import SampleEncoder
 
 transformers = pytest.importorskip("transformers")
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor  # noqa: E402
@@ -243,3 +246,15 @@ def test_the_first_edit_models_pipeline_matches_diffusers(edit_repo):
     assert float((images - expected).abs().max()) <= 1e-4
     with pytest.raises(ValueError, match="takes 1 to 1 condition images, got 2"):
         ours.denoise(ours.params, "a red dog", images=IMAGES, height=HEIGHT, width=WIDTH, num_inference_steps=1)
+
+
+def test_an_edit_training_sample_keeps_prompt_states_beyond_max_sequence_length(tmp_path):
+    pipe = tiny_edit_pipeline()
+    pipe = dataclasses.replace(pipe, text_encoder=dataclasses.replace(pipe.text_encoder, max_sequence_length=8))
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "condition.png")
+    item = {"image": torch.zeros(3, 32, 32), "prompt": "make it blue", "edit_image": "condition.png"}
+    encoded = SampleEncoder(pipe, str(tmp_path))(pipe.params, item)
+    expected = pipe.encode_edit_prompts(pipe.params, ["make it blue"], [Image.open(tmp_path / "condition.png").convert("RGB")])
+    assert expected["text_embeds"].shape[1] > 8  # the image's states alone outrun the prompt limit
+    assert torch.equal(encoded["text_embeds"], expected["text_embeds"][0])
+    assert bool(encoded["text_mask"].all())

@@ -62,7 +62,7 @@ class SampleEncoder:
 
     ``encoder(params, item)`` takes a dataset item with an ``image`` (3, H, W) in [-1, 1] and a ``prompt`` and
     returns the item's other columns plus ``latents`` (16, H/8, W/8, the VAE posterior mode, normalized),
-    ``text_embeds`` (max_sequence_length, 3584) zero-padded and ``text_mask`` (max_sequence_length,) bool. ``params``
+    ``text_embeds`` (max_sequence_length, 3584) zero-padded (an Edit prompt's longer states are kept whole) and ``text_mask`` (max_sequence_length,) bool. ``params``
     holds ``vae`` and ``text_encoder``; each computes on its own device and dtype.
     """
 
@@ -87,7 +87,7 @@ class SampleEncoder:
             else:
                 embeds, mask = self.pipe.text_encoder.encode(params["text_encoder"], [item[PROMPT_KEY]])
                 references = {}
-        padding = self.pipe.text_encoder.max_sequence_length - mask.shape[1]
+        padding = max(self.pipe.text_encoder.max_sequence_length - mask.shape[1], 0)  # Edit prompts may be longer: kept whole
         columns = {key: value for key, value in item.items() if key not in (IMAGE_KEY, EDIT_KEY)}
         return {**columns, "latents": latents[0], "text_embeds": torch.nn.functional.pad(embeds[0], (0, 0, 0, padding)),
                 "text_mask": torch.nn.functional.pad(mask[0], (0, padding)), **references}
