@@ -169,6 +169,7 @@ def _sharded_orders(rank: int, port: int, folder: str) -> None:
             seen[name] = {"out": stack(model)(params, X), "bytes": bytes_held(params), "kinds": kinds,
                           "dtype": params["blocks"][0]["q"]["weight"].data.dtype}
         torch.save(seen, os.path.join(folder, f"rank{rank}.pt"))
+        dist.barrier()  # both ranks done before either tears the group down (a rank left alone mid-teardown can abort)
     finally:
         dist.destroy_process_group()
 
