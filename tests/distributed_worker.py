@@ -185,6 +185,7 @@ def _rank_main(rank: int, scenario: str, port: int, folder: str) -> None:
     world = distributed.init(backend="gloo", timeout=datetime.timedelta(seconds=60))
     try:
         torch.save(SCENARIOS[scenario](folder), os.path.join(folder, f"rank{world.rank}.pt"))
+        dist.barrier()  # both ranks done before either tears the group down
     finally:
         dist.destroy_process_group()
 

@@ -172,6 +172,7 @@ def _rank_main(rank: int, port: int, folder: str, runs: dict, hub_source: str) -
         recipe = load_recipe()
         seen = {name: run_recipe(recipe, argv, env, Path(hub_source)) for name, (argv, env) in runs.items()}
         torch.save(seen, os.path.join(folder, f"rank{world.rank}.pt"))
+        dist.barrier()  # both ranks done before either tears the group down
     finally:
         dist.destroy_process_group()
 

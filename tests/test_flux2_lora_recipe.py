@@ -213,6 +213,7 @@ def sharded_rank(rank: int, port: int, folder: str, runs: dict) -> None:
             trained = flux2_lora.main(argv)
             returned[name] = {p: t.detach().clone() for p, t in dsf.tree.select(trained, None).items()}
         torch.save(returned, os.path.join(folder, f"rank{rank}.pt"))
+        dist.barrier()  # both ranks done before either tears the group down
     finally:
         dist.destroy_process_group()
 

@@ -283,6 +283,7 @@ def _rank_main(rank: int, port: int, folder: str, runs: dict) -> None:
             seen[name] = {"trained sharded": trained_sharded, "returned sharded": distributed.holds_shards(returned),
                           "dit": {k: v.detach().clone() for k, v in dsf.tree.select(returned["dit"], None).items()}}
         torch.save(seen, os.path.join(folder, f"rank{rank}.pt"))
+        dist.barrier()  # both ranks done before either tears the group down
     finally:
         dsf.training.paradigm.train = train
         dist.destroy_process_group()

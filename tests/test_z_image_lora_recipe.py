@@ -271,6 +271,7 @@ def _rank_main(rank: int, port: int, folder: str, argv: list[str], env: dict) ->
     try:
         seen = run_recipe(load_recipe(), argv, env, Path(env["DSF_MODEL_BASE_PATH"]))
         torch.save(seen, os.path.join(folder, f"rank{rank}.pt"))
+        dist.barrier()  # both ranks done before either tears the group down
     finally:
         dist.destroy_process_group()
 
