@@ -25,7 +25,7 @@ import dsf
 from dsf.models import flux2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flux_dit import GRADIENT_BLOCKS, interleaved, peak_memory, timed_passes, trained_subset  # noqa: E402
+from flux_dit import GRADIENT_BLOCKS, print_comparison, randomly_filled, timed_passes, trained_subset  # noqa: E402
 
 SMALL = dict(num_layers=2, num_single_layers=4, attention_head_dim=64, num_attention_heads=4, joint_attention_dim=384,
              axes_dims_rope=(16, 16, 16, 16))
@@ -43,13 +43,7 @@ def reference_model(config: dict, full: bool, device, dtype):
         with torch.device(device):
             return Flux2Transformer2DModel(**config).to(dtype).eval()
     with torch.device("meta"):
-        model = Flux2Transformer2DModel(**config).to(dtype)
-    model.to_empty(device=device)
-    generator = torch.Generator(device).manual_seed(0)
-    with torch.no_grad():
-        for tensor in model.state_dict().values():
-            tensor.normal_(0, 0.02, generator=generator) if tensor.ndim >= 2 else tensor.fill_(1.0)  # 1-D: q/k norm scales
-    return model.eval()
+        return randomly_filled(Flux2Transformer2DModel(**config).to(dtype), device)
 
 
 def inputs(model, size: int, reference_size: int, text_len: int, device, dtype) -> dict:
@@ -99,19 +93,10 @@ def main() -> None:
     ours_tokens = lambda p: dit(p, **x).flatten(2).transpose(1, 2)  # (B, h·w, C), as diffusers returns
     passes = timed_passes(ours_tokens, params, reference, lambda: diffusers_call(reference, **x), where=where,
                           free_both=args.full)
-    with torch.no_grad():
-        ours, theirs = passes[0][1](), passes[0][2]()
-    error = float((ours - theirs).abs().max() / theirs.abs().max())
-    print(f"FLUX.2 DiT ({args.variant if args.full else 'small'} config), device {device}, dtype {dtype}, "
-          f"{size * size} image + {reference_size ** 2} reference + {text_len} text tokens; max relative difference {error:.2e}"
-          + (f"; backward differentiates the last {GRADIENT_BLOCKS} single blocks" if args.full else ""))
-    memory = [(peak_memory(ours, device), peak_memory(theirs, device)) for _, ours, theirs in passes]
-    rows = [(*row, *peaks) for row, peaks in zip(interleaved(passes, args.repeats, device), memory)]
-    print(f"{'pass':18} {'dsf s':>9} {'diffusers s':>12} {'dsf/diffusers':>14} {'dsf GiB':>8} {'diffusers GiB':>14}"
-          "  (GiB: peak allocated above the weights)")
-    for name, ours_s, theirs_s, ours_gb, theirs_gb in rows:
-        memory = f"{ours_gb:8.2f} {theirs_gb:14.2f}" if ours_gb is not None else f"{'-':>8} {'-':>14}"
-        print(f"{name:18} {ours_s:9.4f} {theirs_s:12.4f} {ours_s / theirs_s:14.3f} {memory}")
+    print_comparison(passes, args.repeats, device,
+                     f"FLUX.2 DiT ({args.variant if args.full else 'small'} config), device {device}, dtype {dtype}, "
+                     f"{size * size} image + {reference_size ** 2} reference + {text_len} text tokens",
+                     f"; backward differentiates the last {GRADIENT_BLOCKS} single blocks" if args.full else "")
 
 
 if __name__ == "__main__":

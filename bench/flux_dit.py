@@ -42,7 +42,12 @@ def reference_model(full: bool, device, dtype):
         with torch.device(device):
             return FluxTransformer2DModel(**SMALL, guidance_embeds=True).to(dtype).eval()
     with torch.device("meta"):
-        model = FluxTransformer2DModel(guidance_embeds=True).to(dtype)
+        return randomly_filled(FluxTransformer2DModel(guidance_embeds=True).to(dtype), device)
+
+
+def randomly_filled(model: torch.nn.Module, device) -> torch.nn.Module:
+    """A model built on ``meta``, given storage on ``device`` and filled in place: matrices N(0, 0.02²), 1-D
+    ``.weight`` entries (norm scales) ones, other vectors (biases) zeros; in eval mode."""
     model.to_empty(device=device)
     generator = torch.Generator(device).manual_seed(0)
     with torch.no_grad():
@@ -50,8 +55,24 @@ def reference_model(full: bool, device, dtype):
             if tensor.ndim >= 2:
                 tensor.normal_(0, 0.02, generator=generator)
             else:
-                tensor.fill_(1.0 if name.endswith(".weight") else 0.0)  # 1-D weights: the q/k RMS norm scales
+                tensor.fill_(1.0 if name.endswith(".weight") else 0.0)
     return model.eval()
+
+
+def print_comparison(passes, repeats: int, device, description: str, note: str = "") -> None:
+    """Print ``description``, the largest difference of the first pass's outputs (relative to diffusers' largest
+    magnitude) and ``note``, then the interleaved timings and memory peaks of ``passes`` (:func:`timed_passes`)."""
+    with torch.no_grad():
+        ours, theirs = passes[0][1](), passes[0][2]()
+    error = float((ours - theirs).abs().max() / theirs.abs().max())
+    print(f"{description}; max relative difference {error:.2e}{note}")
+    memory = [(peak_memory(ours, device), peak_memory(theirs, device)) for _, ours, theirs in passes]
+    rows = [(*row, *peaks) for row, peaks in zip(interleaved(passes, repeats, device), memory)]
+    print(f"{'pass':18} {'dsf s':>9} {'diffusers s':>12} {'dsf/diffusers':>14} {'dsf GiB':>8} {'diffusers GiB':>14}"
+          "  (GiB: peak allocated above the weights)")
+    for name, ours_s, theirs_s, ours_gb, theirs_gb in rows:
+        memory = f"{ours_gb:8.2f} {theirs_gb:14.2f}" if ours_gb is not None else f"{'-':>8} {'-':>14}"
+        print(f"{name:18} {ours_s:9.4f} {theirs_s:12.4f} {ours_s / theirs_s:14.3f} {memory}")
 
 
 def trained_subset(reference, full: bool) -> str | None:
@@ -302,19 +323,10 @@ def main() -> None:
     where = trained_subset(reference, args.full)
     passes = timed_passes(lambda p: dit(p, **x), params, reference, lambda: diffusers_call(reference, **x),
                           where=where, free_both=args.full)
-    with torch.no_grad():
-        ours, theirs = passes[0][1](), passes[0][2]()
-    error = float((ours - theirs).abs().max() / theirs.abs().max())
-    print(f"device {device}, dtype {dtype}, {'full-size dev' if args.full else 'small'} config, "
-          f"{latent_size // 2 * latent_size // 2} image + {text_len} text tokens; max relative difference {error:.2e}"
-          + (f"; backward differentiates the last {GRADIENT_BLOCKS} single blocks" if args.full else ""))
-    memory = [(peak_memory(ours, device), peak_memory(theirs, device)) for _, ours, theirs in passes]
-    rows = [(*row, *peaks) for row, peaks in zip(interleaved(passes, args.repeats, device), memory)]
-    print(f"{'pass':18} {'dsf s':>9} {'diffusers s':>12} {'dsf/diffusers':>14} {'dsf GiB':>8} {'diffusers GiB':>14}"
-          "  (GiB: peak allocated above the weights)")
-    for name, ours_s, theirs_s, ours_gb, theirs_gb in rows:
-        memory = f"{ours_gb:8.2f} {theirs_gb:14.2f}" if ours_gb is not None else f"{'-':>8} {'-':>14}"
-        print(f"{name:18} {ours_s:9.4f} {theirs_s:12.4f} {ours_s / theirs_s:14.3f} {memory}")
+    print_comparison(passes, args.repeats, device,
+                     f"device {device}, dtype {dtype}, {'full-size dev' if args.full else 'small'} config, "
+                     f"{latent_size // 2 * latent_size // 2} image + {text_len} text tokens",
+                     f"; backward differentiates the last {GRADIENT_BLOCKS} single blocks" if args.full else "")
 
 
 if __name__ == "__main__":

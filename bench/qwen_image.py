@@ -24,7 +24,7 @@ import dsf
 from dsf.models import qwen_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flux_dit import interleaved, peak_memory, timed_passes  # noqa: E402
+from flux_dit import print_comparison, randomly_filled, timed_passes  # noqa: E402
 
 SMALL = dict(num_layers=4, attention_head_dim=64, num_attention_heads=4, joint_attention_dim=256, axes_dims_rope=(16, 24, 24))
 GRADIENT_BLOCKS = 6  # --full: forward+backward differentiates the last 6 blocks
@@ -39,16 +39,7 @@ def reference_model(full: bool, device, dtype):
         with torch.device(device):
             return QwenImageTransformer2DModel(**SMALL).to(dtype).eval()
     with torch.device("meta"):
-        model = QwenImageTransformer2DModel().to(dtype)
-    model.to_empty(device=device)
-    generator = torch.Generator(device).manual_seed(0)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if tensor.ndim >= 2:
-                tensor.normal_(0, 0.02, generator=generator)
-            else:
-                tensor.fill_(1.0 if name.endswith(".weight") else 0.0)  # 1-D weights: the RMS norm scales
-    return model.eval()
+        return randomly_filled(QwenImageTransformer2DModel().to(dtype), device)
 
 
 def trained_subset(reference, full: bool) -> str | None:
@@ -103,19 +94,10 @@ def main() -> None:
     where = trained_subset(reference, args.full)
     passes = timed_passes(lambda p: dit(p, **x), params, reference, lambda: diffusers_call(reference, **x),
                           where=where, free_both=args.full)
-    with torch.no_grad():
-        ours, theirs = passes[0][1](), passes[0][2]()
-    error = float((ours - theirs).abs().max() / theirs.abs().max())
-    print(f"device {device}, dtype {dtype}, {'full-size' if args.full else 'small'} config, batch {len(lengths)}, "
-          f"{latent_size // 2 * latent_size // 2} image + {lengths} text tokens; max relative difference {error:.2e}"
-          + (f"; backward differentiates the last {GRADIENT_BLOCKS} blocks" if args.full else ""))
-    memory = [(peak_memory(ours, device), peak_memory(theirs, device)) for _, ours, theirs in passes]
-    rows = [(*row, *peaks) for row, peaks in zip(interleaved(passes, args.repeats, device), memory)]
-    print(f"{'pass':18} {'dsf s':>9} {'diffusers s':>12} {'dsf/diffusers':>14} {'dsf GiB':>8} {'diffusers GiB':>14}"
-          "  (GiB: peak allocated above the weights)")
-    for name, ours_s, theirs_s, ours_gb, theirs_gb in rows:
-        memory = f"{ours_gb:8.2f} {theirs_gb:14.2f}" if ours_gb is not None else f"{'-':>8} {'-':>14}"
-        print(f"{name:18} {ours_s:9.4f} {theirs_s:12.4f} {ours_s / theirs_s:14.3f} {memory}")
+    print_comparison(passes, args.repeats, device,
+                     f"device {device}, dtype {dtype}, {'full-size' if args.full else 'small'} config, batch {len(lengths)}, "
+                     f"{latent_size // 2 * latent_size // 2} image + {lengths} text tokens",
+                     f"; backward differentiates the last {GRADIENT_BLOCKS} blocks" if args.full else "")
 
 
 if __name__ == "__main__":

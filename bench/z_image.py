@@ -25,7 +25,7 @@ import dsf
 from dsf.models import z_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flux_dit import compiled_table, interleaved, peak_memory, timed_passes  # noqa: E402
+from flux_dit import compiled_table, print_comparison, randomly_filled, timed_passes  # noqa: E402
 
 SMALL = dict(dim=256, n_layers=4, n_refiner_layers=2, n_heads=4, n_kv_heads=4, cap_feat_dim=256, axes_dims=[16, 24, 24])
 GRADIENT_BLOCKS = 8  # --full: forward+backward differentiates the last 8 layers
@@ -40,16 +40,7 @@ def reference_model(full: bool, device, dtype):
         with torch.device(device):
             return ZImageTransformer2DModel(**SMALL).to(dtype).eval()
     with torch.device("meta"):
-        model = ZImageTransformer2DModel().to(dtype)
-    model.to_empty(device=device)
-    generator = torch.Generator(device).manual_seed(0)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if tensor.ndim >= 2:
-                tensor.normal_(0, 0.02, generator=generator)
-            else:
-                tensor.fill_(1.0 if name.endswith(".weight") else 0.0)  # 1-D weights: the RMS norm scales
-    return model.eval()
+        return randomly_filled(ZImageTransformer2DModel().to(dtype), device)
 
 
 def trained_subset(reference, full: bool) -> str | None:
@@ -115,18 +106,9 @@ def main() -> None:
     where = trained_subset(reference, args.full)
     passes = timed_passes(lambda p: dit(p, **x), params, reference, lambda: diffusers_call(reference, **x),
                           where=where, free_both=args.full)
-    with torch.no_grad():
-        ours, theirs = passes[0][1](), passes[0][2]()
-    error = float((ours - theirs).abs().max() / theirs.abs().max())
-    print(f"device {device}, dtype {dtype}, {'full-size' if args.full else 'small'} config, {tokens}; max relative "
-          f"difference {error:.2e}" + (f"; backward differentiates the last {GRADIENT_BLOCKS} layers" if args.full else ""))
-    memory = [(peak_memory(ours, device), peak_memory(theirs, device)) for _, ours, theirs in passes]
-    rows = [(*row, *peaks) for row, peaks in zip(interleaved(passes, args.repeats, device), memory)]
-    print(f"{'pass':18} {'dsf s':>9} {'diffusers s':>12} {'dsf/diffusers':>14} {'dsf GiB':>8} {'diffusers GiB':>14}"
-          "  (GiB: peak allocated above the weights)")
-    for name, ours_s, theirs_s, ours_gb, theirs_gb in rows:
-        memory = f"{ours_gb:8.2f} {theirs_gb:14.2f}" if ours_gb is not None else f"{'-':>8} {'-':>14}"
-        print(f"{name:18} {ours_s:9.4f} {theirs_s:12.4f} {ours_s / theirs_s:14.3f} {memory}")
+    print_comparison(passes, args.repeats, device,
+                     f"device {device}, dtype {dtype}, {'full-size' if args.full else 'small'} config, {tokens}",
+                     f"; backward differentiates the last {GRADIENT_BLOCKS} layers" if args.full else "")
 
 
 if __name__ == "__main__":
