@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dsf.files.hub import ModelSource
 from dsf.models.qwen_image import pipeline as qwen_pipeline
 from tiny_qwen_image import write_tiny_qwen_image_pipeline
 
@@ -66,6 +67,19 @@ def test_whole_pipeline_matches_diffusers(repo, prompts, cfg_scale):
     assert images.shape == expected.shape == (len(prompts), 3, HEIGHT, WIDTH)
     assert float((expected == 0).float().mean() + (expected == 1).float().mean()) < 0.2  # not mostly clamped
     assert float((images - expected).abs().max()) <= 1e-4
+
+
+def test_a_hub_id_loads_from_the_local_hub_folder(repo, tmp_path, monkeypatch):
+    """``ModelSource(model_id="Qwen/Qwen-Image")`` reads ``{DSF_MODEL_BASE_PATH}/Qwen/Qwen-Image`` (no download)."""
+    root, reference = repo
+    (tmp_path / "Qwen").mkdir()
+    (tmp_path / "Qwen" / "Qwen-Image").symlink_to(root, target_is_directory=True)
+    monkeypatch.setenv("DSF_MODEL_BASE_PATH", str(tmp_path))
+    monkeypatch.setenv("DSF_SKIP_DOWNLOAD", "1")
+    ours = qwen_pipeline.load_pipeline(ModelSource(model_id="Qwen/Qwen-Image"))
+    noise = torch.randn(1, 16, HEIGHT // 8, WIDTH // 8, generator=torch.Generator().manual_seed(7))
+    expected = _reference_images(reference, ["a cat"], noise, 1.0, steps=2)
+    assert float((_our_images(ours, ["a cat"], noise, 1.0, steps=2) - expected).abs().max()) <= 1e-4
 
 
 def test_the_comparison_sees_the_guidance_rescale(repo):
