@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import dsf
 from dsf.diffusion.losses import noised
 from dsf.diffusion.preference import diffusion_dpo_loss, dpo_loss_from_errors
-from dsf.models.digits import SCHEDULE, DigitsConfig, new_model
+from dsf.models.digits import DigitsConfig, new_model
 from dsf.models.digits.paradigms import dpo_loss, lora_sft, preference_pairs, thickened
 from dsf.models.digits.training import data_stream, digit_images
 from dsf.training.paradigm import fit

@@ -18,6 +18,9 @@ from diffusers import Flux2Pipeline, Flux2Transformer2DModel  # noqa: E402
 from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers  # noqa: E402
 from tiny_flux import randomize  # noqa: E402
 
+import comfy_fp8  # noqa: E402
+from dsf.files.quantized import comfy_quant_tensor  # noqa: E402
+
 TINY = dict(in_channels=128, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
             joint_attention_dim=24, axes_dims_rope=(4, 4, 4, 4))
 AXES = {"axes_dims_rope": [4, 4, 4, 4]}
@@ -234,10 +237,17 @@ def test_full_size_meta_params_match_diffusers(name):
 
 
 def test_fp8_file_loads_as_fp8_storage(reference, tmp_path):
+    """A plain fp8 file: every tensor float8, kept so whatever dtype is asked for (the compute dtype), at scale 1."""
     bfl = {k: v.to(torch.float8_e4m3fn) for k, v in keys.ours_to_bfl(reference.state_dict()).items()}
     save_file(bfl, tmp_path / "flux2_fp8.safetensors")
-    _, params = flux2.load_dit(tmp_path / "flux2_fp8.safetensors", config=AXES)
-    assert {t.dtype for t in dsf.tree.tensors(params)} == {torch.float8_e4m3fn}
+    dit, params = flux2.load_dit(tmp_path / "flux2_fp8.safetensors", config=AXES, dtype=torch.float32)
+    records = [r for _, r in dsf.tree.leaves_with_paths(params, is_leaf=lambda x: isinstance(x, dsf.Weight))]
+    assert {r.data.dtype for r in records} == {torch.float8_e4m3fn}
+    assert all(r.stages["decode"].scale.item() == 1.0 and r.stages["decode"].dtype == torch.float32 for r in records)
+    upcast = Flux2Transformer2DModel(**TINY, guidance_embeds=reference.config.guidance_embeds).eval()
+    upcast.load_state_dict({k: v.to(torch.float32) for k, v in reference.state_dict().items()} |
+                           {k: v.to(torch.float8_e4m3fn).to(torch.float32) for k, v in reference.state_dict().items()})
+    _assert_parity(dit, params, upcast)
 
 
 def test_input_errors_name_the_fix(reference):
@@ -252,3 +262,44 @@ def test_input_errors_name_the_fix(reference):
     wrong_guidance = None if reference.config.guidance_embeds else torch.ones(BATCH)
     with pytest.raises(ValueError, match="pass guidance="):
         dit(params, **(inputs | {"guidance": wrong_guidance}))
+
+
+def _in_blocks(key: str, tensor: torch.Tensor) -> bool:
+    """The weights ComfyUI's fp8mixed files quantize: the blocks' matrices (embedders, modulation, final layer kept)."""
+    return tensor.ndim == 2 and "blocks." in key
+
+
+@pytest.mark.parametrize("style", comfy_fp8.STYLES)
+def test_parity_from_a_comfyui_scaled_fp8_file(reference, tmp_path, style):
+    """ComfyUI's flux2_dev_fp8mixed-like files: block matrices in fp8 at their own scales, the rest as it was; the
+    model loads with fp8 storage and computes what diffusers computes on the dequantized weights."""
+    bfl = {keys.COMFY_PREFIX + k: v for k, v in keys.ours_to_bfl(reference.state_dict()).items()}
+    tensors, metadata, dequantized = comfy_fp8.comfy_fp8(bfl, _in_blocks, style)
+    save_file(tensors, tmp_path / "flux2_fp8mixed.safetensors", metadata=metadata)
+    dit, params = flux2.load_dit(tmp_path / "flux2_fp8mixed.safetensors", config=AXES, dtype=torch.float32)
+
+    qkv = params["transformer_blocks"][1]["attn"]
+    layer = keys.COMFY_PREFIX + "double_blocks.1.img_attn.qkv"
+    scale = tensors.get(f"{layer}.weight_scale", tensors.get(f"{layer}.scale_weight")).reshape(())
+    assert all(qkv[name]["weight"].data.dtype == torch.float8_e4m3fn for name in ("to_q", "to_k", "to_v"))
+    assert all(torch.equal(qkv[name]["weight"].stages["decode"].scale, scale) for name in ("to_q", "to_k", "to_v"))
+    assert params["x_embedder"]["weight"].dtype == torch.float32  # not quantized in the file: a plain tensor
+    stored = {t.dtype for t in dsf.tree.tensors(params["single_transformer_blocks"]) if t.ndim == 2}
+    assert stored == {torch.float8_e4m3fn}
+
+    expected = Flux2Transformer2DModel(**TINY, guidance_embeds=reference.config.guidance_embeds).eval()
+    plain = {k.removeprefix(keys.COMFY_PREFIX): v for k, v in dequantized.items()}
+    expected.load_state_dict(convert_flux2_transformer_checkpoint_to_diffusers(plain))
+    _assert_parity(dit, params, expected, references=1)
+    stored_in_fp8 = dsf.transforms.fp8(where="blocks/", compute_dtype=torch.float32).init(params)  # keeps the file's
+    assert stored_in_fp8["transformer_blocks"][1]["attn"]["to_q"]["weight"].data is qkv["to_q"]["weight"].data
+    _assert_parity(dit, stored_in_fp8, expected, references=1)
+
+
+def test_a_comfyui_file_in_a_format_dsf_does_not_read_is_named(reference, tmp_path):
+    bfl = keys.ours_to_bfl(reference.state_dict())
+    tensors, _, _ = comfy_fp8.comfy_fp8(bfl, _in_blocks, "layer")
+    tensors["double_blocks.0.img_mlp.0.comfy_quant"] = comfy_quant_tensor({"format": "nvfp4"})
+    with pytest.raises(ValueError, match=r"layer 'double_blocks.0.img_mlp.0' is quantized as 'nvfp4', which dsf does "
+                                         r"not read .*load the model's bf16 or fp8 checkpoint instead"):
+        flux2.load_dit(tensors, config=AXES)

@@ -8,12 +8,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from dsf.files import loading
 from dsf.models.flux2 import text
 from dsf.models.flux2.tiny import random_lm_weights, tiny_lm_config, tiny_tokenizer
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import Flux2KleinPipeline, Flux2Pipeline  # noqa: E402
 from transformers import AutoConfig, Mistral3ForConditionalGeneration, Qwen3ForCausalLM  # noqa: E402
+
+import comfy_fp8  # noqa: E402
 
 PROMPTS = ["a red cat on a mat", "dog"]
 LENGTH = 256  # the character tokenizer spends about 190 tokens on the system message
@@ -89,6 +92,29 @@ def test_loads_from_a_pipeline_folder_and_a_comfyui_file(kind, reference, tmp_pa
     for encoder in (from_folder, from_file):
         with torch.no_grad():
             assert _relative_error(encoder.encode(encoder.params, PROMPTS, max_length=LENGTH), ref) <= 1e-4
+
+
+@pytest.mark.parametrize("style", comfy_fp8.STYLES)
+def test_parity_from_a_comfyui_scaled_fp8_file(kind, reference, tmp_path, style):
+    """ComfyUI's fp8 text-encoder files (mistral_3_small_flux2_fp8): the decoder layers' matrices in fp8 at their own
+    scales; they load as fp8 storage and encode as the pipeline does with the dequantized weights."""
+    pipeline_class, model_class, _, layers = KINDS[kind]
+    whole = reference.text_encoder.state_dict()
+    prefix = loading.encoder_prefix(whole, text.decoder_lm.MARKER, kind)
+    lm_only = {f"model.{k}": v.contiguous() for k, v in text.decoder_lm.lm_to_ours(whole, kind).items()}
+    tensors, metadata, dequantized = comfy_fp8.comfy_fp8(lm_only, lambda key, t: t.ndim == 2 and ".layers." in key, style)
+    save_file(tensors, tmp_path / "text_fp8.safetensors", metadata=metadata)
+    encoder = text.load_text_encoder(tmp_path / "text_fp8.safetensors", reference.tokenizer,
+                                     config=tiny_lm_config(kind, layers), dtype=torch.float32)
+    assert encoder.params["layers"][3]["mlp"]["down_proj"]["weight"].data.dtype == torch.float8_e4m3fn
+    assert encoder.params["embed_tokens"]["weight"].dtype == torch.float32
+
+    model = model_class(AutoConfig.for_model(**tiny_lm_config(kind, layers))).eval()
+    model.load_state_dict(whole | {prefix + k.removeprefix("model."): v for k, v in dequantized.items()})
+    expected = pipeline_class(scheduler=None, vae=None, text_encoder=model, tokenizer=reference.tokenizer, transformer=None)
+    with torch.no_grad():
+        ours = encoder.encode(encoder.params, PROMPTS, max_length=LENGTH)
+    assert _relative_error(ours, _diffusers_embeds(expected, PROMPTS)) <= 1e-4
 
 
 def test_a_width_without_config_is_an_error(kind, reference):

@@ -19,6 +19,7 @@ from dsf.files.hub import ModelSource
 from dsf.models.flux import text as flux_text
 from dsf.models.flux.text import CLIP_L_CONFIG, T5_XXL_CONFIG, encode_prompt, load_clip, load_t5
 
+from comfy_fp8 import comfy_fp8
 from tiny_flux import CLIP_TINY, T5_TINY, write_clip_tokenizer, write_t5_tokenizer
 
 PROMPTS = ["a cat sat on the mat", "dog"]
@@ -192,6 +193,25 @@ def test_t5_single_file_embedding_layouts(tmp_path, pipeline, reference, encoder
     save_file(_t5_tensors(reference, shared=shared, stack_embedding=stack_embedding), tmp_path / "t5.safetensors")
     t5 = load_t5(tmp_path / "t5.safetensors", tokenizer=pipeline / "tokenizer_2", config=T5_TINY)
     assert _same_params(t5.params, encoders[1].params)
+
+
+def test_t5_from_a_comfyui_scaled_fp8_file(tmp_path, pipeline, reference):
+    """ComfyUI's t5xxl_fp8_e4m3fn_scaled: the blocks' matrices in fp8 with a scale each (the older scaled_fp8 marker);
+    they load as fp8 storage and encode as transformers does with the dequantized weights."""
+    from transformers import T5Config, T5EncoderModel
+
+    tensors, metadata, dequantized = comfy_fp8(_t5_tensors(reference), lambda key, t: ".block." in key and t.ndim == 2,
+                                               "scaled_fp8")
+    save_file(tensors, tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors", metadata=metadata)
+    t5 = load_t5(tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors", tokenizer=pipeline / "tokenizer_2", config=T5_TINY,
+                 dtype=torch.float32)
+    assert t5.params["encoder"]["block"][0]["layer"][1]["DenseReluDense"]["wo"]["weight"].data.dtype == torch.float8_e4m3fn
+    expected = T5EncoderModel(T5Config(**T5_XXL_CONFIG | T5_TINY)).eval()
+    expected.load_state_dict(dequantized | {"encoder.embed_tokens.weight": dequantized["shared.weight"]})
+    ids = t5.tokenize(PROMPTS)
+    with torch.no_grad():
+        ours, theirs = t5.encode(t5.params, PROMPTS), expected(ids).last_hidden_state
+    assert float((ours - theirs).abs().max() / theirs.abs().max()) <= 1e-4
 
 
 def test_t5_without_the_encoder_prefix(reference, pipeline, encoders):

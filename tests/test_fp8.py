@@ -8,7 +8,8 @@ import dsf.transforms
 from dsf.models.flux import FluxConfig, FluxDiT, init_dit
 from dsf.training.paradigm import Paradigm
 from dsf.transforms import checkpoint
-from dsf.transforms.fp8 import FP8, Dequantize, dequantize, fp8, quantize
+from dsf.float8 import FP8, Dequantize, dequantize
+from dsf.transforms.fp8 import fp8, quantize
 from dsf.weight import Stage, Weight, as_weight, map_weights, stage
 
 CFG = FluxConfig(
@@ -132,7 +133,6 @@ def test_low_rank_adapt_over_fp8_trains_and_commutes():
 
 def test_a_bf16_dequantize_rounds_once():
     """bf16 and float32 dequantization differ by the final rounding only (the scale is not rounded to bf16 first)."""
-    from dsf.transforms.fp8 import dequantize, quantize
 
     weight = torch.randn(64, 48, generator=torch.Generator().manual_seed(3)) * 0.02
     for granularity in ("tensor", "channel"):

@@ -14,7 +14,8 @@ from dsf import ops
 from dsf.files.disk import lazy_load, record_reads
 from dsf.models.flux import FluxConfig, FluxDiT, init_dit
 from dsf.transforms import checkpoint
-from dsf.transforms.fp8 import FP8, fp8
+from dsf.float8 import FP8
+from dsf.transforms.fp8 import fp8
 from dsf.transforms.offload import GIB, count_transfers, offload
 
 offload_module = sys.modules["dsf.transforms.offload"]

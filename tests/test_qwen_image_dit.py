@@ -105,6 +105,18 @@ def test_parity_from_single_file(reference, tmp_path, prefix):
     _assert_parity(dit, params, reference, references=1)
 
 
+def test_comfyui_edit_2511_files_mark_zero_cond_t_with_an_empty_tensor(tmp_path):
+    """ComfyUI's qwen_image_edit_2511 files carry ``__index_timestep_zero__`` (an empty tensor) instead of a config."""
+    reference = _reference(zero_cond_t=True)
+    state = {qwen_image.COMFY_PREFIX + k: v for k, v in reference.state_dict().items()}
+    save_file(state | {qwen_image.COMFY_PREFIX + "__index_timestep_zero__": torch.empty(0)}, tmp_path / "2511.safetensors")
+    dit, params = qwen_image.load_dit(tmp_path / "2511.safetensors", config={"axes_dims_rope": [4, 6, 6]})
+    assert dit.config.zero_cond_t and "__index_timestep_zero__" not in params
+    _assert_parity(dit, params, reference, references=1)
+    dit, _ = qwen_image.load_dit(state, config={"axes_dims_rope": [4, 6, 6]})
+    assert not dit.config.zero_cond_t
+
+
 def test_parity_detects_a_wrong_weight(reference):
     """The parity check is sharp: one perturbed modulation bias breaks it."""
     dit, params = qwen_image.load_dit(dict(reference.state_dict()), config=dict(reference.config))

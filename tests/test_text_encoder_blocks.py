@@ -17,7 +17,8 @@ from dsf.files.disk import lazy_load
 from dsf.model_parts import t5_encoder
 from dsf.transform import BlockHook, Transform
 from dsf.transforms import checkpoint
-from dsf.transforms.fp8 import FP8, fp8
+from dsf.float8 import FP8
+from dsf.transforms.fp8 import fp8
 from dsf.transforms.offload import count_transfers, offload
 from dsf.weight import count_materializations
 

@@ -8,9 +8,11 @@ against bf16; nothing computes in fp8.
 A weight another transform already stores (its decode slot filled: an outsider's int8, a dtype
 cast) is refused at init, in every chain order (the guide in :mod:`dsf.weight`).
 
-A checkpoint published in fp8 (``float8_e4m3fn`` or ``e5m2`` tensors, which dsf loads as they are) becomes
-the storage as it is: ``fp8()`` gives each float8 tensor it selects (of any shape) a decode stage at scale 1,
-without re-quantizing or upcasting it. Without ``fp8()`` such weights cannot compute (``ops.linear`` says so).
+A checkpoint published in fp8 loads as fp8 records already (:mod:`dsf.files.quantized`: the file's float8 tensors
+as they are, at the scales it gives, e.g. ComfyUI's scaled fp8, or 1): ``fp8()`` keeps those records, neither
+re-quantizing nor upcasting them, and only sets their compute dtype to its own. Float8 tensors made outside a
+loader become the storage at scale 1; without ``fp8()`` such raw tensors cannot compute (``ops.linear`` says so).
+The record is :mod:`dsf.float8`'s.
 
 fp8 weights get no gradient. What trains is said once, by the paradigm's ``where=``
 (:class:`dsf.training.paradigm.Paradigm`): a paradigm whose ``where`` selects an fp8 weight fails
@@ -30,33 +32,15 @@ Example:
 
 from __future__ import annotations
 
-import optree
 import torch
 
 from dsf.files.disk import DiskTensor
+from dsf.float8 import FP8, FP8_MAX, Dequantize, is_float8
 from dsf.transform import Transform
 from dsf.tree import Where, as_predicate
-from dsf.weight import Stage, Weight, as_weight, check_slot_free, is_float_weight, map_weights, stage
+from dsf.weight import Weight, as_weight, check_slot_free, is_float_weight, map_weights
 
-FP8 = torch.float8_e4m3fn
-FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-FP8_MAX = torch.finfo(FP8).max  # 448
 GRANULARITIES = ("tensor", "channel")
-
-
-@stage("decode")
-class Dequantize(Stage):
-    """Decode stage of an fp8 weight: ``data.to(dtype) * scale`` (scale () per tensor, (out, 1, ...) per channel).
-
-    >>> Dequantize(torch.tensor(2.0), torch.float32).apply(torch.ones(2, dtype=FP8)).tolist()
-    [2.0, 2.0]
-    """
-
-    scale: torch.Tensor
-    dtype: torch.dtype = optree.dataclasses.field(pytree_node=False)
-
-    def apply(self, value):
-        return dequantize(value, self.scale, self.dtype)
 
 
 def quantize(weight: torch.Tensor, granularity: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,16 +65,6 @@ def quantize(weight: torch.Tensor, granularity: str = "tensor") -> tuple[torch.T
     return weight.div_(scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
-def dequantize(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """``data * scale`` in ``dtype``, multiplied in float32 and rounded once (a bf16 scale would add a
-    rounding of its own, the same bias over a whole tensor).
-
-    >>> dequantize(*quantize(torch.tensor([3.0, -1.5])), torch.float32).tolist()
-    [3.0, -1.5]
-    """
-    return (data.to(torch.float32) * scale.to(torch.float32)).to(dtype)
-
-
 def fp8(where: Where = None, granularity: str = "tensor", compute_dtype: torch.dtype = torch.bfloat16) -> Transform:
     """Store the frozen matrices selected by ``where`` in fp8, dequantized to ``compute_dtype`` at use.
 
@@ -105,7 +79,7 @@ def fp8(where: Where = None, granularity: str = "tensor", compute_dtype: torch.d
     keep = as_predicate(where)
 
     def selected(path: str, param) -> bool:
-        return keep(path, param) and is_float_weight(param) and (len(as_weight(param).shape) >= 2 or _in_float8(param))
+        return keep(path, param) and is_float_weight(param) and (len(as_weight(param).shape) >= 2 or is_float8(param))
 
     def init(params, key=None):
         return map_weights(lambda path, param: _stored_in_fp8(path, param, granularity, compute_dtype), params, selected)
@@ -116,22 +90,21 @@ def fp8(where: Where = None, granularity: str = "tensor", compute_dtype: torch.d
 
 
 def _stored_in_fp8(path: str, param, granularity: str, compute_dtype: torch.dtype) -> Weight:
-    check_slot_free("fp8", path, param, "decode")
     record = as_weight(param)
+    if isinstance(record.stages.get("decode"), Dequantize):  # loaded from a file published in fp8: kept as it is
+        decoded = record.stages["decode"]
+        return record.without_stage("decode").with_stage(Dequantize(decoded.scale, compute_dtype))
+    check_slot_free("fp8", path, param, "decode")
     if isinstance(record.data, DiskTensor):
         raise ValueError(
             f"fp8 cannot quantize {path!r}: it is still on disk ({record.data!r}); load the weights into memory "
             "(dsf.files.io.load_state_dict) to store them in fp8, or stream them from disk in their stored dtype"
         )
-    if _in_float8(record):  # from a checkpoint published in fp8: its numbers are the storage, read at scale 1
+    if is_float8(record):  # float8 numbers made outside a loader: they are the storage, read at scale 1
         return record.with_stage(Dequantize(_like(torch.ones(()), record.data), compute_dtype))
     data, scale = quantize(record.data, granularity)
     stored = Weight(_like(data, record.data), record.stages)
     return stored.with_stage(Dequantize(_like(scale, record.data), compute_dtype))
-
-
-def _in_float8(param) -> bool:
-    return as_weight(param).data.dtype in FLOAT8_DTYPES
 
 
 def _like(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

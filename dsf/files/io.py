@@ -111,6 +111,25 @@ def load_state_dict(
     return state
 
 
+def safetensors_metadata(source: Source) -> dict[str, str]:
+    """The string metadata of a checkpoint's safetensors headers, merged over its shards (none for a state dict).
+
+    >>> import tempfile
+    >>> from safetensors.torch import save_file
+    >>> file = Path(tempfile.mkdtemp()) / "model.safetensors"
+    >>> save_file({"w": torch.ones(1)}, file, metadata={"format": "pt"})
+    >>> safetensors_metadata(file), safetensors_metadata({"w": torch.ones(1)})
+    ({'format': 'pt'}, {})
+    """
+    if isinstance(source, Mapping):
+        return {}
+    merged: dict[str, str] = {}
+    for file in safetensors_files(source):
+        with _open(file, "cpu") as shard:
+            merged |= shard.metadata() or {}
+    return merged
+
+
 def _header_tensor(shard, key: str, dtype: torch.dtype | None) -> torch.Tensor:
     """A ``meta`` tensor with the shape and (cast) dtype the file's header gives ``key``; no data is read."""
     header = shard.get_slice(key)

@@ -19,8 +19,10 @@ from typing import Any, Callable, Collection, Iterable, Mapping
 import torch
 
 from dsf.files.hub import ModelSource, resolve
-from dsf.files.io import Source, load_state_dict, read_json
+from dsf.files.io import Source, read_json
+from dsf.files.quantized import load_in_layout
 from dsf.tree import unflatten_dict
+from dsf.weight import as_weight
 
 EXAMPLES = 5  # keys shown per kind of mismatch in errors
 ENCODER_HINT = "If its sizes differ, put its config.json beside the weights or pass config= (transformers config keys)."
@@ -140,13 +142,14 @@ def encoder_params(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
 ) -> dict:
-    """The params tree of an encoder: ``weights`` read (cast to ``dtype``, on ``device``), renamed by ``to_ours``,
-    checked against the ``expected`` shapes (:func:`check_encoder_keys`).
+    """The params tree of an encoder: ``weights`` read (cast to ``dtype``, on ``device``; float8 tensors as fp8
+    records, :mod:`dsf.files.quantized`), renamed by ``to_ours``, checked against the ``expected`` shapes
+    (:func:`check_encoder_keys`).
 
     >>> encoder_params("Toy", "T5", {"w": torch.zeros(2)}, lambda flat: {"enc.w": flat["w"]}, {"enc.w": (2,)}, torch.half)
     {'enc': {'w': tensor([0., 0.], dtype=torch.float16)}}
     """
-    params = to_ours(load_state_dict(weights, dtype=dtype, device=device))
+    params = load_in_layout(weights, to_ours, dtype=dtype, device=device)
     check_encoder_keys(family, name, expected, params, weights)
     return unflatten_dict(params)
 
@@ -296,9 +299,10 @@ def tensor_shapes(flat: Mapping[str, Any]) -> dict[str, tuple]:
     ValueError: checkpoint key 'w' holds torch.int32 numbers, but model weights are floating point (float32, bfloat16, float16 or float8); was the file written from another kind of tensor?
     """
     for key, tensor in flat.items():
-        if not tensor.dtype.is_floating_point:
+        dtype = as_weight(tensor).data.dtype  # an fp8 record holds float8 data
+        if not dtype.is_floating_point:
             raise ValueError(
-                f"checkpoint key {key!r} holds {tensor.dtype} numbers, but model weights are floating point (float32, "
+                f"checkpoint key {key!r} holds {dtype} numbers, but model weights are floating point (float32, "
                 "bfloat16, float16 or float8); was the file written from another kind of tensor?"
             )
     return {key: tuple(tensor.shape) for key, tensor in flat.items()}

@@ -60,7 +60,8 @@ import torch
 
 from dsf.files import loading
 from dsf.files.hub import local_source
-from dsf.files.io import Source, load_state_dict
+from dsf.files.io import Source
+from dsf.files.quantized import load_in_layout
 from dsf.tree import flatten_dict, unflatten_dict
 
 Flat = Mapping[str, Any]  # a flat state dict: {"blocks.0.attn.to_q.weight": tensor}
@@ -91,8 +92,9 @@ class Checkpoint:
 
     ``layouts`` are checked in order, ours (the one without converters) among them; ``wrapper_prefixes``
     are stripped first (with ``wrapper_parts``, what must follow the prefix); ``dropped_keys`` matches keys some
-    files carry that the model does not use; ``locate`` turns a source into the component's own (default: a
-    diffusers pipeline folder stands for its ``folder``).
+    files carry that the model does not use; ``config_flags`` maps a key that only marks a variant (ComfyUI's empty
+    ``__index_timestep_zero__``) to the diffusers config keys it stands for, read beside ``config.json``; ``locate``
+    turns a source into the component's own (default: a diffusers pipeline folder stands for its ``folder``).
     """
 
     what: str
@@ -106,6 +108,7 @@ class Checkpoint:
     wrapper_prefixes: tuple[str, ...] = ()
     wrapper_parts: tuple[str, ...] = ("",)
     dropped_keys: re.Pattern | None = None
+    config_flags: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     locate: Callable[[Source], Source] | None = field(default=None, compare=False)
 
     def layout(self, name: str) -> Layout:
@@ -149,9 +152,21 @@ class Checkpoint:
         weights < ``config`` (diffusers config keys, or a whole config object)."""
         source = local_source(source)
         source = self.locate(source) if self.locate is not None else loading.pipeline_subfolder(source, self.folder)
-        flat, layout = self.to_ours(load_state_dict(source, dtype=dtype, device=device))
+        layouts = []  # the layout the conversion found, kept for messages
+
+        def converted(stored):
+            ours, found = self.to_ours(stored)
+            layouts.append(found)
+            return ours
+
+        flat = load_in_layout(source, converted, dtype=dtype, device=device)
+        layout = layouts[0]
+        flagged = {field: value for key in self.config_flags if flat.pop(key, None) is not None
+                   for field, value in self.config_flags[key].items()}
         shapes = loading.tensor_shapes(flat)
         config_json = loading.config_of_kind(source, "_class_name", self.class_name, absent_ok=True)
+        if flagged:
+            config_json = (config_json or {}) | flagged
         resolved = self.resolve_config(shapes, config_json, config)
         self.check_keys(shapes, resolved, layout)
         return self.build(resolved), unflatten_dict(flat)

@@ -28,7 +28,7 @@ import torch
 
 from dsf.files import loading
 from dsf.files.hub import local_source
-from dsf.files.io import load_state_dict
+from dsf.files.quantized import load_in_layout
 from dsf.model_parts import decoder_lm
 from dsf.model_parts.modules import meta_module
 from dsf.model_parts.pipelines import device_of
@@ -162,7 +162,7 @@ def load_text_encoder(
     """
     root = local_source(source)
     weights = loading.pipeline_component(root, "text_encoder", "FLUX.2 text")
-    flat = decoder_lm.lm_to_ours(load_state_dict(weights, dtype=dtype, device=device), "FLUX.2 text")
+    flat = load_in_layout(weights, lambda stored: decoder_lm.lm_to_ours(stored, "FLUX.2 text"), dtype=dtype, device=device)
     chat = "qwen3" if QWEN3_MARKER in flat else "mistral"
     width = flat["embed_tokens.weight"].shape[1] if "embed_tokens.weight" in flat else None
     merged = loading.merged_config(KNOWN_CONFIGS.get(width, {}), loading.config_json_beside(weights), config)

@@ -42,6 +42,7 @@ DIT = Checkpoint(
     build=QwenImageDiT,
     misfit_hint=_MISFIT_HINT,
     wrapper_prefixes=(COMFY_PREFIX,),
+    config_flags={"__index_timestep_zero__": {"zero_cond_t": True}},  # ComfyUI's Edit-2511 files: an empty marker
 )
 
 
@@ -51,7 +52,8 @@ def load_dit(source: Source, config: Mapping | QwenImageConfig | None = None, *,
 
     ``source``: anything :func:`dsf.files.io.load_state_dict` reads, a :class:`dsf.files.hub.ModelSource`, or a diffusers
     pipeline folder (its ``transformer/``). The config is: Qwen-Image defaults < the checkpoint's shapes < the
-    ``config.json`` beside the weights < ``config`` (diffusers config keys, or a :class:`QwenImageConfig`).
+    ``config.json`` beside the weights (or ComfyUI's ``__index_timestep_zero__`` marker: ``zero_cond_t``, Edit-2511)
+    < ``config`` (diffusers config keys, or a :class:`QwenImageConfig`).
 
     >>> import dsf
     >>> from dsf.models.qwen_image.model import init_dit
