@@ -15,6 +15,7 @@ from dsf.models import qwen_image
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import QwenImagePipeline, QwenImageTransformer2DModel  # noqa: E402
+from comfy_fp8 import comfy_fp8  # noqa: E402
 from tiny_flux import randomize  # noqa: E402
 
 TINY = dict(in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
@@ -103,6 +104,19 @@ def test_parity_from_single_file(reference, tmp_path, prefix):
     config = {"axes_dims_rope": [4, 6, 6], "zero_cond_t": reference.config.zero_cond_t}
     dit, params = qwen_image.load_dit(tmp_path / "qwen_image_bf16.safetensors", config=config)
     _assert_parity(dit, params, reference, references=1)
+
+
+def test_parity_from_a_comfyui_fp8mixed_file(reference, tmp_path):
+    """ComfyUI's qwen_image fp8mixed files: per-layer .comfy_quant, weight_scale and input_scale beside fp8 matrices."""
+    state = {qwen_image.COMFY_PREFIX + k: v for k, v in reference.state_dict().items()}
+    tensors, _, dequantized = comfy_fp8(state, lambda key, t: t.ndim == 2 and "transformer_blocks." in key, "layer")
+    save_file(tensors, tmp_path / "qwen_image_fp8mixed.safetensors")
+    config = {"axes_dims_rope": [4, 6, 6], "zero_cond_t": reference.config.zero_cond_t}
+    dit, params = qwen_image.load_dit(tmp_path / "qwen_image_fp8mixed.safetensors", config=config, dtype=torch.float32)
+    assert params["transformer_blocks"][0]["attn"]["to_q"]["weight"].data.dtype == torch.float8_e4m3fn
+    expected = QwenImageTransformer2DModel(**TINY, zero_cond_t=reference.config.zero_cond_t).eval()
+    expected.load_state_dict({k.removeprefix(qwen_image.COMFY_PREFIX): v for k, v in dequantized.items()})
+    _assert_parity(dit, params, expected, references=1)
 
 
 def test_comfyui_edit_2511_files_mark_zero_cond_t_with_an_empty_tensor(tmp_path):

@@ -3,6 +3,7 @@ full-size shapes, input errors."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import chex
@@ -17,6 +18,8 @@ from dsf.models.wan import keys
 diffusers = pytest.importorskip("diffusers")
 from diffusers import WanTransformer3DModel  # noqa: E402
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers  # noqa: E402
+
+from comfy_fp8 import comfy_fp8  # noqa: E402
 
 BASE = dict(num_attention_heads=2, attention_head_dim=16, text_dim=16, freq_dim=32, ffn_dim=48, num_layers=2)
 VARIANTS = {
@@ -137,6 +140,20 @@ def test_parity_from_comfyui_prefix(reference):
     comfy = {keys.COMFY_PREFIX + k: v for k, v in original.items()} | {"vae.decoder.conv1.weight": torch.zeros(1)}
     dit, params = wan.load_dit(comfy, config={"attention_head_dim": 16})
     _assert_parity(dit, params, reference)
+
+
+def test_parity_from_a_comfyui_fp8_scaled_file(reference, tmp_path):
+    """ComfyUI's wan2.1_t2v_14B_fp8_scaled-like files: original layout, the blocks' matrices in fp8 with a
+    scale_weight each and the scaled_fp8 marker; they load as fp8 storage."""
+    original = keys.ours_to_original(reference.state_dict())
+    tensors, _, dequantized = comfy_fp8(original, lambda key, t: t.ndim == 2 and key.startswith("blocks."), "scaled_fp8")
+    save_file(tensors, tmp_path / "wan_fp8_scaled.safetensors")
+    dit, params = wan.load_dit(tmp_path / "wan_fp8_scaled.safetensors", config={"attention_head_dim": 16},
+                               dtype=torch.float32)
+    assert params["blocks"][0]["attn1"]["to_q"]["weight"].data.dtype == torch.float8_e4m3fn
+    expected = copy.deepcopy(reference)
+    expected.load_state_dict(dict(keys.DIT.to_ours(dequantized)[0]))
+    _assert_parity(dit, params, expected)
 
 
 def test_parity_with_one_sigma_per_latent_frame():
