@@ -52,9 +52,10 @@ import argparse
 import sys
 
 import dsf
-from dsf.cli.flag_types import finite_float, positive_int
+from dsf.cli.flag_types import positive_int
 from dsf.cli.lora_recipe import (
     MODEL_FLAGS,
+    add_frozen_storage_flags,
     add_model_file_flags,
     add_process_flags,
     cache_encoded_samples,
@@ -62,6 +63,7 @@ from dsf.cli.lora_recipe import (
     check_training_flags,
     chosen_paradigm,
     dit_load_device,
+    for_task,
     hub_folders,
     join_processes,
     preview_images,
@@ -101,25 +103,13 @@ def parser() -> argparse.ArgumentParser:
     models.add_argument("--vae", help="a VAE file or folder instead of the pipeline's (BFL ae.safetensors or diffusers)")
     models.add_argument("--text_encoder", help="a text-encoder file or folder instead of the pipeline's")
     models.add_argument("--tokenizer", help="the tokenizer folder, with --text_encoder or --model_paths")
-    models.add_argument("--fp8_models", default="", help=f"comma list of frozen components stored in fp8: {FROZEN_COMPONENTS}")
-    models.add_argument("--offload_models", default="", help=f"comma list of components streamed from the CPU block by block: "
-                                                             f"{FROZEN_COMPONENTS}")
-    models.add_argument("--vram_limit", type=finite_float, default=0.0, help="GiB of offloaded blocks kept resident")
+    add_frozen_storage_flags(models, FROZEN_COMPONENTS)
     groups = add_training_flags(p, output_path="outputs/flux2_lora", lora_targets=LORA_TARGETS, lora_layouts=LAYOUTS)
     add_process_flags(models, groups["training"])
     groups["training"].add_argument("--task", default="sft", choices=TASKS)
     groups["training"].add_argument("--trainable_models", choices=("dit",), help="dit: full fine-tuning of the DiT instead of a LoRA")
     groups["LoRA"].add_argument("--preset_lora_path", help="a LoRA merged into the base before training (differential LoRA)")
     return p
-
-
-def _components(flag: str, value: str, task: str = "sft") -> list[str]:
-    """The components a comma list names, less those the task never runs (kept on the meta device)."""
-    chosen = [c for c in value.split(",") if c]
-    unknown = [c for c in chosen if c not in FROZEN_COMPONENTS]
-    if unknown:
-        raise ValueError(f"{flag} takes components of {FROZEN_COMPONENTS}, got {unknown}")
-    return [c for c in chosen if c not in NOT_RUN[task]]
 
 
 def check_flags(args) -> None:
@@ -140,31 +130,7 @@ def check_flags(args) -> None:
     if args.task == "direct_distill" and (args.height or args.reference_columns):
         raise ValueError("direct_distill trains at the teacher images' own size, without reference images: "
                          "drop --height/--width and --reference_columns (teacher images within --max_pixels, sides multiples of 16)")
-    if "dit" in _components("--offload_models", args.offload_models) and args.shard:
-        raise ValueError("--shard splits the DiT over the processes and --offload_models dit streams it from the CPU: "
-                         "drop one of them")
     check_preview_task(args, ("sft", "direct_distill"), "the VAE and the text encoder")
-
-
-def for_task(args) -> argparse.Namespace:
-    """The flags with --fp8_models and --offload_models less the components the task never runs (kept on meta).
-
-    >>> flags = ["--dataset_base_path", "d", "--task", "sft:train", "--fp8_models", "dit,text", "--offload_models", "text"]
-    >>> chosen = for_task(parser().parse_args(flags))
-    >>> chosen.fp8_models, chosen.offload_models
-    ('dit', '')
-
-    What a run keeps of them, in the paradigm's chain (here full fine-tuning, so nothing follows):
-
-    >>> import torch
-    >>> flags = ["--dataset_base_path", "d", "--fp8_models", "dit,text", "--offload_models", "text", "--device", "cpu",
-    ...          "--use_gradient_checkpointing", "--trainable_models", "dit"]
-    >>> chosen_paradigm(for_task(parser().parse_args(flags)), torch.float32).transforms.name
-    'chain(fp8(granularity=tensor, compute_dtype=float32), offload(device=cpu, level=block, vram_limit=0.0), checkpoint(offload_activations=False))'
-    """
-    return argparse.Namespace(**{**vars(args), **{
-        name: ",".join(_components(f"--{name}", getattr(args, name), args.task)) for name in ("fp8_models", "offload_models")
-    }})
 
 
 def component_sources(args) -> dict:
@@ -186,7 +152,7 @@ def main(argv: list[str]):
     """Run the task; returns the trained params (the cache folder for sft:data_process)."""
     args = parser().parse_args(argv)
     check_flags(args)
-    args = for_task(args)
+    args = for_task(args, NOT_RUN[args.task])
     world, device, dtype = join_processes(args)  # under torchrun, or one process
     source = args.model_path or (ModelSource(model_id=args.model_id) if args.model_id else None)
     offloaded = [c for c in args.offload_models.split(",") if c]

@@ -17,7 +17,8 @@ comes from --tokenizer, or from the first repo of --model_id_with_origin_paths.
 What trains: a LoRA of --lora_rank on the DiT (--lora_target_modules: DiffSynth-Studio's Qwen-Image targets by
 default; --lora_checkpoint continues a LoRA file), or with --trainable_models dit the whole DiT (full fine-tuning).
 --preset_lora_path merges a LoRA into the base first (differential LoRA). --fp8_models stores frozen components in
-fp8; with --offload_blocks the frozen DiT's blocks wait on the CPU and stream in one at a time.
+fp8; --offload_models keeps them on the CPU and streams their blocks (DiT blocks, Qwen2.5-VL layers) in one at a time,
+--vram_limit GiB of them resident.
 
 --task:
   sft                 train on the dataset (default)
@@ -51,6 +52,7 @@ import sys
 import dsf
 from dsf.cli.flag_types import positive_int
 from dsf.cli.lora_recipe import (
+    add_frozen_storage_flags,
     add_model_file_flags,
     add_process_flags,
     cache_encoded_samples,
@@ -58,6 +60,7 @@ from dsf.cli.lora_recipe import (
     check_training_flags,
     chosen_paradigm,
     dit_load_device,
+    for_task,
     hub_folders,
     join_processes,
     model_ids,
@@ -80,7 +83,7 @@ from dsf.transforms import load_lora, merge_lora, save_lora
 
 TASKS = ("sft", "sft:data_process", "sft:train", "direct_distill")
 COMPONENTS = ("dit", "vae", "text_encoder")
-FP8_COMPONENTS = ("dit", "text_encoder")
+FROZEN_COMPONENTS = ("dit", "text_encoder")
 NOT_RUN = {"sft": (), "sft:data_process": ("dit",), "sft:train": ("vae", "text_encoder"), "direct_distill": ()}  # kept on meta
 
 
@@ -98,8 +101,7 @@ def parser() -> argparse.ArgumentParser:
     models.add_argument("--vae", help="a VAE file or folder instead of the pipeline's")
     models.add_argument("--text_encoder", help="a Qwen2.5-VL file or folder instead of the pipeline's")
     models.add_argument("--tokenizer", help="the tokenizer folder, with --text_encoder outside a pipeline folder")
-    models.add_argument("--fp8_models", default="", help=f"comma list of frozen components stored in fp8: {FP8_COMPONENTS}")
-    models.add_argument("--offload_blocks", action="store_true", help="stream the frozen DiT's blocks from the CPU")
+    add_frozen_storage_flags(models, FROZEN_COMPONENTS)
     groups = add_training_flags(p, output_path="outputs/qwen_image_lora", lora_targets=LORA_TARGETS, lora_layouts=LAYOUTS)
     add_process_flags(models, groups["training"])
     groups["training"].add_argument("--task", default="sft", choices=TASKS)
@@ -122,14 +124,13 @@ def check_flags(args) -> None:
             or (args.dit and args.vae and args.text_encoder)):
         raise ValueError("pass --model_path (a diffusers Qwen-Image folder), --model_id (a hub repo), --model_paths or "
                          "--model_id_with_origin_paths (model files), or --dit, --vae and --text_encoder")
-    check_training_flags(args, FP8_COMPONENTS)
+    check_training_flags(args, FROZEN_COMPONENTS)
     check_preview_task(args, ("sft", "direct_distill"), "the VAE and the text encoder", lacking="does not train with")
     if args.extra_inputs and args.task != "sft":
         raise ValueError("--extra_inputs edit_image trains with --task sft (the condition images are encoded as drawn)")
-    if args.trainable_models and (args.offload_blocks or "dit" in args.fp8_models):
-        raise ValueError("--trainable_models dit trains the whole DiT: drop --offload_blocks and dit from --fp8_models")
-    if args.shard and args.offload_blocks:
-        raise ValueError("--shard splits the DiT over the processes and --offload_blocks streams it from the CPU: drop one")
+    if args.trainable_models and "dit" in args.fp8_models:
+        raise ValueError("--trainable_models dit trains the whole DiT, which --fp8_models dit stores frozen: drop dit from "
+                         "--fp8_models")
 
 
 def component_sources(args) -> dict:
@@ -154,15 +155,17 @@ def main(argv: list[str]):
     """Run the task; returns the trained params (the cache folder for sft:data_process)."""
     args = parser().parse_args(argv)
     check_flags(args)
+    args = for_task(args, NOT_RUN[args.task])
     world, device, dtype = join_processes(args)  # under torchrun, or one process
     source = args.model_path or (ModelSource(model_id=args.model_id) if args.model_id else None)
     init_key, data_key, fit_key = dsf.random.split(dsf.random.key(args.seed), 3)
 
-    # 1. The pipeline; what the task never runs is built on the meta device from its checkpoint's headers; the DiT
-    #    waits on the CPU with --offload_blocks or when --shard splits it over the processes.
-    devices = {name: "meta" if name in NOT_RUN[args.task] else device for name in COMPONENTS}
-    if devices["dit"] != "meta":
-        devices["dit"] = "cpu" if args.offload_blocks else dit_load_device(args, world, device)
+    # 1. The pipeline; what the task never runs is built on the meta device from its checkpoint's headers; what is
+    #    offloaded waits on the CPU, and a DiT split by --shard too (its shards then go to each GPU).
+    placed = {"dit": dit_load_device(args, world, device), "vae": device, "text_encoder": device}
+    offloaded = args.offload_models.split(",")
+    devices = {name: "meta" if name in NOT_RUN[args.task] else "cpu" if name in offloaded else placed[name]
+               for name in COMPONENTS}
     load = load_edit_pipeline if args.extra_inputs else load_pipeline
     pipe = load(source, **component_sources(args), tokenizer=tokenizer_folder(args), dtype=dtype, device=devices,
                 max_sequence_length=args.max_sequence_length)

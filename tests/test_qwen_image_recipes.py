@@ -137,13 +137,23 @@ def test_split_training_equals_the_plain_run(repo, dataset, trained, tmp_path):
 
 
 def test_fp8_base_with_block_offload_trains(repo, dataset, tmp_path):
-    lora_run(repo, dataset, tmp_path, "--max_steps", "1", "--fp8_models", "dit,text_encoder", "--offload_blocks",
+    lora_run(repo, dataset, tmp_path, "--max_steps", "1", "--fp8_models", "dit,text_encoder", "--offload_models", "dit,text_encoder",
              "--use_gradient_checkpointing", "--lora_layout", "kohya")
     factors = lora_factors(repo, tmp_path / "step-1.safetensors")
     untrained = [path for path, f in factors.items() if not f.up.any()]
     assert len(factors) == 2 * 12
     # the last block's text output is never read: its text query, text output projection and text MLP get no gradient
     assert untrained == [f"transformer_blocks/1/{m}/weight" for m in ("attn/add_q_proj", "attn/to_add_out", "txt_mlp/net/2")]
+
+
+@pytest.mark.parametrize("flags, error", [
+    (("--trainable_models", "dit", "--offload_models", "dit"), "--trainable_models dit trains the whole DiT, which --offload_models dit"),
+    (("--shard", "--offload_models", "dit"), "--shard splits the DiT over the processes and --offload_models dit"),
+    (("--offload_models", "vae"), r"--offload_models takes components of \('dit', 'text_encoder'\), got \['vae'\]"),
+])
+def test_offload_flags_that_cannot_work_are_refused(repo, dataset, tmp_path, flags, error):
+    with pytest.raises(ValueError, match=error):
+        lora_run(repo, dataset, tmp_path, *flags)
 
 
 def test_full_fine_tuning_writes_a_dit_that_loads(repo, dataset, tmp_path):

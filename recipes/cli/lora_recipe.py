@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from dsf.cli.flag_types import finite_float
 from dsf.cli.lora_paradigm import trained_lora
 from dsf.cli.training_flags import batch_stream, train_config, validation_options
 from dsf.transforms import checkpoint, fp8, lora_trainable, offload
@@ -66,6 +67,51 @@ def add_process_flags(models, training) -> None:
     training.add_argument("--shard", action="store_true", help="under torchrun: split the DiT's weights over the processes")
 
 
+def add_frozen_storage_flags(group, components: Sequence[str]) -> None:
+    """Add --fp8_models, --offload_models and --vram_limit to ``group``: the frozen ``components`` stored in fp8,
+    streamed from the CPU one block at a time, and the GiB of streamed blocks kept resident.
+
+    >>> parser = argparse.ArgumentParser()
+    >>> add_frozen_storage_flags(parser, ("dit", "text"))
+    >>> parser.parse_args(["--offload_models", "dit,text", "--vram_limit", "6"]).vram_limit
+    6.0
+    """
+    group.add_argument("--fp8_models", default="", help=f"comma list of frozen components stored in fp8: {tuple(components)}")
+    group.add_argument("--offload_models", default="",
+                       help=f"comma list of frozen components streamed from the CPU block by block: {tuple(components)}")
+    group.add_argument("--vram_limit", type=finite_float, default=0.0, help="GiB of offloaded blocks kept resident")
+
+
+def named_components(flag: str, value: str, components: Sequence[str], not_run: Sequence[str] = ()) -> list[str]:
+    """The components a comma list names (each one of ``components``), less those the task does not run.
+
+    >>> named_components("--offload_models", "dit,text", ("dit", "text"), not_run=("dit",))
+    ['text']
+    >>> named_components("--offload_models", "vae", ("dit", "text"))
+    Traceback (most recent call last):
+    ...
+    ValueError: --offload_models takes components of ('dit', 'text'), got ['vae']
+    """
+    chosen = [c for c in value.split(",") if c]
+    unknown = [c for c in chosen if c not in components]
+    if unknown:
+        raise ValueError(f"{flag} takes components of {tuple(components)}, got {unknown}")
+    return [c for c in chosen if c not in not_run]
+
+
+def for_task(args: argparse.Namespace, not_run: Sequence[str]) -> argparse.Namespace:
+    """The flags with --fp8_models and --offload_models less the components the task does not run (kept on meta).
+
+    >>> flags = argparse.Namespace(fp8_models="dit,text", offload_models="text")
+    >>> vars(for_task(flags, not_run=("text",)))
+    {'fp8_models': 'dit', 'offload_models': ''}
+    """
+    return argparse.Namespace(**{**vars(args), **{
+        name: ",".join(c for c in getattr(args, name).split(",") if c and c not in not_run)
+        for name in ("fp8_models", "offload_models")
+    }})
+
+
 def check_training_flags(args: argparse.Namespace, fp8_components: Sequence[str]) -> None:
     """Refuse the training flags that cannot work together, naming the fix.
 
@@ -79,11 +125,16 @@ def check_training_flags(args: argparse.Namespace, fp8_components: Sequence[str]
         raise ValueError(f"--task {args.task} reads a dataset folder: pass --dataset_metadata_path")
     if (args.height is None) != (args.width is None):
         raise ValueError(f"pass both --height and --width or neither (got {args.height}, {args.width})")
-    unknown = [c for c in args.fp8_models.split(",") if c and c not in fp8_components]
-    if unknown:
-        raise ValueError(f"--fp8_models takes components of {tuple(fp8_components)}, got {unknown}")
+    named_components("--fp8_models", args.fp8_models, fp8_components)
+    offloaded = named_components("--offload_models", getattr(args, "offload_models", ""), fp8_components)
     if getattr(args, "trainable_models", None) and args.lora_checkpoint:
         raise ValueError("--lora_checkpoint continues a LoRA, but --trainable_models dit trains the whole DiT; drop one")
+    if getattr(args, "trainable_models", None) and "dit" in offloaded:
+        raise ValueError("--trainable_models dit trains the whole DiT, which --offload_models dit streams as frozen "
+                         "weights: drop dit from --offload_models")
+    if getattr(args, "shard", False) and "dit" in offloaded:
+        raise ValueError("--shard splits the DiT over the processes and --offload_models dit streams it from the CPU: "
+                         "drop one of them")
 
 
 def check_preview_task(args: argparse.Namespace, tasks: Sequence[str], sampler: str, lacking: str = "does not run") -> None:
@@ -219,8 +270,8 @@ def dit_load_device(args, world, device) -> torch.device:
 
 def storage_and_block_transforms(args, compute_dtype) -> dsf.Transform:
     """fp8 storage of the frozen components (--fp8_models), their block offload (--offload_models, keeping
-    --vram_limit GiB resident; --offload_blocks: the DiT's), gradient checkpointing, the DiT's shards (--shard);
-    the flags a recipe lacks add nothing.
+    --vram_limit GiB resident), gradient checkpointing, the DiT's shards (--shard); the flags a recipe lacks add
+    nothing.
 
     >>> args = argparse.Namespace(fp8_models="t5", use_gradient_checkpointing=True, use_gradient_checkpointing_offload=False)
     >>> storage_and_block_transforms(args, torch.float32).name
@@ -231,7 +282,6 @@ def storage_and_block_transforms(args, compute_dtype) -> dsf.Transform:
     if fp8_models:
         stack.append(fp8(where=rf"^({'|'.join(fp8_models)})/", compute_dtype=compute_dtype))
     offloaded = [c for c in getattr(args, "offload_models", "").split(",") if c]  # where the recipe has them
-    offloaded += ["dit"] if getattr(args, "offload_blocks", False) else []
     if offloaded:
         stack.append(offload(device=args.device, level="block", vram_limit=getattr(args, "vram_limit", 0.0),
                              where=rf"^({'|'.join(offloaded)})/"))
