@@ -7,7 +7,8 @@
 The metadata (csv, json or jsonl) has an ``image`` column (paths inside --dataset_base_path) and a ``prompt``
 column; with ``--extra_inputs edit_image`` (an Edit-2509/2511 model, its ``processor/`` beside) also an
 ``edit_image`` column, one path or a list of paths (a JSON list in a csv cell): the condition images of each sample
-(``--batch_size 1``). The model is a diffusers Qwen-Image pipeline folder (--model_path) or hub repo (--model_id, e.g.
+(``--batch_size 1``); split training encodes them into the cache (sft:data_process with --extra_inputs), and
+sft:train reads them from there. The model is a diffusers Qwen-Image pipeline folder (--model_path) or hub repo (--model_id, e.g.
 Qwen/Qwen-Image); --dit, --vae and --text_encoder take other files (ComfyUI's single files) instead of the folder's.
 Model files may also come from --model_paths (a JSON list of files; a list inside it is one model in shards) and
 --model_id_with_origin_paths (model_id:pattern entries): each is recognized by its keys, whatever its name, as the
@@ -126,8 +127,10 @@ def check_flags(args) -> None:
                          "--model_id_with_origin_paths (model files), or --dit, --vae and --text_encoder")
     check_training_flags(args, FROZEN_COMPONENTS)
     check_preview_task(args, ("sft", "direct_distill"), "the VAE and the text encoder", lacking="does not train with")
-    if args.extra_inputs and args.task != "sft":
-        raise ValueError("--extra_inputs edit_image trains with --task sft (the condition images are encoded as drawn)")
+    if args.extra_inputs and args.task not in ("sft", "sft:data_process"):
+        raise ValueError(f"--extra_inputs edit_image reads condition images, which --task {args.task} does not: use "
+                         "--task sft, or sft:data_process (then sft:train reads the encoded condition images from the cache "
+                         "without it)")
     if args.trainable_models and "dit" in args.fp8_models:
         raise ValueError("--trainable_models dit trains the whole DiT, which --fp8_models dit stores frozen: drop dit from "
                          "--fp8_models")
@@ -179,7 +182,7 @@ def main(argv: list[str]):
 
     # 3. Split training, stage 1: encode every sample once (fp8 storage, checkpointing), cache, and stop.
     if args.task == "sft:data_process":
-        return cache_encoded_samples(args, SampleEncoder(pipe), params, dataset, dtype, init_key)
+        return cache_encoded_samples(args, SampleEncoder(pipe, args.dataset_base_path), params, dataset, dtype, init_key)
 
     # 4. The paradigm, one chain: a preset LoRA merged into the base first, then fp8, offload, checkpointing, shards,
     #    the LoRA.

@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from PIL import Image
 
 from dsf.models.qwen_image import edit
@@ -224,6 +225,19 @@ def test_edit_lora_training_sees_the_condition_images(edit_repo, tmp_path, monke
     assert len({first, second, both}) == 3  # the condition images reach the DiT and the prompt encoding
     with pytest.raises(ValueError, match="a sample with 'edit_image' trains a Qwen-Image-Edit model"):
         run("plain", ["0.png"])
+
+    # split training: the condition images encoded once into the cache, then trained on without the encoders
+    recipe.main(["--dataset_base_path", str(data), "--dataset_metadata_path", str(data / "both.jsonl"),
+                 "--model_path", str(root), "--height", "32", "--width", "32", "--max_sequence_length", "64",
+                 "--device", "cpu", "--extra_inputs", "edit_image", "--task", "sft:data_process",
+                 "--output_path", str(tmp_path / "cache")])
+    recipe.main(["--dataset_base_path", str(tmp_path / "cache"), "--model_path", str(root), "--max_sequence_length", "64",
+                 "--lora_rank", "4", "--device", "cpu", "--max_steps", "1", "--task", "sft:train",
+                 "--output_path", str(tmp_path / "split")])
+    with open(tmp_path / "split" / "log.csv", newline="") as file:
+        assert float(next(csv.DictReader(file))["loss"]) == both
+    one_stage, split = (load_file(tmp_path / name / "step-1.safetensors") for name in ("both", "split"))
+    assert one_stage.keys() == split.keys() and all(torch.equal(one_stage[k], split[k]) for k in one_stage)
 
 
 def test_the_first_edit_models_pipeline_matches_diffusers(edit_repo):

@@ -200,22 +200,30 @@ class QwenImageEditPipeline(QwenImagePipeline):
         """The param tree :meth:`generate` takes: ``{"dit", "vae", "text_encoder", "vision"}``."""
         return {**super().params, "vision": self.vision.params}
 
-    def encode_edit_prompts(self, params, prompts: Sequence[str], images: Sequence[Image.Image]) -> dict:
-        """DiT conditioning of prompts with the condition images (resized for the vision tower)."""
+    def edit_prompt_states(self, params, prompts: Sequence[str], images: Sequence[Image.Image]) -> tuple:
+        """``(text_embeds, text_mask)`` of prompts with the condition images (resized for the vision tower), where the
+        text encoder computes."""
         seen = [image.resize(area_size(self.condition_area, *image.size), Image.LANCZOS) for image in images]
-        embeds, mask = edit_prompt(self.text_encoder, self.vision, params, prompts, seen, self.template,
-                                   numbered=self.template == EDIT_TEMPLATE)
+        return edit_prompt(self.text_encoder, self.vision, params, prompts, seen, self.template,
+                           numbered=self.template == EDIT_TEMPLATE)
+
+    def encode_edit_prompts(self, params, prompts: Sequence[str], images: Sequence[Image.Image]) -> dict:
+        """DiT conditioning of prompts with the condition images: :meth:`edit_prompt_states` on the DiT's device."""
+        embeds, mask = self.edit_prompt_states(params, prompts, images)
         return {"text_embeds": embeds.to(device_of(params["dit"]), dtype_of(params["dit"])),
                 "text_mask": mask.to(device_of(params["dit"]))}
 
+    def condition_latents(self, params, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        """The condition images resized to about ``vae_area`` pixels, as normalized latents (1, 16, h, w) where the
+        VAE computes (its device and dtype)."""
+        device, dtype = device_of(params["vae"]), dtype_of(params["vae"])
+        resized = (image_to_tensor(to_rgb(image).resize(area_size(self.vae_area, *image.size), Image.LANCZOS)) for image in images)
+        return [self.vae.encode(params["vae"], pixels[None].to(device, dtype)) for pixels in resized]
+
     def reference_latents(self, params, images: Sequence[Image.Image], batch: int) -> list[torch.Tensor]:
-        """The condition images resized to about ``vae_area`` pixels, as normalized latents on the DiT's device."""
-        latents = []
-        for image in images:
-            pixels = image_to_tensor(to_rgb(image).resize(area_size(self.vae_area, *image.size), Image.LANCZOS))
-            encoded = self.vae.encode(params["vae"], pixels[None].to(device_of(params["vae"]), dtype_of(params["vae"])))
-            latents.append(encoded.repeat(batch, 1, 1, 1).to(device_of(params["dit"]), dtype_of(params["dit"])))
-        return latents
+        """:meth:`condition_latents` repeated ``batch`` times, on the DiT's device and in its dtype."""
+        device, dtype = device_of(params["dit"]), dtype_of(params["dit"])
+        return [latents.repeat(batch, 1, 1, 1).to(device, dtype) for latents in self.condition_latents(params, images)]
 
     def denoise(self, params, prompt, *, images: Sequence[Image.Image] = (), negative_prompt=NEGATIVE_PROMPT, seed: int = 0,
                 num_inference_steps: int = NUM_INFERENCE_STEPS, height: int | None = None, width: int | None = None,

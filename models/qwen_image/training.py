@@ -81,9 +81,8 @@ class SampleEncoder:
             image = item[IMAGE_KEY][None].to(device_of(params["vae"]), dtype_of(params["vae"]))
             latents = self.pipe.vae.encode(params["vae"], image)
             if edit_images:
-                text = self.pipe.encode_edit_prompts(params, [item[PROMPT_KEY]], edit_images)
-                embeds, mask = text["text_embeds"], text["text_mask"]
-                references = {"reference_latents": [r[0] for r in self.pipe.reference_latents(params, edit_images, 1)]}
+                embeds, mask = self.pipe.edit_prompt_states(params, [item[PROMPT_KEY]], edit_images)
+                references = {"reference_latents": [r[0] for r in self.pipe.condition_latents(params, edit_images)]}
             else:
                 embeds, mask = self.pipe.text_encoder.encode(params["text_encoder"], [item[PROMPT_KEY]])
                 references = {}
