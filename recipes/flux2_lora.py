@@ -62,10 +62,10 @@ from dsf.cli.lora_recipe import (
     check_preview_task,
     check_training_flags,
     chosen_paradigm,
-    dit_load_device,
     for_task,
     hub_folders,
     join_processes,
+    load_devices,
     preview_images,
     recognized_model_files,
     train_run,
@@ -155,14 +155,11 @@ def main(argv: list[str]):
     args = for_task(args, NOT_RUN[args.task])
     world, device, dtype = join_processes(args)  # under torchrun, or one process
     source = args.model_path or (ModelSource(model_id=args.model_id) if args.model_id else None)
-    offloaded = [c for c in args.offload_models.split(",") if c]
     init_key, data_key, fit_key = dsf.random.split(dsf.random.key(args.seed), 3)
 
     # 1. The pipeline: DiT, VAE, text encoder; what the task never runs is built on the meta device from its headers,
     #    what is offloaded is loaded on the CPU, and a DiT split by --shard too (its shards then go to each GPU).
-    placed = {"dit": dit_load_device(args, world, device), "vae": device, "text": device}
-    devices = {name: "meta" if name in NOT_RUN[args.task] else "cpu" if name in offloaded else placed[name]
-               for name in placed}
+    devices = load_devices(args, ("dit", "vae", "text"), NOT_RUN[args.task], world, device)
     pipe = load_pipeline(source, **component_sources(args), dtype=dtype, device=devices,
                          max_sequence_length=args.max_sequence_length)
     params = pipe.params

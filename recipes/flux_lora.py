@@ -17,7 +17,8 @@ recognized by their files) or else from the first repo of --model_id_with_origin
 What trains: a LoRA of --lora_rank on the DiT (--lora_target_modules: BFL or diffusers module
 names; --lora_checkpoint continues a LoRA file, whose targets and rank then apply), or with
 --trainable_models dit the whole DiT (full fine-tuning). --preset_lora_path merges a LoRA into the
-base first (differential LoRA). --fp8_models stores frozen components in fp8.
+base first (differential LoRA). --fp8_models stores frozen components in fp8; --offload_models keeps them on the
+CPU and streams their blocks in (--vram_limit GiB resident).
 
 --task:
   sft                 train on the dataset (default)
@@ -62,16 +63,17 @@ from dsf.models.flux.training import (
     sft_loss,
 )
 from dsf.cli.lora_recipe import (
+    add_frozen_storage_flags,
     add_model_file_flags,
     add_process_flags,
     cache_encoded_samples,
     check_preview_task,
     check_training_flags,
     chosen_paradigm,
-    dit_load_device,
     hub_folders,
     image_folder,
     join_processes,
+    load_devices,
     preview_images,
     recognized_model_files,
     train_run,
@@ -103,7 +105,7 @@ def parser() -> argparse.ArgumentParser:
     models = p.add_argument_group("models")
     add_model_file_flags(models)
     models.add_argument("--tokenizer_paths", help="comma list of the CLIP and T5 tokenizer folders (any order)")
-    models.add_argument("--fp8_models", default="", help=f"comma list of frozen components stored in fp8: {FP8_COMPONENTS}")
+    add_frozen_storage_flags(models, FP8_COMPONENTS)
     groups = add_training_flags(p, output_path="outputs/flux_lora", lora_targets=LORA_TARGETS, lora_layouts=LAYOUTS)
     add_process_flags(models, groups["training"])
     groups["training"].add_argument("--task", default="sft", choices=TASKS)
@@ -124,17 +126,18 @@ def tokenizer_folders(args) -> list:
     return hub_folders(args, ["tokenizer/", "tokenizer_2/"], DEFAULT_TOKENIZER_REPO)
 
 
-def load_components(files: dict, needed, args, dtype, device, dit_device=None) -> tuple[dict, dict]:
-    """``(models, params)`` of the components the task needs; the DiT on ``dit_device`` (default ``device``)."""
+def load_components(files: dict, needed, args, dtype, devices: dict) -> tuple[dict, dict]:
+    """``(models, params)`` of the components the task needs, each on its device of ``devices``."""
     models, params = {}, {}
     if "dit" in needed:
-        models["dit"], params["dit"] = load_dit(files["dit"], dtype=dtype, device=dit_device or device)
+        models["dit"], params["dit"] = load_dit(files["dit"], dtype=dtype, device=devices["dit"])
     if "vae" in needed:
-        models["vae"], params["vae"] = load_vae(files["vae"], dtype=dtype, device=device)
+        models["vae"], params["vae"] = load_vae(files["vae"], dtype=dtype, device=devices["vae"])
     if "clip" in needed:
         tokenizers = recognize_tokenizers(tokenizer_folders(args))
-        models["clip"] = load_clip(files["clip"], tokenizers["clip"], dtype=dtype, device=device)
-        models["t5"] = load_t5(files["t5"], tokenizers["t5"], dtype=dtype, device=device, max_length=args.max_sequence_length)
+        models["clip"] = load_clip(files["clip"], tokenizers["clip"], dtype=dtype, device=devices["clip"])
+        models["t5"] = load_t5(files["t5"], tokenizers["t5"], dtype=dtype, device=devices["t5"],
+                               max_length=args.max_sequence_length)
         params["clip"], params["t5"] = models["clip"].params, models["t5"].params
     return models, params
 
@@ -149,7 +152,8 @@ def main(argv: list[str]):
     # 1. The model files, recognized by their keys; only the components the task needs are loaded.
     needed = NEEDED[args.task]
     files = recognized_model_files(args, flux.FAMILY, needed)
-    models, params = load_components(files, needed, args, dtype, device, dit_device=dit_load_device(args, world, device))
+    devices = load_devices(args, NEEDED["sft"], (), world, device)
+    models, params = load_components(files, needed, args, dtype, devices)
 
     # 2. The data: images and prompts, or the encoded samples of a data-processing run.
     dataset = training_dataset(args, image_folder(args))

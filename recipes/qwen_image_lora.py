@@ -60,10 +60,10 @@ from dsf.cli.lora_recipe import (
     check_preview_task,
     check_training_flags,
     chosen_paradigm,
-    dit_load_device,
     for_task,
     hub_folders,
     join_processes,
+    load_devices,
     model_ids,
     preview_images,
     recognized_model_files,
@@ -165,10 +165,7 @@ def main(argv: list[str]):
 
     # 1. The pipeline; what the task never runs is built on the meta device from its checkpoint's headers; what is
     #    offloaded waits on the CPU, and a DiT split by --shard too (its shards then go to each GPU).
-    placed = {"dit": dit_load_device(args, world, device), "vae": device, "text_encoder": device}
-    offloaded = args.offload_models.split(",")
-    devices = {name: "meta" if name in NOT_RUN[args.task] else "cpu" if name in offloaded else placed[name]
-               for name in COMPONENTS}
+    devices = load_devices(args, COMPONENTS, NOT_RUN[args.task], world, device)
     load = load_edit_pipeline if args.extra_inputs else load_pipeline
     pipe = load(source, **component_sources(args), tokenizer=tokenizer_folder(args), dtype=dtype, device=devices,
                 max_sequence_length=args.max_sequence_length)

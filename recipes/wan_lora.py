@@ -12,7 +12,9 @@ shorter: the most of the form 1 + 4k), images one frame; every frame is resized 
 The model is a diffusers Wan pipeline folder (--model_path) or hub repo (--model_id); --dit takes
 other DiT files. For an image-to-video model the first frame of each video is the conditioning
 image; Wan2.2-TI2V-5B sees that frame's latents clean, at σ 0, and is scored on the other frames
-(--without_first_frame trains it as text-to-video). A Wan2.2 A14B model trains one expert at a
+(--without_first_frame trains it as text-to-video). --fp8_models stores frozen components in fp8; --offload_models
+keeps them on the CPU and streams their blocks in (--vram_limit GiB resident: a 14B DiT trains on a GPU smaller than
+its weights). A Wan2.2 A14B model trains one expert at a
 time: --expert high_noise (or low_noise) loads that expert alone and draws σ only from its range
 of the training grid (derived from the folder's boundary_ratio, or set by
 --min_timestep_boundary/--max_timestep_boundary).
@@ -45,16 +47,20 @@ from dsf.files.hub import ModelSource, local_source
 from dsf.models.wan.pipeline import EXPERTS, holds_two_experts, load_pipeline
 from dsf.models.wan.training import LORA_TARGETS, SampleEncoder, VideoDataset, expert_timestep_boundaries, sft_loss
 from dsf.cli.lora_recipe import (
+    add_frozen_storage_flags,
     cache_encoded_samples,
     check_preview_task,
     check_training_flags,
     chosen_paradigm,
     compute_dtype,
+    for_task,
+    load_devices,
     train_run,
     trained_file_writer,
     training_dataset,
 )
 from dsf.cli.training_flags import add_dataset_flags, add_training_flags
+from dsf.training import distributed
 from dsf.transforms import save_lora
 from dsf.cli.flag_types import finite_float, positive_int
 
@@ -76,7 +82,7 @@ def parser() -> argparse.ArgumentParser:
     models.add_argument("--expert", choices=EXPERTS, help="the expert of a Wan2.2 A14B model to train")
     models.add_argument("--without_first_frame", action="store_true",
                         help="Wan2.2-TI2V-5B: train as text-to-video, without the clean first frame")
-    models.add_argument("--fp8_models", default="", help=f"comma list of frozen components stored in fp8: {FP8_COMPONENTS}")
+    add_frozen_storage_flags(models, FP8_COMPONENTS)
     models.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on CUDA, float32 on the CPU")
     models.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     groups = add_training_flags(p, output_path="outputs/wan_lora", lora_targets=LORA_TARGETS, lora_layouts=LORA_LAYOUTS)
@@ -145,6 +151,7 @@ def main(argv: list[str]):
     """Run the task; returns the trained params (the cache folder for sft:data_process)."""
     args = parser().parse_args(argv)
     check_flags(args)
+    args = for_task(args, NOT_RUN[args.task])
     source = args.model_path or (ModelSource(model_id=args.model_id) if args.model_id else None)
     device = torch.device(args.device)
     dtype = compute_dtype(args, device)
@@ -155,7 +162,7 @@ def main(argv: list[str]):
     dit_source = local_source(args.dit or source)
     if args.task != "sft:data_process":
         check_expert(args, dit_source)
-    devices = {name: "meta" if name in NOT_RUN[args.task] else device for name in ("dit", "vae", "t5", "clip")}
+    devices = load_devices(args, ("dit", "vae", "t5", "clip"), NOT_RUN[args.task], distributed.world(), device)
     pipe = load_pipeline(source, dit=args.dit, expert=args.expert, dtype=dtype, device=devices,
                          max_sequence_length=args.max_sequence_length)
     params = pipe.params

@@ -25,7 +25,7 @@ Z-Image-Turbo is step-distilled: a plain LoRA trained on it drifts from its 8-st
 
 What trains: a LoRA of --lora_rank on the DiT (--lora_target_modules: diffusers or Lumina2 module names;
 --lora_checkpoint continues a LoRA file), or with --trainable_models dit the whole DiT. --fp8_models stores frozen
-components in fp8.
+components in fp8; --offload_models keeps them on the CPU and streams their blocks in (--vram_limit GiB resident).
 
 --task:
   sft                 train on the dataset (default)
@@ -58,6 +58,7 @@ import dsf
 from dsf.cli.flag_types import positive_int
 from dsf.cli.lora_recipe import (
     MODEL_FLAGS,
+    add_frozen_storage_flags,
     add_model_file_flags,
     add_process_flags,
     cache_encoded_samples,
@@ -65,11 +66,12 @@ from dsf.cli.lora_recipe import (
     check_training_flags,
     chosen_paradigm,
     direct_distill_loss,
-    dit_load_device,
     fetch_in_turn,
+    for_task,
     hub_folders,
     image_folder,
     join_processes,
+    load_devices,
     preview_images,
     recognized_model_files,
     train_run,
@@ -108,7 +110,7 @@ def parser() -> argparse.ArgumentParser:
     add_model_file_flags(models)
     models.add_argument("--tokenizer", "--tokenizer_paths", dest="tokenizer",
                         help="Z-Image's tokenizer folder (with a single-file text encoder)")
-    models.add_argument("--fp8_models", default="", help=f"comma list of frozen components stored in fp8: {COMPONENTS}")
+    add_frozen_storage_flags(models, COMPONENTS)
     groups = add_training_flags(p, output_path="outputs/z_image_lora", lora_targets=LORA_TARGETS, lora_layouts=LAYOUTS)
     add_process_flags(models, groups["training"])
     groups["training"].add_argument("--task", default="sft", choices=TASKS)
@@ -177,13 +179,13 @@ def main(argv: list[str]):
     """Run the task; returns the trained params (the cache folder for sft:data_process)."""
     args = parser().parse_args(argv)
     check_flags(args)
+    args = for_task(args, NOT_RUN[args.task])
     world, device, dtype = join_processes(args)  # under torchrun, or one process
     init_key, data_key, fit_key = dsf.random.split(dsf.random.key(args.seed), 3)
 
-    # 1. The pipeline: the DiT, the VAE and Qwen3; what the task never runs is built on meta from its headers, the
-    #    DiT that --shard splits on the CPU.
-    devices = {"dit": dit_load_device(args, world, device), "vae": device, "text_encoder": device}
-    devices |= {name: "meta" for name in NOT_RUN[args.task]}
+    # 1. The pipeline: the DiT, the VAE and Qwen3; what the task never runs is built on meta from its headers, what
+    #    --offload_models streams and the DiT that --shard splits on the CPU.
+    devices = load_devices(args, COMPONENTS, NOT_RUN[args.task], world, device)
     pipe = load_pipeline(**pipeline_sources(args), dtype=dtype, device=devices, max_sequence_length=args.max_sequence_length)
     params = pipe.params
 

@@ -22,6 +22,7 @@ from dsf.models.flux.pipeline import load_pipeline
 from dsf.models.flux.training import recognize_tokenizers
 from dsf.transforms import load_lora, lora, save_lora
 from dsf.transforms.lora import linear_weight_shapes
+from dsf.transforms.offload import count_transfers
 from dsf.model_parts.lora_files import detect_lora_layout, read_lora
 from dsf.weight import dense_tree
 from tiny_flux import DIT_TINY, write_tiny_flux_bfl_files
@@ -196,6 +197,15 @@ def test_lora_over_fp8_models(tiny, digits, sft_run, tmp_path):
     assert detect_lora_layout(load_file(tmp_path / "step-3.safetensors")) == "diffusers"
 
 
+def test_block_offload_of_the_dit_and_t5_trains_the_same_lora(tiny, digits, sft_run, tmp_path):
+    """--offload_models streams the DiT and T5 from the CPU one block at a time: the same numbers, bit for bit."""
+    with count_transfers() as moved:
+        run(tiny, digits, tmp_path, "--offload_models", "dit,t5")
+    assert moved.blocks, "nothing was streamed"
+    offloaded, resident = (load_file(folder / "step-3.safetensors") for folder in (tmp_path, sft_run[0]))
+    assert offloaded.keys() == resident.keys() and all(torch.equal(offloaded[k], resident[k]) for k in resident)
+
+
 @pytest.mark.parametrize("flag, hook", [
     ("--use_gradient_checkpointing", "torch.utils.checkpoint.checkpoint"),
     ("--use_gradient_checkpointing_offload", "torch.autograd.graph.save_on_cpu"),
@@ -322,9 +332,12 @@ def test_hub_models_with_their_tokenizers(tiny, digits, hub, tmp_path, monkeypat
 def test_sharded_runs_load_the_dit_to_the_cpu_so_only_shards_reach_a_gpu():
     from argparse import Namespace
 
+    from dsf.cli.lora_recipe import dit_load_device, load_devices
     from dsf.training.distributed import World
 
     gpu = torch.device("cuda", 0)
-    assert flux_lora.dit_load_device(Namespace(shard=True), World(rank=1, size=8), gpu) == torch.device("cpu")
-    assert flux_lora.dit_load_device(Namespace(shard=True), World(), gpu) == gpu  # one process: nothing to split
-    assert flux_lora.dit_load_device(Namespace(shard=False), World(rank=1, size=8), gpu) == gpu
+    assert dit_load_device(Namespace(shard=True), World(rank=1, size=8), gpu) == torch.device("cpu")
+    assert dit_load_device(Namespace(shard=True), World(), gpu) == gpu  # one process: nothing to split
+    assert dit_load_device(Namespace(shard=False), World(rank=1, size=8), gpu) == gpu
+    chosen = load_devices(Namespace(shard=True, offload_models="t5"), ("dit", "vae", "t5"), (), World(rank=1, size=8), gpu)
+    assert chosen == {"dit": torch.device("cpu"), "vae": gpu, "t5": "cpu"}

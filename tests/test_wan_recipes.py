@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 import dsf
 from dsf.training.cache import CachedDataset
@@ -17,6 +18,7 @@ from dsf.models.wan.model import WanDiT
 from dsf.models.wan.pipeline import load_pipeline
 from dsf.transforms import load_lora
 from dsf.transforms.lora import linear_weight_shapes
+from dsf.transforms.offload import count_transfers
 from dsf.model_parts.lora_files import read_lora
 from dsf.files.video import read_video, write_mp4
 
@@ -115,6 +117,16 @@ def test_resumed_lora_training_equals_an_uninterrupted_run(folders, dataset, tra
                                                                     trained_lora / "step-2.safetensors"))
     assert sorted(resumed) == sorted(uninterrupted)
     assert all(torch.equal(resumed[k].up, uninterrupted[k].up) for k in resumed)
+
+
+def test_block_offload_of_the_dit_and_umt5_trains_the_same_lora(folders, dataset, trained_lora, tmp_path):
+    """--offload_models streams the DiT and umT5 from the CPU one block at a time: the same numbers, bit for bit."""
+    with count_transfers() as moved:
+        lora_run(folders("t2v"), dataset, tmp_path, "--max_steps", "2", "--lora_layout", "diffusers",
+                 "--offload_models", "dit,t5")
+    assert moved.blocks, "nothing was streamed"
+    offloaded, resident = (load_file(folder / "step-2.safetensors") for folder in (tmp_path, trained_lora))
+    assert offloaded.keys() == resident.keys() and all(torch.equal(offloaded[k], resident[k]) for k in resident)
 
 
 def test_one_expert_trains_only_on_its_sigma_range(folders, dataset, tmp_path, monkeypatch):

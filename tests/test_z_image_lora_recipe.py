@@ -29,6 +29,7 @@ from dsf.models.z_image.pipeline import load_pipeline
 from dsf.training import distributed
 from dsf.training.data import write_image_folder
 from dsf.transforms import load_lora
+from dsf.transforms.offload import count_transfers
 from tiny_z_image import write_tiny_z_image_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,6 +164,16 @@ def test_lora_files_round_trip_in_the_other_layouts(hub, digits, sft_run, tmp_pa
         ours = dit(load_lora(base, tmp_path / "step-3.safetensors"), **inputs)
         expected = dit(load_lora(base, sft_run[0] / "step-3.safetensors"), **inputs)
     assert relative_error(ours, expected) <= 1e-6
+
+
+def test_block_offload_of_the_dit_and_qwen3_trains_the_same_lora(hub, digits, sft_run, tmp_path, monkeypatch):
+    """--offload_models streams the DiT and Qwen3 from the CPU one block at a time: the same numbers, bit for bit."""
+    with count_transfers() as moved:
+        run(hub, digits, tmp_path, "--lora_layout", "diffusers", "--offload_models", "dit,text_encoder",
+            monkeypatch=monkeypatch)
+    assert moved.blocks, "nothing was streamed"
+    offloaded, resident = (load_file(folder / "step-3.safetensors") for folder in (tmp_path, sft_run[0]))
+    assert offloaded.keys() == resident.keys() and all(torch.equal(offloaded[k], resident[k]) for k in resident)
 
 
 def test_split_training_gives_the_unsplit_losses(hub, digits, sft_run, tmp_path, monkeypatch):

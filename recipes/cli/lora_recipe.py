@@ -262,7 +262,22 @@ def dit_load_device(args, world, device) -> torch.device:
     >>> dit_load_device(Namespace(shard=True), distributed.World(rank=0, size=8), torch.device("cuda", 0))
     device(type='cpu')
     """
-    return torch.device("cpu") if args.shard and world.size > 1 else device
+    return torch.device("cpu") if getattr(args, "shard", False) and world.size > 1 else device
+
+
+def load_devices(args, components, not_run, world, device) -> dict:
+    """Where each component is loaded: the meta device when the task does not run it (built from its headers), the
+    CPU when --offload_models streams it, the DiT as :func:`dit_load_device` says, the rest on ``device``.
+
+    >>> from argparse import Namespace
+    >>> args = Namespace(shard=False, offload_models="t5")
+    >>> load_devices(args, ("dit", "vae", "t5"), ("vae",), distributed.World(), "cuda")
+    {'dit': 'cuda', 'vae': 'meta', 't5': 'cpu'}
+    """
+    offloaded = getattr(args, "offload_models", "").split(",")
+    placed = {"dit": dit_load_device(args, world, device)}
+    return {name: "meta" if name in not_run else "cpu" if name in offloaded else placed.get(name, device)
+            for name in components}
 
 
 # ----------------------------------------------------------------------------- the paradigm
