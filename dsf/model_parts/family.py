@@ -161,8 +161,8 @@ class Checkpoint:
 
         flat = load_in_layout(source, converted, dtype=dtype, device=device)
         layout = layouts[0]
-        flagged = {field: value for key in self.config_flags if flat.pop(key, None) is not None
-                   for field, value in self.config_flags[key].items()}
+        flagged = {name: value for key in self.config_flags if flat.pop(key, None) is not None
+                   for name, value in self.config_flags[key].items()}
         shapes = loading.tensor_shapes(flat)
         config_json = loading.config_of_kind(source, "_class_name", self.class_name, absent_ok=True)
         if flagged:
