@@ -482,6 +482,7 @@ def offload(
         name=name,
         init_fn=lambda params, key=None: _block_init(params, device, vram_limit, keep),
         hooks=(prefetch,),
+        # one rank, so tuple order: the files wrap outside per_call, whose fetch at a call's start reads through them
         wraps=(per_call, FunctionWrap(OFFLOAD_RANK, _with_open_files, "offload files")),
     )
 
