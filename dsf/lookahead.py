@@ -11,14 +11,14 @@ A transform may also opt in to preparing the first block of each block list (``a
 offload does, shard does not: its gathers are collectives that every rank must issue in the same
 order, so it keeps the plain neighbor rule). It learns where each call of a function it transforms
 goes from list to list: the block the call runs first, and the block that runs after the last block
-of each list, each named by its list's path in the call's params and its index (found again by
-path, not identity, since training rebuilds the params tree each step). The transform's next call
-prepares that first block before any runs, and any call, at the last block of a list in the forward
-pass, prepares the block that followed that list the last time, earlier in the call or in the
-previous call. A path that the call's params do not hold starts nothing. A block prepared so that
-is dropped when another block runs next instead, and whatever the call prepared and did not take is
-dropped when the call returns (the backward pass gets a fresh preparer), so a wrong guess holds one
-block for a while and never leaks.
+of each list (the first time it ends in the call), each named by its list's path in the call's
+params and its index (found again by path, not identity, since training rebuilds the params tree
+each step). The transform's next call prepares that first block before any runs, and any call, at
+the last block of a list in the forward pass, prepares the block that followed that list, earlier
+in the call or else in the previous call. A path that the call's params do not hold starts nothing.
+A block prepared so that is dropped when another block runs next instead, and whatever the call
+prepared and did not take is dropped when the call returns (the backward pass gets a fresh
+preparer), so a wrong guess holds one block for a while and never leaks.
 
 Example:
     >>> import torch, dsf
@@ -77,8 +77,9 @@ _Place = tuple[tuple, int]  # a block: the path of its list in the params of a c
 @dataclass
 class _ListOrder:
     """Where one call of a transformed function went from block list to block list: the block it
-    ran first, and the block it ran next after the last block of each list (by list path). It holds
-    paths and indices only, never the params, so it outlives the call without keeping a tree alive."""
+    ran first, and the block it first ran next after the last block of each list (by list path; a
+    sampler's lists run in a loop, and what follows the loop comes once). It holds paths and indices
+    only, never the params, so it outlives the call without keeping a tree alive."""
 
     first: _Place | None = None
     after_last: dict[tuple, _Place] = field(default_factory=dict)
@@ -138,7 +139,7 @@ class _ListTracker:
         if not self.began:
             self.began, self.order.first = True, place
         if self.ended is not None and place is not None:
-            self.order.after_last[self.ended] = place
+            self.order.after_last.setdefault(self.ended, place)
         self.ended = path if path is not None and index == len(blocks) - 1 else None
         if self.ended is not None:
             known = self.order.after_last.get(path, self.previous.after_last.get(path))

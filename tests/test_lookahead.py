@@ -75,6 +75,16 @@ def test_a_call_learns_the_order_of_its_lists_as_it_runs_them():
     assert log[15:] == [("start", "a0")]  # after the last step nothing comes: dropped with the call's preparer
 
 
+def test_a_list_predicts_the_list_that_first_followed_it_as_a_sampler_loop_does():
+    t, log = recorded(across_lists=True)
+    f, params = t(run_lists), lists(a=1, b=1, c=1)
+    f(params, "ababc")  # two sampler steps, then a decoder: b is followed by a, and once by c
+    log.clear()
+    assert f(params, "ababc") == 5
+    step = [("ready", "a0"), ("start", "b0"), ("ready", "b0"), ("start", "a0")]
+    assert log == [("start", "a0")] + step + step + [("in line", "c0"), ("drop", "a0")]
+
+
 def test_a_block_prepared_for_another_list_is_dropped_when_a_different_block_runs():
     t, log = recorded(across_lists=True)
     f, params = t(run_lists), lists(a=2, b=2)
