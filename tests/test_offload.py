@@ -85,6 +85,107 @@ def test_prefetch_runs_forward_then_reverse_in_checkpoint_backward():
     assert moved.blocks == [0, 1, 2, 3]  # without checkpointing, backward keeps the fetched weights
 
 
+def two_lists():
+    """A FLUX-like tree: an embedding, then a list of three "double" blocks and one of two "single" blocks."""
+    g = torch.Generator().manual_seed(1)
+    new_block = lambda: {"w": torch.randn(DIM, DIM, generator=g) / DIM**0.5, "b": torch.randn(DIM, generator=g)}
+    return {"embed": torch.randn(DIM, DIM, generator=g), "double": [new_block() for _ in range(3)],
+            "single": [new_block() for _ in range(2)]}
+
+
+def dit_like(params, x, lists=("double", "single"), seen=lambda where: None):
+    """Embeds ``x``, then runs ``lists`` in order; ``seen(where)`` is told before the embedding and each block."""
+
+    def seen_then_run(name):
+        def run(p, h):
+            seen(name)
+            return block(p, h)
+
+        return run
+
+    seen("embed")
+    h = ops.linear(x, params["embed"])
+    for name in lists:
+        h = dsf.run_blocks(seen_then_run(name), params[name], h)
+    return h.square().mean()
+
+
+def test_each_lists_first_block_is_fetched_ahead_from_the_second_call_on():
+    t = offload("cpu")
+    plain, x = two_lists(), torch.randn(3, DIM)
+    f, params = t(dit_like), t.init(plain)
+    fetched_before = []  # (what runs next, how many blocks were fetched by then)
+    seen = lambda where: fetched_before.append((where, len(moved.blocks)))
+    for _ in range(2):
+        with count_transfers() as moved:
+            assert torch.equal(f(params, x, seen=seen), dit_like(plain, x))
+        assert moved.blocks == [0, 1, 2, 0, 1]  # each block fetched once: the ones fetched ahead were taken
+    first_call, second_call = fetched_before[:6], fetched_before[6:]
+    assert first_call == [("embed", 0), ("double", 2), ("double", 3), ("double", 3), ("single", 5), ("single", 5)]
+    # double 0 is fetched before the call computes anything, single 0 while the last double block runs
+    assert second_call == [("embed", 1), ("double", 2), ("double", 3), ("double", 4), ("single", 5), ("single", 5)]
+
+
+def test_gradients_through_checkpoint_and_offload_are_unchanged_when_first_blocks_come_ahead():
+    t = dsf.chain(checkpoint(), offload("cpu"))
+    plain, x, blocks = two_lists(), torch.randn(3, DIM), r"^(double|single)/"
+    params = t.init(plain)
+    reference = dsf.grad(dit_like, where=blocks)(plain, x)
+    fetched_at_embedding = []
+    seen = lambda where: where == "embed" and fetched_at_embedding.append(len(moved.blocks))
+    for _ in range(2):  # value_and_grad builds a new params tree for each call: the lists are found by path
+        with count_transfers() as moved:
+            grads = dsf.grad(t(dit_like), where=blocks)(params, x, seen=seen)
+        assert all(torch.equal(a, b) for a, b in zip(dsf.tree.tensors(reference), dsf.tree.tensors(grads), strict=True))
+        assert moved.blocks == [0, 1, 2, 0, 1] + [1, 0, 2, 1, 0]  # backward recomputes in reverse, as before
+    assert fetched_at_embedding == [0, 1]
+
+
+def test_other_params_start_nothing_ahead_and_compute_as_before():
+    t = offload("cpu")
+    plain, other, x = two_lists(), {"embed": torch.eye(DIM), "blocks": stack()["blocks"]}, torch.randn(3, DIM)
+    f, stored, stored_other = t(dit_like), t.init(plain), t.init(other)
+    both, blocks = ("double", "single"), ("blocks",)
+    fetched_at_embedding = []
+    seen = lambda where: where == "embed" and fetched_at_embedding.append(len(moved.blocks))
+    for params, reference, lists in ((stored, plain, both), (stored_other, other, blocks), (stored, plain, both), (stored, plain, both)):
+        with count_transfers() as moved:
+            assert torch.equal(f(params, x, lists, seen), dit_like(reference, x, lists))
+    # the other tree holds no "double" list: nothing is fetched ahead for it, nor for the call after it
+    assert fetched_at_embedding == [0, 0, 0, 1]
+
+
+def test_a_first_block_fetched_ahead_and_not_used_is_freed(monkeypatch):
+    fetched = []
+    fetch = offload_module._fetch_block
+    monkeypatch.setattr(offload_module, "_fetch_block", lambda block, index: _kept_block(fetched, fetch(block, index)))
+    t = dsf.chain(checkpoint(), offload("meta"))
+    params, x = t.init(two_lists()), torch.ones(3, DIM, device="meta", requires_grad=True)
+    f, alive = t(dit_like), []
+    count_alive = lambda where: where == "single" and alive.append(sum(ref() is not None for ref in fetched) // 2)
+    f(params, x, ("double", "single"))
+    with count_transfers() as moved:
+        f(params, x, ("single",), count_alive)
+    assert moved.blocks == [0, 0, 1]  # double 0 ahead, as the call before began with it, then the single blocks
+    assert alive == [2, 1]  # double 0 is dropped when single 0 runs instead
+    fetched.clear()
+    with count_transfers() as moved:
+        out = f(params, x, ("double", "single", "double", "single"))  # two steps: the call learns single -> double
+    # single 0 ahead (the call before began with it) and dropped; the first step as the first call,
+    # the second with single 0 and then double 0 fetched ahead, though no step follows
+    assert moved.blocks == [0] + [0, 1, 2, 0, 1] + [0, 1, 2, 0, 1] + [0]
+    gc.collect()
+    assert sum(ref() is not None for ref in fetched) == 0  # freed when the call returned, though its graph lives on
+    with count_transfers() as moved:
+        out.backward()
+    assert moved.blocks == [1, 0, 2, 1, 0] * 2  # backward, with a fresh preparer, recomputes in reverse as before
+
+
+def _kept_block(refs, block):
+    refs.extend(weakref.ref(record.data) for record in block.values())
+    return block
+
+
 def test_bytes_moved_per_forward_and_per_checkpointed_step():
     t = offload("cpu")
     plain = stack()
@@ -224,7 +325,9 @@ def test_cuda_prefetch_waits_for_compute_then_copies_on_one_side_stream(monkeypa
                               + [f"compute waits side1 event {first}"] + copy + ["compute"]
                               + [f"compute waits side1 event {first + 1}"] + copy + ["compute"]
                               + [f"compute waits side1 event {first + 2}", "compute"])
-    assert log == expected(1) + expected(4)  # one side stream for every call, and no record_stream
+    # one side stream for every call, and no record_stream; the first call fetches block 0 in line,
+    # the second copies it on the side stream at its start, as the first call ran it first
+    assert log == expected(1) + copy + ["compute waits side1 event 4"] + expected(5)
     assert fake.made == 1
 
 

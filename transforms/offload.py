@@ -13,7 +13,13 @@ Two levels:
   on the compute stream (for block i−1, the last work it was given), so the memory of block i−1 is
   reused for block i+1 however far the CPU runs ahead: two blocks in flight. In backward under
   checkpointing the blocks recompute in reverse and the prefetch follows that direction. The first
-  block of each block list is fetched when it runs.
+  block of each block list is fetched ahead too (:mod:`dsf.lookahead`, ``across_lists``), from the
+  block order seen before: at a call's start the block the transform's previous call ran first,
+  and at the last block of a list (forward pass) the block that followed that list, so FLUX.1's
+  single-stream list is fetched while the last double block computes. The first call fetches each
+  list's first block when it runs, until it has seen which list follows which. A block fetched so
+  and not used next is dropped when the next block runs, and anything fetched and not used by the
+  call when it returns.
 
 Adapt-stage tensors (LoRA factors) are not storage: they live on ``device`` from init on, whatever
 the chain order, so trainable factors get their gradients and optimizer state on the compute device.
@@ -364,6 +370,11 @@ class _Prefetcher:
             torch.cuda.current_stream(self.device).wait_event(ready)
         return fetched
 
+    def drop(self, blocks: list, index: int) -> None:
+        """Forget a block fetched ahead that will not run next. Its copy may still be in flight on
+        the side stream, where it was allocated, so only later side-stream copies reuse its memory."""
+        self.ahead.pop((id(blocks), index), None)
+
 
 @stage("fetch")
 class ComponentFetch(Stage):
@@ -466,11 +477,12 @@ def offload(
             wraps=(FunctionWrap(OFFLOAD_RANK, _component_call, "offload"),),
         )
     side = _SideStream(device)
-    prefetch, per_call = look_ahead("offload", OFFLOAD_RANK, lambda: _Prefetcher(device, side))
+    prefetch, per_call = look_ahead("offload", OFFLOAD_RANK, lambda: _Prefetcher(device, side), across_lists=True)
     return Transform(
         name=name,
         init_fn=lambda params, key=None: _block_init(params, device, vram_limit, keep),
         hooks=(prefetch,),
+        # one rank, so tuple order: the files wrap outside per_call, whose fetch at a call's start reads through them
         wraps=(per_call, FunctionWrap(OFFLOAD_RANK, _with_open_files, "offload files")),
     )
 
