@@ -24,7 +24,6 @@ from dsf.training import distributed
 from dsf.transforms import fp8, offload, shard
 from dsf.transforms.fp8 import FP8, quantize
 from dsf.transforms.offload import count_transfers
-from dsf.weight import Weight
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is unavailable")
 
@@ -47,6 +46,17 @@ def test_rows_of_rank_split_like_torch_shard_0():
             expected, _ = Shard(0)._split_tensor(tensor, ranks, with_padding=False)
             got = [distributed.rows_of_rank(tensor, ranks, rank) for rank in range(ranks)]
             assert [g.tolist() for g in got] == [e.tolist() for e in expected], (rows, ranks)
+
+
+def test_quantize_scales_a_shard_by_the_whole_tensors_amax_per_tensor_only():
+    shard_rows = weights(4)["blocks"][0]["w"][:2]
+    whole = torch.cat([shard_rows, 4 * shard_rows])  # its largest magnitude in the other rank's rows
+    data, scale = quantize(shard_rows, amax=whole.abs().max())
+    expected_data, expected_scale = quantize(whole)
+    assert torch.equal(scale, expected_scale) and torch.equal(data.view(torch.uint8), expected_data[:2].view(torch.uint8))
+    assert not torch.equal(quantize(shard_rows)[1], expected_scale)  # its own amax would scale it otherwise
+    with pytest.raises(ValueError, match="amax is the largest magnitude of the whole tensor: it scales granularity='tensor'"):
+        quantize(shard_rows, "channel", amax=whole.abs().max())
 
 
 # ----------------------------------------------------------------------------- on every rank

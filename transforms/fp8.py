@@ -80,10 +80,13 @@ def quantize(
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if amax is not None and granularity != "tensor":
-        raise ValueError(f"amax is the largest magnitude of the whole tensor: it scales granularity='tensor', got {granularity!r}")
+        raise ValueError(
+            f"amax is the largest magnitude of the whole tensor: it scales granularity='tensor', got {granularity!r}"
+        )
     weight = weight.detach().to(torch.float32, copy=True)
     if amax is None:
-        rows = weight.reshape(len(weight), math.prod(weight.shape[1:])) if granularity == "channel" and weight.ndim else weight.reshape(1, -1)
+        channels = granularity == "channel" and weight.ndim
+        rows = weight.reshape(len(weight), math.prod(weight.shape[1:])) if channels else weight.reshape(1, -1)
         low, high = torch.aminmax(rows, dim=1, keepdim=True)
         amax = torch.maximum(-low, high)
         amax = amax.reshape(weight.shape[0], *[1] * (weight.ndim - 1)) if granularity == "channel" else amax.reshape(())

@@ -272,9 +272,9 @@ def quantized_shards(quantize, value: DTensor, granularity: str) -> tuple[DTenso
         data, scale = quantize(local, granularity, amax=max_over_ranks(_largest_magnitude(local), value.device_mesh))
         scale = _around(_pinned_like(scale, local), value.device_mesh, [Replicate()], scale.shape, scale.stride())
     else:
-        data, scale = quantize(local, granularity)
-        whole = torch.Size((value.shape[0], *scale.shape[1:]))
-        scale = _around(_pinned_like(scale, local), value.device_mesh, [Shard(0)], whole, torch.empty(whole, device="meta").stride())
+        data, scale = quantize(local, granularity)  # (rows, 1, ...): the whole scale has the shard's strides
+        whole = (value.shape[0], *scale.shape[1:])
+        scale = _around(_pinned_like(scale, local), value.device_mesh, [Shard(0)], whole, scale.stride())
     return shard_like(_pinned_like(data, local), value), scale
 
 
