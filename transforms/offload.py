@@ -241,7 +241,11 @@ def _unregister(pointer: int) -> None:
 
 
 def _nbytes(param) -> int:
-    return sum(_held_bytes(x) for x in optree.tree_leaves(param, namespace=NAMESPACE) if _is_data(x))
+    """The bytes of ``param``'s tensors, of a DTensor the whole tensor's: what ``vram_limit`` keeps resident must be
+    the same on every rank (a block gathered ahead on one rank and at use on another would pair the wrong
+    collectives), and uneven shards differ in size."""
+    leaves = optree.tree_leaves(param, namespace=NAMESPACE)
+    return sum(x.nbytes if isinstance(x, DiskTensor) else x.numel() * x.element_size() for x in leaves if _is_data(x))
 
 
 def _held_bytes(x) -> int:
