@@ -1,7 +1,8 @@
 """The transform law for a transform written outside dsf: a test-only int8 storage transform, written by the guide
 in dsf.weight, composes with every transform of dsf in every chain order (the same numbers, the same bytes held by
 the params tree) or is refused at init with the guide's error where the pair is meaningless (two storages of one
-weight). Shard runs on two gloo ranks, where it splits what it stores."""
+weight). Shard runs on two gloo ranks, where it splits what it stores, and composes there with offload, fp8 and
+lora in all 24 orders."""
 
 from __future__ import annotations
 
@@ -168,25 +169,45 @@ def _sharded_orders(rank: int, port: int, folder: str) -> None:
             kinds = sorted({type(params["blocks"][0]["q"]["weight"].data).__name__})
             seen[name] = {"out": stack(model)(params, X), "bytes": bytes_held(params), "kinds": kinds,
                           "dtype": params["blocks"][0]["q"]["weight"].data.dtype}
+        stored = {"offload": offload("cpu"), "fp8": fp8(where="^blocks/", compute_dtype=torch.float32),
+                  "lora": lora(rank=2, targets="q,mlp")}
+        seen["unsharded"] = outcome(stored.values())
+        seen["offload, shard, fp8, lora"] = {order: outcome([{**stored, "shard": shard()}[name] for name in order])
+                                             for order in itertools.permutations([*stored, "shard"])}
         torch.save(seen, os.path.join(folder, f"rank{rank}.pt"))
         dist.barrier()  # both ranks done before either tears the group down (a rank left alone mid-teardown can abort)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is unavailable")
-def test_int8_and_shard_split_the_same_int8_bytes_in_both_orders(tmp_path):
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
     import socket
 
+    folder = tmp_path_factory.mktemp("sharded_orders")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_sharded_orders, args=(port, str(tmp_path)), nprocs=WORLD_SIZE)
+    mp.spawn(_sharded_orders, args=(port, str(folder)), nprocs=WORLD_SIZE)
+    return [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is unavailable")
+def test_int8_and_shard_split_the_same_int8_bytes_in_both_orders(two_ranks):
     whole = bytes_held(int8().init(tiny_params()))
     single = model(materialize_tree_of(int8().init(tiny_params())), X)
-    for rank in range(WORLD_SIZE):
-        seen = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+    for seen in two_ranks:
         first, second = seen["int8, shard"], seen["shard, int8"]
         assert first["kinds"] == second["kinds"] == ["DTensor"] and first["dtype"] == second["dtype"] == torch.int8
         assert first["bytes"] == second["bytes"] < whole
         assert torch.equal(first["out"], second["out"]) and torch.equal(first["out"], single)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is unavailable")
+def test_offload_shard_fp8_and_lora_compose_in_all_24_orders_on_two_ranks(two_ranks):
+    for seen in two_ranks:
+        orders = seen["offload, shard, fp8, lora"]
+        assert len(orders) == 24 and len({outcome["bytes"] for outcome in orders.values()}) == 1
+        assert next(iter(orders.values()))["bytes"] < seen["unsharded"]["bytes"] and seen["unsharded"]["grads"]
+        for order, outcome_of_order in orders.items():  # on each rank the same output and LoRA gradients as without shard
+            assert_same({**outcome_of_order, "bytes": None}, {**seen["unsharded"], "bytes": None}, order)

@@ -32,10 +32,13 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from dsf.files.disk import DiskTensor
 from dsf.float8 import FP8, FP8_MAX, Dequantize, is_float8
+from dsf.training import distributed
 from dsf.transform import Transform
 from dsf.tree import Where, as_predicate
 from dsf.weight import Weight, as_weight, check_slot_free, is_float_weight, map_weights
@@ -43,12 +46,16 @@ from dsf.weight import Weight, as_weight, check_slot_free, is_float_weight, map_
 GRANULARITIES = ("tensor", "channel")
 
 
-def quantize(weight: torch.Tensor, granularity: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(
+    weight: torch.Tensor, granularity: str = "tensor", amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(data, scale)``: float8_e4m3fn data and the float32 scale with ``weight ≈ data * scale``.
 
     The scale maps the largest magnitude (of the tensor, or of each output channel) to the fp8
     maximum 448; an all-zero tensor or channel gets scale 1, never a NaN. One float32 copy of the
-    weight is made, and worked on in place.
+    weight is made, and worked on in place. ``amax`` (per tensor) is the largest magnitude to scale
+    by instead of the weight's own: a rank's shard scales by the whole tensor's
+    (:func:`dsf.training.distributed.quantized_shards`).
 
     >>> data, scale = quantize(torch.tensor([[1.0, -2.0], [0.0, 0.0]]), "channel")
     >>> data.dtype, scale.flatten().tolist()
@@ -56,11 +63,17 @@ def quantize(weight: torch.Tensor, granularity: str = "tensor") -> tuple[torch.T
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if amax is not None and granularity != "tensor":
+        raise ValueError(
+            f"amax is the largest magnitude of the whole tensor: it scales granularity='tensor', got {granularity!r}"
+        )
     weight = weight.detach().to(torch.float32, copy=True)
-    rows = weight.reshape(weight.shape[0], -1) if granularity == "channel" and weight.ndim else weight.reshape(1, -1)
-    low, high = torch.aminmax(rows, dim=1, keepdim=True)
-    amax = torch.maximum(-low, high)
-    amax = amax.reshape(weight.shape[0], *[1] * (weight.ndim - 1)) if granularity == "channel" else amax.reshape(())
+    if amax is None:
+        channels = granularity == "channel" and weight.ndim
+        rows = weight.reshape(len(weight), math.prod(weight.shape[1:])) if channels else weight.reshape(1, -1)
+        low, high = torch.aminmax(rows, dim=1, keepdim=True)
+        amax = torch.maximum(-low, high)
+        amax = amax.reshape(weight.shape[0], *[1] * (weight.ndim - 1)) if granularity == "channel" else amax.reshape(())
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     return weight.div_(scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
 
@@ -102,6 +115,9 @@ def _stored_in_fp8(path: str, param, granularity: str, compute_dtype: torch.dtyp
         )
     if is_float8(record):  # float8 numbers made outside a loader: they are the storage, read at scale 1
         return record.with_stage(Dequantize(_like(torch.ones(()), record.data), compute_dtype))
+    if distributed.is_sharded(record.data):  # each rank quantizes its rows where they live (a CPU shard under offload)
+        data, scale = distributed.quantized_shards(quantize, record.data, granularity)
+        return Weight(data, record.stages).with_stage(Dequantize(scale, compute_dtype))
     data, scale = quantize(record.data, granularity)
     stored = Weight(_like(data, record.data), record.stages)
     return stored.with_stage(Dequantize(_like(scale, record.data), compute_dtype))

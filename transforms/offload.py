@@ -25,7 +25,8 @@ Adapt-stage tensors (LoRA factors) are not storage: they live on ``device`` from
 the chain order, so trainable factors get their gradients and optimizer state on the compute device.
 
 Storage is where init leaves the weights: CPU memory, page-locked when ``device`` is a CUDA device
-(one buffer of exactly its bytes per block, the tensors views of it); or
+(one buffer of exactly its bytes per block, the tensors views of it; of a ``shard()``-ed weight, this
+rank's rows, re-wrapped as its DTensor); or
 the disk, for a tree from :func:`dsf.files.disk.lazy_load`, whose fetch reads each tensor from its file
 when its block runs. ``vram_limit`` (GiB of weights) keeps a prefix of the weights resident on
 ``device`` from init on, the weights outside repeated blocks first and then whole blocks in order,
@@ -62,6 +63,7 @@ import torch
 from dsf.files.disk import DiskTensor, open_files
 from dsf.lookahead import look_ahead
 from dsf.tally import Tally
+from dsf.training import distributed
 from dsf.transform import OFFLOAD_RANK, FunctionWrap, Transform
 from dsf.tree import NAMESPACE, Where, as_predicate, map_with_path
 from dsf.weight import Stage, Weight, as_weight, stage
@@ -112,7 +114,7 @@ def _moved(leaf, device: torch.device):
     transfers = _transfers.current()
     if transfers is not None:
         transfers.tensors += 1
-        transfers.bytes += tensor.numel() * tensor.element_size()
+        transfers.bytes += _held_bytes(tensor)
     return tensor
 
 
@@ -186,26 +188,34 @@ def _pinned_together(params: list) -> list:
     """``params`` (stored by :func:`_stored`) with their CPU tensors copied into one page-locked host
     buffer of exactly their bytes, as views. ``pin_memory()`` would round every tensor up to a power
     of two (FLUX.1-dev bf16: 22.2 GiB of weights in 34.6 GiB). Where the buffer cannot be registered,
-    each tensor is pinned alone. DTensor shards stay as they are.
+    each tensor is pinned alone. A DTensor's local shard is pinned like a plain tensor and re-wrapped
+    (same mesh, placements, shape and stride), so its copies to the GPU overlap compute too.
     """
     leaves, structure = optree.tree_flatten(params, namespace=NAMESPACE)
-    chosen = [i for i, x in enumerate(leaves) if type(x) is torch.Tensor and x.device.type == "cpu"]
-    if not chosen:  # weights left on disk, or DTensor shards
+    hosted = [_on_host(x) for x in leaves]
+    chosen = [i for i, tensor in enumerate(hosted) if tensor is not None]
+    if not chosen:  # weights left on disk
         return params
     offsets, total = [], 0
     for i in chosen:
         offsets.append(total)
-        total += -(-leaves[i].nbytes // BUFFER_ALIGNMENT) * BUFFER_ALIGNMENT
+        total += -(-hosted[i].nbytes // BUFFER_ALIGNMENT) * BUFFER_ALIGNMENT
     buffer = _page_locked(total)
     with torch.no_grad():
         for i, offset in zip(chosen, offsets):
-            tensor = leaves[i]
+            tensor = hosted[i]
             if buffer is None:
-                leaves[i] = tensor if tensor.is_pinned() else tensor.pin_memory()
-                continue
-            view = buffer[offset : offset + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
-            leaves[i] = view.copy_(tensor)
+                pinned = tensor if tensor.is_pinned() else tensor.pin_memory()
+            else:
+                pinned = buffer[offset : offset + tensor.nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
+            leaves[i] = distributed.shard_like(pinned, leaves[i])
     return optree.tree_unflatten(structure, leaves)
+
+
+def _on_host(leaf) -> torch.Tensor | None:
+    """The CPU tensor a stored leaf keeps (a DTensor's local shard), or None (a weight left on disk)."""
+    tensor = leaf.to_local() if distributed.is_sharded(leaf) else leaf
+    return tensor if type(tensor) is torch.Tensor and tensor.device.type == "cpu" else None
 
 
 class _PageLocked(numpy.ndarray):
@@ -237,8 +247,19 @@ def _unregister(pointer: int) -> None:
 
 
 def _nbytes(param) -> int:
+    """The bytes of ``param``'s tensors, of a DTensor the whole tensor's: what ``vram_limit`` keeps resident must be
+    the same on every rank (a block gathered ahead on one rank and at use on another would pair the wrong
+    collectives), and uneven shards differ in size."""
     leaves = optree.tree_leaves(param, namespace=NAMESPACE)
     return sum(x.nbytes if isinstance(x, DiskTensor) else x.numel() * x.element_size() for x in leaves if _is_data(x))
+
+
+def _held_bytes(x) -> int:
+    """The bytes of a tensor this rank holds (a DTensor's local shard), or of a tensor on disk."""
+    if isinstance(x, DiskTensor):
+        return x.nbytes
+    local = x.to_local() if distributed.is_sharded(x) else x
+    return local.numel() * local.element_size()
 
 
 def _is_data(x) -> bool:

@@ -16,6 +16,14 @@ previous one in backward under checkpointing); on NCCL the all-gather runs async
 waited for when the block uses it. Blocks holding offloaded weights are gathered at use, after
 their fetch. Weights outside repeated blocks are gathered at each use.
 
+With ``offload()``, in either chain order, each rank's rows live where offload stores them (host
+memory, pinned for a GPU) and only they do; the fetch brings them to the GPU and the gather
+all-gathers them there (NCCL gathers GPU memory only). ``shard()`` before offload pins only each
+rank's rows, in the block's one buffer; after offload, every rank first holds the whole weights
+pinned, and ``shard()`` copies its rows out into pinned memory of their own, tensor by tensor. The
+values are the same; chain ``shard()`` first for the smaller host memory. ``fp8()`` over such shards
+quantizes each rank's rows where they live, the ranks agreeing on a per-tensor scale first.
+
 The gathers are collectives: every rank must make the same calls (same functions, steps and
 blocks); the inputs may differ (each rank its own batch or prompts). With one rank there is nothing
 to shard over, and init returns the params unchanged.
@@ -134,7 +142,8 @@ def _sharded(path: str, param, device_mesh) -> Weight:
             f"shard cannot split {path!r}: it is still on disk ({record.data!r}); load the weights into memory "
             "(dsf.files.io.load_state_dict) to shard them"
         )
-    return Weight(distributed.distribute(record.data, device_mesh), record.stages)
+    stored = "fetch" in record.stages  # offload keeps the data off the compute device: each rank's rows stay there
+    return Weight(distributed.distribute(record.data, device_mesh, keep_device=stored), record.stages)
 
 
 def shard(where: Where = None) -> Transform:

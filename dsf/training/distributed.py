@@ -46,7 +46,8 @@ from dsf.tree import NAMESPACE
 
 if dist.is_available():
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -166,11 +167,26 @@ def holds_shards(tree) -> bool:
     return any(is_sharded(leaf) for leaf in optree.tree_leaves(tree, namespace=NAMESPACE))
 
 
-def distribute(tensor: torch.Tensor, device_mesh: DeviceMesh) -> DTensor:
+def rows_of_rank(tensor: torch.Tensor, ranks: int, rank: int) -> torch.Tensor:
+    """The rows of ``tensor`` that rank ``rank`` of ``ranks`` holds under torch's ``Shard(0)`` split (a view):
+    chunks of ⌈rows / ranks⌉ rows in rank order, so the last ranks may hold fewer rows, or none.
+
+    >>> [rows_of_rank(torch.arange(5), 4, rank).tolist() for rank in range(4)]
+    [[0, 1], [2, 3], [4], []]
+    """
+    chunk = -(-tensor.shape[0] // ranks)
+    start = min(rank * chunk, tensor.shape[0])
+    return tensor[start : start + chunk]
+
+
+def distribute(tensor: torch.Tensor, device_mesh: DeviceMesh, keep_device: bool = False) -> DTensor:
     """``tensor`` split along its first dimension over ``device_mesh`` (a 0-d tensor is replicated).
 
     Every rank must hold the same whole tensor, as dsf's keyed initialization and loading give: each
-    keeps its slice and nothing is sent. Uneven sizes are fine (the last ranks hold fewer rows).
+    copies its rows (torch's ``Shard(0)`` split: the last ranks may hold fewer, or none) and nothing is
+    sent. The copy goes to the mesh's device, as ``distribute_tensor`` puts it; with ``keep_device``
+    it stays on the tensor's device, in pinned memory when the tensor is pinned (storage that offload
+    keeps off the GPU stays there). A tensor on ``meta`` stays on ``meta``.
 
     >>> distribute(torch.ones(2), None)
     Traceback (most recent call last):
@@ -179,8 +195,91 @@ def distribute(tensor: torch.Tensor, device_mesh: DeviceMesh) -> DTensor:
     """
     if device_mesh is None:
         raise ValueError("distribute needs a device mesh (dsf.training.distributed.mesh()), got None")
+    tensor = tensor.detach()
+    rows = rows_of_rank(tensor, device_mesh.size(), device_mesh.get_local_rank()) if tensor.ndim else tensor
+    stays = keep_device or tensor.is_meta
+    device = tensor.device if stays else torch.device(device_mesh.device_type)
+    local = torch.empty_like(rows, device=device, pin_memory=stays and tensor.is_pinned()).copy_(rows)
     placements = [Shard(0)] if tensor.ndim else [Replicate()]
-    return distribute_tensor(tensor.detach(), device_mesh, placements, src_data_rank=None)
+    return _around(local, device_mesh, placements, tensor.shape, tensor.stride())
+
+
+def _around(local: torch.Tensor, device_mesh: DeviceMesh, placements, shape, stride) -> DTensor:
+    """A DTensor around ``local`` where it lives. ``DTensor.from_local`` would move a CPU shard to the
+    GPU of an NCCL mesh; this is the constructor FSDP2 keeps CPU-offloaded shards with (``_from_local_no_grad``)."""
+    meta = TensorMeta(torch.Size(shape), tuple(stride), local.dtype)
+    return DTensor(local, DTensorSpec(device_mesh, tuple(placements), tensor_meta=meta), requires_grad=False)
+
+
+def shard_like(local: torch.Tensor, like) -> torch.Tensor:
+    """``local`` as this rank's shard of a DTensor with the mesh, placements, shape and stride of the DTensor
+    ``like``, left where it lives (a pinned CPU shard stays pinned, on the CPU); a plain ``like`` gives ``local``.
+
+    >>> shard_like(torch.zeros(2), torch.ones(2))
+    tensor([0., 0.])
+    """
+    if not is_sharded(like):
+        return local
+    return _around(local, like.device_mesh, like.placements, like.shape, like.stride())
+
+
+def max_over_ranks(value: torch.Tensor, device_mesh: DeviceMesh) -> torch.Tensor:
+    """The elementwise maximum of ``value`` over the ranks of ``device_mesh``, on ``value``'s device: one
+    all-reduce (MAX) of a copy on the world's device, since NCCL reduces GPU memory only.
+
+    >>> max_over_ranks(torch.ones(1), None)
+    Traceback (most recent call last):
+    ...
+    ValueError: max_over_ranks needs a device mesh (dsf.training.distributed.mesh()), got None
+    """
+    if device_mesh is None:
+        raise ValueError("max_over_ranks needs a device mesh (dsf.training.distributed.mesh()), got None")
+    on_world = value.to(world().device, copy=True)
+    dist.all_reduce(on_world, op=dist.ReduceOp.MAX, group=device_mesh.get_group())
+    return on_world.to(value.device)
+
+
+def _largest_magnitude(tensor: torch.Tensor) -> torch.Tensor:
+    """The largest magnitude of ``tensor``'s elements as a float32 scalar (0 for no elements)."""
+    if tensor.numel() == 0:
+        return torch.zeros((), device=tensor.device)
+    low, high = torch.aminmax(tensor.detach())
+    return torch.maximum(-low, high).float()
+
+
+def quantized_shards(quantize, value: DTensor, granularity: str) -> tuple[DTensor, DTensor]:
+    """``quantize(value, granularity)`` of a DTensor split by rows, computed on each rank's local shard where it
+    lives (a CPU shard of an offloaded weight included): the bytes and scale of quantizing the whole tensor.
+
+    Per channel (row) each rank quantizes its own rows, the scale split like them; per tensor the ranks
+    first agree on the largest magnitude (:func:`max_over_ranks`, one element), the scale replicated.
+    ``quantize(tensor, granularity, amax=None) -> (data, scale)`` is :func:`dsf.transforms.fp8.quantize`,
+    ``amax`` the per-tensor largest magnitude to scale by. Data and scale are pinned where the shard is.
+
+    >>> quantized_shards(None, torch.ones(2, 2), "tensor")
+    Traceback (most recent call last):
+    ...
+    ValueError: quantized_shards quantizes a DTensor split along its first dimension (shard()), got a Tensor
+    """
+    if not (is_sharded(value) and tuple(value.placements) == (Shard(0),)):
+        placed = getattr(value, "placements", None)
+        raise ValueError(
+            f"quantized_shards quantizes a DTensor split along its first dimension (shard()), got a {type(value).__name__}"
+            + (f" placed {placed}" if placed else "")
+        )
+    local = value.to_local()
+    if granularity == "tensor":
+        data, scale = quantize(local, granularity, amax=max_over_ranks(_largest_magnitude(local), value.device_mesh))
+        scale = _around(_pinned_like(scale, local), value.device_mesh, [Replicate()], scale.shape, scale.stride())
+    else:
+        data, scale = quantize(local, granularity)  # (rows, 1, ...): the whole scale has the shard's strides
+        whole = (value.shape[0], *scale.shape[1:])
+        scale = _around(_pinned_like(scale, local), value.device_mesh, [Shard(0)], whole, scale.stride())
+    return shard_like(_pinned_like(data, local), value), scale
+
+
+def _pinned_like(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    return tensor.pin_memory() if reference.is_pinned() and not tensor.is_pinned() else tensor
 
 
 def gathered(value):
