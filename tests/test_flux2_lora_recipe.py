@@ -259,7 +259,6 @@ def test_two_ranks_with_shard_train_as_one_process_accumulating_two(repo, data, 
 
 
 @pytest.mark.parametrize("flags, error", [
-    (("--shard", "--offload_models", "dit"), "--shard splits the DiT over the processes and --offload_models dit"),
     (("--validation_prompts", "a cat", "--task", "sft:train"), "samples with the VAE and the text encoder, which --task sft:train"),
     (("--offload_models", "vae"), r"--offload_models takes components of \('dit', 'text'\), got \['vae'\]"),
 ])

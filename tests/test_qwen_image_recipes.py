@@ -148,7 +148,6 @@ def test_fp8_base_with_block_offload_trains(repo, dataset, tmp_path):
 
 @pytest.mark.parametrize("flags, error", [
     (("--trainable_models", "dit", "--offload_models", "dit"), "--trainable_models dit trains the whole DiT, which --offload_models dit"),
-    (("--shard", "--offload_models", "dit"), "--shard splits the DiT over the processes and --offload_models dit"),
     (("--offload_models", "vae"), r"--offload_models takes components of \('dit', 'text_encoder'\), got \['vae'\]"),
 ])
 def test_offload_flags_that_cannot_work_are_refused(repo, dataset, tmp_path, flags, error):
@@ -258,6 +257,9 @@ def test_previews_are_sampled_with_the_trained_lora_and_leave_the_training_alone
 
 SHARDED_RUNS = {  # name: (the flags of the 2 ranks, the flags of the one-process reference)
     "lora": (("--shard",), ("--gradient_accumulation_steps", "2")),
+    "lora, fp8 DiT streamed from the CPU": (("--shard", "--fp8_models", "dit", "--offload_models", "dit"),
+                                           ("--gradient_accumulation_steps", "2", "--fp8_models", "dit",
+                                            "--offload_models", "dit")),
     "full fine-tuning": (("--trainable_models", "dit", "--learning_rate", "1e-3", "--shard"),
                          ("--trainable_models", "dit", "--learning_rate", "1e-3", "--gradient_accumulation_steps", "2")),
 }

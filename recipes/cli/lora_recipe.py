@@ -132,9 +132,6 @@ def check_training_flags(args: argparse.Namespace, fp8_components: Sequence[str]
     if getattr(args, "trainable_models", None) and "dit" in offloaded:
         raise ValueError("--trainable_models dit trains the whole DiT, which --offload_models dit streams as frozen "
                          "weights: drop dit from --offload_models")
-    if getattr(args, "shard", False) and "dit" in offloaded:
-        raise ValueError("--shard splits the DiT over the processes and --offload_models dit streams it from the CPU: "
-                         "drop one of them")
 
 
 def check_preview_task(args: argparse.Namespace, tasks: Sequence[str], sampler: str, lacking: str = "does not run") -> None:
@@ -284,8 +281,8 @@ def load_devices(args, components, not_run, world, device) -> dict:
 
 
 def storage_and_block_transforms(args, compute_dtype) -> dsf.Transform:
-    """fp8 storage of the frozen components (--fp8_models), their block offload (--offload_models, keeping
-    --vram_limit GiB resident), gradient checkpointing, the DiT's shards (--shard); the flags a recipe lacks add
+    """fp8 storage of the frozen components (--fp8_models), the DiT's shards (--shard), their block offload
+    (--offload_models, keeping --vram_limit GiB resident), gradient checkpointing; the flags a recipe lacks add
     nothing.
 
     >>> args = argparse.Namespace(fp8_models="t5", use_gradient_checkpointing=True, use_gradient_checkpointing_offload=False)
@@ -296,14 +293,14 @@ def storage_and_block_transforms(args, compute_dtype) -> dsf.Transform:
     fp8_models = [c for c in args.fp8_models.split(",") if c]
     if fp8_models:
         stack.append(fp8(where=rf"^({'|'.join(fp8_models)})/", compute_dtype=compute_dtype))
+    if getattr(args, "shard", False):  # after fp8, whose bytes it splits; before offload, so a rank pins its rows alone
+        stack.append(shard(where=r"^dit/"))
     offloaded = [c for c in getattr(args, "offload_models", "").split(",") if c]  # where the recipe has them
     if offloaded:
         stack.append(offload(device=args.device, level="block", vram_limit=getattr(args, "vram_limit", 0.0),
                              where=rf"^({'|'.join(offloaded)})/"))
     if args.use_gradient_checkpointing or args.use_gradient_checkpointing_offload:
         stack.append(checkpoint(offload_activations=args.use_gradient_checkpointing_offload))
-    if getattr(args, "shard", False):  # after fp8, whose bytes it splits; a single process has nothing to split
-        stack.append(shard(where=r"^dit/"))
     return dsf.chain(*stack)
 
 
