@@ -46,7 +46,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from dsf.transform import BlockHook, BlockSite, FunctionWrap, _find_path
+from dsf.transform import BlockHook, BlockSite, FunctionWrap, path_within
 
 
 class Preparer(Protocol):
@@ -133,7 +133,7 @@ class _ListTracker:
             preparer.drop(*self.expected)
         self.expected = None
         if id(blocks) not in self.paths:
-            self.paths[id(blocks)] = _find_path(self.params, blocks, ())
+            self.paths[id(blocks)] = path_within(self.params, blocks)
         path = self.paths[id(blocks)]
         place = None if path is None else (path, index)
         if not self.began:

@@ -232,13 +232,20 @@ def _seen_as_root(f: Callable) -> Callable:
     return call
 
 
-def _find_path(node, target, prefix: tuple) -> tuple | None:
+def path_within(node, target, prefix: tuple = ()) -> tuple | None:
+    """The keys from ``node`` down to the object ``target`` itself (found by identity) in nested dicts, lists and
+    tuples, after ``prefix``; None when ``node`` does not hold it.
+
+    >>> blocks = [{}, {}]
+    >>> path_within({"dit": {"blocks": blocks}}, blocks)
+    ('dit', 'blocks')
+    """
     if node is target:
         return prefix
     children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, (list, tuple)) else ()
     for key, child in children:
         if isinstance(child, (dict, list, tuple)):
-            found = _find_path(child, target, (*prefix, key))
+            found = path_within(child, target, (*prefix, key))
             if found is not None:
                 return found
     return None
@@ -253,7 +260,7 @@ def block_list_path(blocks) -> str | None:
     'transformer/single_transformer_blocks'
     """
     for root in _param_roots.get():
-        found = _find_path(root, blocks, ())
+        found = path_within(root, blocks)
         if found is not None:
             return "/".join(str(key) for key in found)
     return None
