@@ -3,6 +3,7 @@ full-size shapes, config reading, input errors."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import chex
@@ -18,6 +19,8 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import ZImageTransformer2DModel  # noqa: E402
 from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers  # noqa: E402
 from tiny_flux import randomize  # noqa: E402
+
+from comfy_fp8 import comfy_fp8  # noqa: E402
 
 TINY = dict(dim=64, n_layers=2, n_refiner_layers=2, n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=[8, 12, 12])
 AXES = {"axes_dims": [8, 12, 12]}  # what the shapes cannot tell
@@ -90,6 +93,20 @@ def test_parity_from_lumina2_single_file(reference, tmp_path, prefix):
     dit, params = z_image.load_dit(tmp_path / "z_image.safetensors", config=AXES)
     assert keys.DIT.detect_layout(lumina) == "lumina2"
     _assert_parity(dit, params, reference)
+
+
+def test_parity_from_a_comfyui_fp8_scaled_lumina2_file(reference, tmp_path):
+    """A Lumina2-layout file with the layers' matrices in fp8 at their own scales (the fused attention.qkv's scale
+    given to each of q, k and v)."""
+    lumina = {keys.COMFY_PREFIX + k: v.contiguous() for k, v in keys.ours_to_lumina2(reference.state_dict()).items()}
+    tensors, metadata, dequantized = comfy_fp8(lumina, lambda key, t: t.ndim == 2 and ".layers." in key, "header")
+    save_file(tensors, tmp_path / "z_image_fp8_scaled.safetensors", metadata=metadata)
+    dit, params = z_image.load_dit(tmp_path / "z_image_fp8_scaled.safetensors", config=AXES, dtype=torch.float32)
+    attention = params["layers"][1]["attention"]
+    assert {attention[p]["weight"].data.dtype for p in ("to_q", "to_k", "to_v")} == {torch.float8_e4m3fn}
+    expected = copy.deepcopy(reference)
+    expected.load_state_dict(convert_z_image_transformer_checkpoint_to_diffusers(dict(dequantized)))
+    _assert_parity(dit, params, expected)
 
 
 @pytest.mark.parametrize("prefix", ["", keys.COMFY_PREFIX], ids=["plain", "comfyui"])
