@@ -176,8 +176,8 @@ def main(argv: list[str]):
     if args.task == "sft:data_process":
         return cache_encoded_samples(args, encoder, params, dataset, dtype, init_key)
 
-    # 4. The paradigm, one chain: a preset LoRA merged into the base first, then fp8 storage, block offload, gradient
-    #    checkpointing, shards, the LoRA on the DiT (or the whole DiT).
+    # 4. The paradigm, one chain: a preset LoRA merged into the base first, then fp8 storage, shards, block offload,
+    #    gradient checkpointing, the LoRA on the DiT (or the whole DiT).
     if args.preset_lora_path:
         params["dit"] = merge_lora(load_lora(params["dit"], args.preset_lora_path))
     paradigm = chosen_paradigm(args, dtype)
@@ -187,8 +187,8 @@ def main(argv: list[str]):
     loss = direct_distill_loss(pipe) if args.task == "direct_distill" else sft_loss(pipe.dit)
 
     # 6. Train: AdamW on the LoRA factors (or the DiT), saving the LoRA in --lora_layout (or the DiT), with
-    save = trained_file_writer(args, save_lora, save_safetensors)
     #    previews of --validation_prompts sampled through the same chain.
+    save = trained_file_writer(args, save_lora, save_safetensors)
     previews = None if args.task == "sft:train" else preview_images(pipe, args)
     return train_run(args, paradigm, loss, params, dataset, encode=encode, save=save, keys=(data_key, fit_key),
                      generate=previews, processes=world.size)

@@ -166,7 +166,8 @@ def main(argv: list[str]):
         encoder = SampleEncoder(models["vae"], models["clip"], models["t5"], args.max_sequence_length)
         return cache_encoded_samples(args, encoder, params, dataset, dtype, init_key)
 
-    # 4. The paradigm, one chain: a preset LoRA merged into the base first, then fp8, checkpointing, shards, the LoRA.
+    # 4. The paradigm, one chain: a preset LoRA merged into the base first, then fp8, shards, offload, checkpointing,
+    #    the LoRA.
     if args.preset_lora_path:
         params["dit"] = merge_lora(load_lora(params["dit"], args.preset_lora_path))
     paradigm = chosen_paradigm(args, dtype)

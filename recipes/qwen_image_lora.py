@@ -181,7 +181,7 @@ def main(argv: list[str]):
     if args.task == "sft:data_process":
         return cache_encoded_samples(args, SampleEncoder(pipe, args.dataset_base_path), params, dataset, dtype, init_key)
 
-    # 4. The paradigm, one chain: a preset LoRA merged into the base first, then fp8, offload, checkpointing, shards,
+    # 4. The paradigm, one chain: a preset LoRA merged into the base first, then fp8, shards, offload, checkpointing,
     #    the LoRA.
     if args.preset_lora_path:
         params["dit"] = merge_lora(load_lora(params["dit"], args.preset_lora_path))

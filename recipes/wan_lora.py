@@ -178,7 +178,7 @@ def main(argv: list[str]):
     if args.task == "sft:data_process":
         return cache_encoded_samples(args, encoder, params, dataset, dtype, init_key)
 
-    # 4. The paradigm, one chain: fp8 storage of frozen components, gradient checkpointing, the LoRA
+    # 4. The paradigm, one chain: fp8 storage of frozen components, block offload, gradient checkpointing, the LoRA
     #    (continued from --lora_checkpoint, or new).
     paradigm = chosen_paradigm(args, dtype)
     encode = None if args.task == "sft:train" else paradigm.transforms(encoder)

@@ -201,8 +201,8 @@ def main(argv: list[str]):
     if args.task == "sft:data_process":
         return cache_encoded_samples(args, sample_encoder, params, dataset, dtype, init_key)
 
-    # 4. The paradigm, one chain: a preset LoRA merged into the base first (differential LoRA), then fp8,
-    #    checkpointing, shards, the LoRA.
+    # 4. The paradigm, one chain: a preset LoRA merged into the base first (differential LoRA), then fp8, shards,
+    #    offload, checkpointing, the LoRA.
     if args.preset_lora_path:
         params["dit"] = merge_lora(load_lora(params["dit"], args.preset_lora_path))
     paradigm = chosen_paradigm(args, dtype)
