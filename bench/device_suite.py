@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import importlib.util
 import json
@@ -585,13 +586,13 @@ def wan_row(suite: Suite) -> dict:
              text_embeds=torch.randn(1, sizes.wan_text_len, cfg.text_dim, generator=g).to(device, dtype))
     dit = wan.WanDiT(cfg)
     with torch.no_grad():
-        resident = lambda: dit(params, **x)
+        resident = functools.partial(dit, params, **x)
         resident_s = seconds_per_call(resident, device, sizes.repeats)
         resident_memory = peaks(resident, device)
         suite.backends["Wan DiT (dsf)"] = sdpa_kernel(resident)
     t = offload(device)
     stored = t.init(params)
-    del params
+    del params, resident
     free_memory(device)
     streamed = t(dit)
     with torch.no_grad():
