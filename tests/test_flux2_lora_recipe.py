@@ -112,6 +112,31 @@ def test_split_training_equals_training_in_one_go_under_fp8_and_offload(repo, da
     assert split is not None and whole is not None
 
 
+def test_a_lora_trains_over_comfyuis_fp8mixed_dit_file(repo, data, tmp_path):
+    """--dit a ComfyUI fp8mixed file: the blocks stay fp8 (at the file's scales) while a LoRA trains over them, and it
+    is the LoRA trained over the same numbers stored in float32."""
+    from comfy_fp8 import comfy_fp8
+    from safetensors.torch import save_file
+
+    from dsf.models import flux2
+    from dsf.models.flux2 import keys
+
+    _, base = flux2.load_dit(repo)
+    bfl = {keys.COMFY_PREFIX + k: v.contiguous() for k, v in keys.ours_to_bfl(base).items()}
+    tensors, metadata, dequantized = comfy_fp8(bfl, lambda key, t: t.ndim == 2 and "blocks." in key, "header")
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "config.json").write_text((repo / "transformer" / "config.json").read_text())  # the sizes shapes cannot tell
+    save_file(tensors, files / "flux2_fp8mixed.safetensors", metadata=metadata)
+    save_file(dequantized, files / "flux2_dequantized.safetensors")
+    trained = run(repo, data, tmp_path / "fp8", "--dit", str(files / "flux2_fp8mixed.safetensors"))
+    run(repo, data, tmp_path / "float32", "--dit", str(files / "flux2_dequantized.safetensors"))
+    stored = trained["dit"]["single_transformer_blocks"][0]["attn"]["to_qkv_mlp_proj"]["weight"]
+    assert stored.data.dtype == torch.float8_e4m3fn and "adapt" in stored.stages
+    over_fp8, over_float32 = (load_file(tmp_path / name / "step-2.safetensors") for name in ("fp8", "float32"))
+    assert over_fp8.keys() == over_float32.keys() and all(torch.equal(over_fp8[k], over_float32[k]) for k in over_fp8)
+
+
 def test_full_fine_tuning_writes_a_dit_that_loads_and_a_preset_lora_is_merged_first(repo, data, tmp_path):
     from dsf.models import flux2
     from dsf.transforms import lora, save_lora
