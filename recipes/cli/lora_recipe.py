@@ -82,11 +82,11 @@ def add_frozen_storage_flags(group, components: Sequence[str]) -> None:
     group.add_argument("--vram_limit", type=finite_float, default=0.0, help="GiB of offloaded blocks kept resident")
 
 
-def named_components(flag: str, value: str, components: Sequence[str], not_run: Sequence[str] = ()) -> list[str]:
-    """The components a comma list names (each one of ``components``), less those the task does not run.
+def named_components(flag: str, value: str, components: Sequence[str]) -> list[str]:
+    """The components a comma list names, each one of ``components``.
 
-    >>> named_components("--offload_models", "dit,text", ("dit", "text"), not_run=("dit",))
-    ['text']
+    >>> named_components("--offload_models", "dit,text", ("dit", "text"))
+    ['dit', 'text']
     >>> named_components("--offload_models", "vae", ("dit", "text"))
     Traceback (most recent call last):
     ...
@@ -96,7 +96,7 @@ def named_components(flag: str, value: str, components: Sequence[str], not_run: 
     unknown = [c for c in chosen if c not in components]
     if unknown:
         raise ValueError(f"{flag} takes components of {tuple(components)}, got {unknown}")
-    return [c for c in chosen if c not in not_run]
+    return chosen
 
 
 def for_task(args: argparse.Namespace, not_run: Sequence[str]) -> argparse.Namespace:
