@@ -503,7 +503,8 @@ def offload(
         name=name,
         init_fn=lambda params, key=None: _block_init(params, device, vram_limit, keep),
         hooks=(prefetch,),
-        # one rank, so tuple order: the files wrap outside per_call, whose fetch at a call's start reads through them
+        # both wraps share a rank, so their tuple order decides: the files wrap outside per_call, whose fetch at a
+        # call's start reads through them
         wraps=(per_call, FunctionWrap(OFFLOAD_RANK, _with_open_files, "offload files")),
     )
 
