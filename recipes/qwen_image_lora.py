@@ -8,8 +8,9 @@ The metadata (csv, json or jsonl) has an ``image`` column (paths inside --datase
 column; with ``--extra_inputs edit_image`` (an Edit-2509/2511 model, its ``processor/`` beside) also an
 ``edit_image`` column, one path or a list of paths (a JSON list in a csv cell): the condition images of each sample
 (``--batch_size 1``); split training encodes them into the cache (sft:data_process with --extra_inputs), and
-sft:train reads them from there. The model is a diffusers Qwen-Image pipeline folder (--model_path) or hub repo (--model_id, e.g.
-Qwen/Qwen-Image); --dit, --vae and --text_encoder take other files (ComfyUI's single files) instead of the folder's.
+sft:train reads them from there. The model is a diffusers Qwen-Image pipeline folder (--model_path) or hub repo
+(--model_id, e.g. Qwen/Qwen-Image); --dit, --vae and --text_encoder take other files (ComfyUI's single files) instead
+of the folder's.
 Model files may also come from --model_paths (a JSON list of files; a list inside it is one model in shards) and
 --model_id_with_origin_paths (model_id:pattern entries): each is recognized by its keys, whatever its name, as the
 DiT (diffusers layout, with or without ComfyUI's prefix), the VAE or the Qwen2.5-VL text encoder; the tokenizer then
