@@ -65,7 +65,6 @@ from dsf.cli.lora_recipe import (
     check_preview_task,
     check_training_flags,
     chosen_paradigm,
-    direct_distill_loss,
     fetch_in_turn,
     for_task,
     hub_folders,
@@ -84,7 +83,7 @@ from dsf.files.model_files import describe
 from dsf.model_parts.lora_files import LAYOUTS
 from dsf.models import z_image
 from dsf.models.z_image.pipeline import load_pipeline
-from dsf.models.z_image.training import LORA_TARGETS, SampleEncoder, sft_loss
+from dsf.models.z_image.training import LORA_TARGETS, SampleEncoder, direct_distill_loss, sft_loss
 from dsf.training.checkpoint import save_safetensors
 from dsf.training.data import check_native_resolution
 from dsf.transforms import load_lora, merge_lora, save_lora

@@ -111,6 +111,38 @@ def component_options(dtype, device, component: str) -> dict:
     }
 
 
+def direct_distill_loss(pipe, pixels_per_latent: int, guidance: str = "cfg_scale", **denoise_options):
+    """``loss(params, batch, key)``: MSE between the student's sampled latents and the teacher image's latents.
+
+    For each sample the student runs ``pipe.denoise`` with gradients on, from the noise of the batch's ``seed`` over
+    ``num_inference_steps`` steps, with the batch's ``cfg_scale`` as the denoise option named ``guidance`` (metadata
+    columns) and ``denoise_options``, at the size of the target ``latents`` (the VAE latents of the image the teacher
+    generated, ``pixels_per_latent`` pixels per latent side). ``key`` is unused: the metadata fixes the student's
+    noise. Each family's ``training.direct_distill_loss(pipe)`` says its size and options.
+
+    >>> import dsf
+    >>> from dsf.models.z_image.tiny import tiny_pipeline
+    >>> pipe = tiny_pipeline()
+    >>> batch = {"latents": torch.zeros(1, 16, 4, 4), "prompt": ["a cat"], "seed": ["0"], "num_inference_steps": ["2"],
+    ...          "cfg_scale": ["1"]}
+    >>> float(direct_distill_loss(pipe, 8)(pipe.params, batch, dsf.random.key(0))) > 0
+    True
+    """
+
+    def loss(params, batch, key):
+        target = batch["latents"]
+        height, width = target.shape[-2] * pixels_per_latent, target.shape[-1] * pixels_per_latent
+        samples = zip(batch["prompt"], batch["seed"], batch["num_inference_steps"], batch["cfg_scale"])
+        student = torch.cat([
+            pipe.denoise(params, prompt, seed=int(seed), num_inference_steps=int(steps), height=height, width=width,
+                         progress=False, **{guidance: float(scale)}, **denoise_options)
+            for prompt, seed, steps, scale in samples
+        ])
+        return (student.float() - target.to(student.device).float()).square().mean()
+
+    return loss
+
+
 class ImagePipeline:
     """The steps every image pipeline takes alike around its family's sampling, for a family's pipeline dataclass to
     inherit: seeded noise, image in (``encode_image``), latents out (``decode``), PIL images (``generate``).

@@ -36,6 +36,7 @@ from dsf.model_parts.family import Component
 from dsf.models.flux.keys import DIT
 from dsf.model_parts.flux_vae_keys import VAE
 from dsf.models.flux.model import FluxDiT
+from dsf.model_parts import pipelines
 from dsf.model_parts.pipelines import device_of, dtype_of
 from dsf.models.flux.pipeline import FluxPipeline
 from dsf.models.flux.text import CLIP_MARKER, T5_MARKER, TextEncoder
@@ -206,12 +207,8 @@ def sft_loss(dit: FluxDiT, schedule: FlowSchedule = FLUX1):
 
 
 def direct_distill_loss(pipe: FluxPipeline):
-    """``loss(params, batch, key)``: MSE between the student's sampled latents and the teacher image's latents.
-
-    For each sample the student runs :meth:`FluxPipeline.denoise` with gradients on, from the
-    noise of the batch's ``seed`` over ``num_inference_steps`` steps with ``cfg_scale`` (metadata
-    columns), at the size of the target ``latents`` (the VAE latents of the image the teacher
-    generated). ``key`` is unused: the metadata fixes the student's noise.
+    """:func:`dsf.model_parts.pipelines.direct_distill_loss` of FLUX.1: the student samples at the teacher image's size
+    (8 pixels per latent) with its ``cfg_scale`` and the embedded guidance of training.
 
     >>> import dsf
     >>> from dsf.models.flux.tiny import tiny_pipeline
@@ -221,18 +218,4 @@ def direct_distill_loss(pipe: FluxPipeline):
     >>> float(direct_distill_loss(pipe)(pipe.params, batch, dsf.random.key(0))) > 0
     True
     """
-    factor = pipe.vae.config.downsample_factor
-
-    def loss(params, batch, key):
-        target = batch["latents"]
-        height, width = target.shape[-2] * factor, target.shape[-1] * factor
-        students = [
-            pipe.denoise(params, prompt, seed=int(seed), num_inference_steps=int(steps), cfg_scale=float(cfg_scale),
-                         height=height, width=width, embedded_guidance=TRAINING_GUIDANCE, progress=False)
-            for prompt, seed, steps, cfg_scale in zip(batch[PROMPT_KEY], batch["seed"], batch["num_inference_steps"],
-                                                      batch["cfg_scale"])
-        ]
-        student = torch.cat(students)
-        return (student.float() - target.to(student.device).float()).square().mean()
-
-    return loss
+    return pipelines.direct_distill_loss(pipe, pipe.vae.config.downsample_factor, embedded_guidance=TRAINING_GUIDANCE)

@@ -14,7 +14,7 @@ from dsf.models.flux2.keys import DIT
 from dsf.models.flux2.model import apply, init_dit
 from dsf.models.flux2.pipeline import load_pipeline
 from dsf.models.flux2.tiny import tiny_pipeline
-from dsf.models.flux2.training import COMPONENTS, LORA_TARGETS, SampleEncoder, sft_loss
+from dsf.models.flux2.training import COMPONENTS, LORA_TARGETS, SampleEncoder, direct_distill_loss, sft_loss
 from dsf.models.flux2.vae import VAE
 
 FAMILY = Family(
@@ -34,7 +34,7 @@ FAMILY = Family(
     components=COMPONENTS,
     load_pipeline=load_pipeline,
     sample_encoder=SampleEncoder,
-    losses={"sft": sft_loss},
+    losses={"sft": sft_loss, "direct_distill": direct_distill_loss},
     tiny_pipeline=tiny_pipeline,
     diffsynth_uses_ours=True,
 )

@@ -31,6 +31,7 @@ from dsf.diffusion.losses import flow_matching_loss
 from dsf.diffusion.schedules import FLUX2, FlowSchedule
 from dsf.model_parts import decoder_lm
 from dsf.model_parts.family import Component
+from dsf.model_parts import pipelines
 from dsf.model_parts.pipelines import device_of, dtype_of
 from dsf.models.flux2.keys import DIT
 from dsf.models.flux2.model import Flux2DiT
@@ -135,12 +136,8 @@ def sft_loss(dit: Flux2DiT, schedule: FlowSchedule = FLUX2):
 
 
 def direct_distill_loss(pipe: Flux2Pipeline):
-    """``loss(params, batch, key)``: MSE between the student's sampled latents and the teacher image's latents.
-
-    For each sample the student runs :meth:`Flux2Pipeline.denoise` with gradients on, from the noise of the batch's
-    ``seed`` over ``num_inference_steps`` steps with ``cfg_scale`` as its guidance scale (metadata columns; dev
-    embeds it, klein base guides with it), at the size of the target ``latents`` (the VAE latents of the image the
-    teacher generated). ``key`` is unused: the metadata fixes the student's noise.
+    """:func:`dsf.model_parts.pipelines.direct_distill_loss` of FLUX.2: the student samples at the teacher image's size
+    (16 pixels per latent) with its ``cfg_scale`` as the guidance scale (dev embeds it, klein base guides with it).
 
     >>> import dsf
     >>> from dsf.models.flux2.tiny import tiny_pipeline
@@ -150,17 +147,4 @@ def direct_distill_loss(pipe: Flux2Pipeline):
     >>> float(direct_distill_loss(pipe)(pipe.params, batch, dsf.random.key(0))) > 0
     True
     """
-
-    def loss(params, batch, key):
-        target = batch["latents"]
-        height, width = target.shape[-2] * pipe.multiple, target.shape[-1] * pipe.multiple
-        students = [
-            pipe.denoise(params, prompt, seed=int(seed), num_inference_steps=int(steps), guidance_scale=float(scale),
-                         height=height, width=width, progress=False)
-            for prompt, seed, steps, scale in zip(batch[PROMPT_KEY], batch["seed"], batch["num_inference_steps"],
-                                                  batch["cfg_scale"])
-        ]
-        student = torch.cat(students)
-        return (student.float() - target.to(student.device).float()).square().mean()
-
-    return loss
+    return pipelines.direct_distill_loss(pipe, pipe.multiple, guidance="guidance_scale")

@@ -37,6 +37,7 @@ from dsf.diffusion.losses import flow_matching_loss
 from dsf.diffusion.schedules import QWEN_IMAGE, FlowSchedule
 from dsf.model_parts.decoder_lm import MARKER as LM_MARKER
 from dsf.model_parts.family import Component
+from dsf.model_parts import pipelines
 from dsf.model_parts.pipelines import device_of, dtype_of
 from dsf.models.qwen_image.keys import DIT
 from dsf.models.qwen_image.model import QwenImageDiT
@@ -160,12 +161,8 @@ def sft_loss(dit: QwenImageDiT, schedule: FlowSchedule = QWEN_IMAGE):
 
 
 def direct_distill_loss(pipe: QwenImagePipeline):
-    """``loss(params, batch, key)``: MSE between the student's sampled latents and the teacher image's latents.
-
-    For each sample the student runs :meth:`QwenImagePipeline.denoise` with gradients on, from the noise of the
-    batch's ``seed`` over ``num_inference_steps`` steps with ``cfg_scale`` (metadata columns), at the size of the
-    target ``latents`` (the VAE latents of the image the teacher generated). ``key`` is unused: the metadata fixes
-    the student's noise.
+    """:func:`dsf.model_parts.pipelines.direct_distill_loss` of Qwen-Image: the student samples at the teacher image's
+    size (8 pixels per latent) with its ``cfg_scale``.
 
     >>> import dsf
     >>> from dsf.models.qwen_image.tiny import tiny_pipeline
@@ -175,18 +172,4 @@ def direct_distill_loss(pipe: QwenImagePipeline):
     >>> float(direct_distill_loss(pipe)(pipe.params, batch, dsf.random.key(0))) > 0
     True
     """
-    factor = pipe.vae.config.spatial_factor
-
-    def loss(params, batch, key):
-        target = batch["latents"]
-        height, width = target.shape[-2] * factor, target.shape[-1] * factor
-        students = [
-            pipe.denoise(params, prompt, seed=int(seed), num_inference_steps=int(steps), cfg_scale=float(cfg_scale),
-                         height=height, width=width, progress=False)
-            for prompt, seed, steps, cfg_scale in zip(batch[PROMPT_KEY], batch["seed"], batch["num_inference_steps"],
-                                                      batch["cfg_scale"])
-        ]
-        student = torch.cat(students)
-        return (student.float() - target.to(student.device).float()).square().mean()
-
-    return loss
+    return pipelines.direct_distill_loss(pipe, pipe.vae.config.spatial_factor)

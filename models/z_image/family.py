@@ -14,7 +14,7 @@ from dsf.models.z_image.keys import DIT
 from dsf.models.z_image.model import apply, init_dit
 from dsf.models.z_image.pipeline import load_pipeline
 from dsf.models.z_image.tiny import tiny_pipeline
-from dsf.models.z_image.training import COMPONENTS, LORA_TARGETS, SampleEncoder, sft_loss
+from dsf.models.z_image.training import COMPONENTS, LORA_TARGETS, SampleEncoder, direct_distill_loss, sft_loss
 
 FAMILY = Family(
     name="Z-Image",
@@ -31,7 +31,7 @@ FAMILY = Family(
     components=COMPONENTS,
     load_pipeline=load_pipeline,
     sample_encoder=SampleEncoder,
-    losses={"sft": sft_loss},
+    losses={"sft": sft_loss, "direct_distill": direct_distill_loss},
     tiny_pipeline=tiny_pipeline,
     diffsynth_uses_ours=True,  # DiffSynth-Studio's ZImageDiT has diffusers' module names
 )

@@ -31,6 +31,7 @@ from dsf.model_parts import decoder_lm
 from dsf.model_parts.family import Component
 from dsf.model_parts.flux_vae import FluxVAE
 from dsf.model_parts.flux_vae_keys import VAE
+from dsf.model_parts import pipelines
 from dsf.model_parts.pipelines import device_of, dtype_of
 from dsf.models.z_image.keys import DIT
 from dsf.models.z_image.model import ZImageDiT
@@ -108,3 +109,18 @@ def sft_loss(dit: ZImageDiT, schedule: FlowSchedule = ZIMAGE):
         return flow_matching_loss(velocity, params["dit"], batch["latents"].to(device, dtype), key, cond, schedule=schedule)
 
     return loss
+
+
+def direct_distill_loss(pipe):
+    """:func:`dsf.model_parts.pipelines.direct_distill_loss` of Z-Image: the student samples at the teacher image's
+    size (8 pixels per latent) with its ``cfg_scale``.
+
+    >>> import dsf
+    >>> from dsf.models.z_image.tiny import tiny_pipeline
+    >>> pipe = tiny_pipeline()
+    >>> batch = {"latents": torch.zeros(1, 16, 4, 4), "prompt": ["a cat"], "seed": ["0"], "num_inference_steps": ["2"],
+    ...          "cfg_scale": ["1"]}
+    >>> float(direct_distill_loss(pipe)(pipe.params, batch, dsf.random.key(0))) > 0
+    True
+    """
+    return pipelines.direct_distill_loss(pipe, pipe.vae.config.downsample_factor)

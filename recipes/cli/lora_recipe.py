@@ -387,36 +387,3 @@ def preview_images(pipe, args):
                              progress=False, **size)
 
     return generate
-
-
-def direct_distill_loss(pipe, **denoise_options):
-    """``loss(params, batch, key)``: MSE between the student's sampled latents and the teacher image's latents.
-
-    For each sample the student runs ``pipe.denoise`` with gradients on, from the noise of the batch's ``seed``
-    over ``num_inference_steps`` steps with ``cfg_scale`` (metadata columns) and ``denoise_options``, at the size
-    of the target ``latents`` (the VAE latents of the image the teacher generated). ``key`` is unused: the
-    metadata fixes the student's noise.
-
-    >>> import dsf
-    >>> from dsf.models.z_image.tiny import tiny_pipeline
-    >>> pipe = tiny_pipeline()
-    >>> batch = {"latents": torch.zeros(1, 16, 4, 4), "prompt": ["a cat"], "seed": ["0"], "num_inference_steps": ["2"],
-    ...          "cfg_scale": ["1"]}
-    >>> float(direct_distill_loss(pipe)(pipe.params, batch, dsf.random.key(0))) > 0
-    True
-    """
-    factor = pipe.vae.config.downsample_factor
-
-    def loss(params, batch, key):
-        target = batch["latents"]
-        height, width = target.shape[-2] * factor, target.shape[-1] * factor
-        students = [
-            pipe.denoise(params, prompt, seed=int(seed), num_inference_steps=int(steps), cfg_scale=float(cfg_scale),
-                         height=height, width=width, progress=False, **denoise_options)
-            for prompt, seed, steps, cfg_scale in zip(batch["prompt"], batch["seed"], batch["num_inference_steps"],
-                                                      batch["cfg_scale"])
-        ]
-        student = torch.cat(students)
-        return (student.float() - target.to(student.device).float()).square().mean()
-
-    return loss
