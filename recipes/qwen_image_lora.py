@@ -55,6 +55,7 @@ import dsf
 from dsf.cli.flag_types import positive_int
 from dsf.cli.lora_recipe import (
     add_frozen_storage_flags,
+    add_paradigm_flags,
     add_model_file_flags,
     add_process_flags,
     cache_encoded_samples,
@@ -106,10 +107,7 @@ def parser() -> argparse.ArgumentParser:
     add_frozen_storage_flags(models, FROZEN_COMPONENTS)
     groups = add_training_flags(p, output_path="outputs/qwen_image_lora", lora_targets=LORA_TARGETS, lora_layouts=LAYOUTS)
     add_process_flags(models, groups["training"])
-    groups["training"].add_argument("--task", default="sft", choices=TASKS)
-    groups["training"].add_argument("--trainable_models", choices=("dit",),
-                                    help="dit: full fine-tuning of the DiT instead of a LoRA")
-    groups["LoRA"].add_argument("--preset_lora_path", help="a LoRA merged into the base before training (differential LoRA)")
+    add_paradigm_flags(groups, TASKS)
     return p
 
 

@@ -82,6 +82,21 @@ def add_frozen_storage_flags(group, components: Sequence[str]) -> None:
     group.add_argument("--vram_limit", type=finite_float, default=0.0, help="GiB of offloaded blocks kept resident")
 
 
+def add_paradigm_flags(groups: dict, tasks: Sequence[str]) -> None:
+    """Add --task (one of ``tasks``, default sft) and --trainable_models to the ``training`` group of
+    :func:`dsf.cli.training_flags.add_training_flags`, and --preset_lora_path to its ``LoRA`` group.
+
+    >>> from dsf.cli.training_flags import add_training_flags
+    >>> parser = argparse.ArgumentParser()
+    >>> add_paradigm_flags(add_training_flags(parser, output_path="o", lora_targets="q", lora_layouts=("dsf",)), ("sft",))
+    >>> parser.parse_args(["--trainable_models", "dit"]).task
+    'sft'
+    """
+    groups["training"].add_argument("--task", default="sft", choices=tasks)
+    groups["training"].add_argument("--trainable_models", choices=("dit",), help="dit: full fine-tuning of the DiT instead of a LoRA")
+    groups["LoRA"].add_argument("--preset_lora_path", help="a LoRA merged into the base before training (differential LoRA)")
+
+
 def named_components(flag: str, value: str, components: Sequence[str]) -> list[str]:
     """The components a comma list names, each one of ``components``.
 
