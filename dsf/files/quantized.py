@@ -209,7 +209,6 @@ def load_in_layout(source: Source, convert: Callable[[Flat], Flat], dtype: torch
     {'w': tensor([1., 1.])}
     """
     weights, scales = split_scales(load_state_dict(source, device=device), safetensors_metadata(source))
-    decoded = _decode_dtype(weights, dtype)
     if dtype is not None:
         for key, tensor in weights.items():  # one at a time, each stored tensor freed as its cast replaces it
             if tensor.is_floating_point() and not is_float8(tensor):
@@ -218,6 +217,7 @@ def load_in_layout(source: Source, convert: Callable[[Flat], Flat], dtype: torch
     if not any(is_float8(tensor) for tensor in converted.values()):
         return dict(converted)
     record_scales = scales_through(convert, weights, scales) if scales else {}
+    decoded = _decode_dtype(weights, dtype)
     one = torch.ones((), dtype=torch.float32, device=device)
     return {key: fp8_record(tensor, record_scales.get(key, one), decoded) if is_float8(tensor) else tensor
             for key, tensor in converted.items()}
