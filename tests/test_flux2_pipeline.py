@@ -80,6 +80,24 @@ def test_images_match_diffusers(repo):
     assert _relative_error(ours_images, theirs_images) <= 1e-4
 
 
+def test_a_hub_id_loads_from_the_local_hub_folder(repo, tmp_path, monkeypatch):
+    """``ModelSource(model_id=...)`` reads ``{DSF_MODEL_BASE_PATH}/{model_id}`` (no download): the same latents."""
+    from dsf.files.hub import ModelSource
+
+    variant, root, _ = repo
+    (tmp_path / "black-forest-labs").mkdir()
+    (tmp_path / "black-forest-labs" / "FLUX.2-tiny").symlink_to(root, target_is_directory=True)
+    monkeypatch.setenv("DSF_MODEL_BASE_PATH", str(tmp_path))
+    monkeypatch.setenv("DSF_SKIP_DOWNLOAD", "1")
+    from_hub = load_pipeline(ModelSource(model_id="black-forest-labs/FLUX.2-tiny"), max_sequence_length=LENGTH)
+    from_folder = load_pipeline(root, max_sequence_length=LENGTH)
+    assert from_hub.variant == variant
+    options = dict(height=HEIGHT, width=WIDTH, num_inference_steps=2, progress=False)
+    with torch.no_grad():
+        hub_latents, folder_latents = (pipe.denoise(pipe.params, "a cat", **options) for pipe in (from_hub, from_folder))
+    assert torch.equal(hub_latents, folder_latents)
+
+
 def test_reference_images_change_the_result(repo):
     _, without, _ = _run_both(repo, references=0)
     _, with_two, _ = _run_both(repo, references=2)
